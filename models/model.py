@@ -103,7 +103,10 @@ class LinkingModel(nn.Module):
     # ---------------------------------------------------------------- persistence
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What the checkpoint stores: everything but a backbone that comes from elsewhere."""
-        keep_backbone = self.config.encoder.backbone_in_checkpoint
+        # A CLIP backbone always travels as its own folder (backbone/), with its current weights.
+        keep_backbone = self.config.encoder.backbone_in_checkpoint and not isinstance(
+            self.encoder.backbone, ClipBackbone
+        )
         return {
             k: v.detach().cpu().contiguous()
             for k, v in self.state_dict().items()
@@ -118,7 +121,7 @@ class LinkingModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         backbone = self.encoder.backbone
-        if isinstance(backbone, ClipBackbone) and not self.config.encoder.backbone_in_checkpoint:
+        if isinstance(backbone, ClipBackbone):
             backbone.save_source(folder / BACKBONE_DIR)
         tmp = folder / (WEIGHTS_FILE + ".tmp")
         save_file(self.trainable_state(), str(tmp))
@@ -162,11 +165,8 @@ class LinkingModel(nn.Module):
         model = cls(config, backbone)
         state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [
-            k
-            for k in missing
-            if not k.startswith("encoder.backbone.") or config.encoder.backbone_in_checkpoint
-        ]
+        backbone_here = config.encoder.backbone_in_checkpoint and config.encoder.backend != "clip"
+        missing = [k for k in missing if not k.startswith("encoder.backbone.") or backbone_here]
         if missing or unexpected:
             raise ValueError(
                 f"{folder}: checkpoint does not fit the model: missing={missing[:5]} "

@@ -1,0 +1,400 @@
+"""``mel-train``: train MIMIC on a canonical dataset.
+
+    mel-train --data artifacts/demo-world --out artifacts/demo-model --lr 1e-3 --epochs 20
+
+Defaults are the released recipe (``config/wikimel.yaml`` + ``lightning_mimic.py``): in-batch
+contrastive loss CE(S) + CE(S_T) + CE(S_V) + CE(S_C) with labels = arange(batch), batch 128,
+AdamW lr 1e-5, betas (0.9, 0.999), eps 1e-4, weight decay 1e-4 on every parameter whose name
+contains none of "bias", "LayerNorm.bias", "LayerNorm.weight" (the released substring rule:
+in practice every bias is exempt and every LayerNorm *weight* decays, since no parameter name
+contains "LayerNorm"); 20 epochs, validate every 2 with full-KB ranking, keep the best
+validation MRR, early stop after 3 validations without improvement.
+
+Modes: ``--mode frozen`` (default) encodes the dataset once with the frozen backbone (cached,
+see models/features.py) and trains image_cls_fc / image_tokens_fc / the matcher: minutes on a
+CPU. ``--mode full`` fine-tunes the backbone too, encoding every batch (the released setting).
+Note the released lr 1e-5 is tuned for fine-tuning a pretrained CLIP; training fresh
+interaction layers on frozen features wants a larger one (the demo recipe uses 1e-3).
+
+Output folder: ``best/`` (checkpoint with the best validation MRR), ``last/``, ``history.json``,
+``train_state.pt`` (optimiser, epoch, RNG: ``--resume`` continues an interrupted run exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.data.schema import MelDataset, Mention, load_dataset
+from models.encoders import ClipBackbone, MiniLmEffNetBackbone
+from models.evaluate import evaluate_split, format_metrics
+from models.features import (
+    DatasetFeatures,
+    dataset_features,
+    encode_items,
+    entity_inputs,
+    mention_inputs,
+)
+from models.mimic import UNITS, MimicFeatures, in_batch_loss
+from models.model import LinkingModel
+from models.preprocess import entity_text, load_image_or_none, mention_text
+
+logger = logging.getLogger(__name__)
+
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")  # the released substring rule
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    # Start from this checkpoint; default: fresh heads on the chosen backbone.
+    init: str | None = None
+    backend: str = "minilm-effnet"
+    clip_path: str | None = None
+    units: tuple[str, ...] = UNITS  # train an ablation with fewer units (and their losses)
+    mode: str = "frozen"  # "frozen": cached backbone features; "full": fine-tune the backbone
+    dv: int = 96
+    hidden: int = 96
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-4
+    val_every: int = 2
+    patience: int = 3
+    seed: int = 43  # the released wikimel.yaml seed
+    val_split: str = "dev"
+    val_limit: int | None = None  # score only the first N dev mentions (faster validation)
+    eval_batch_size: int = 32
+    cache_dir: str | None = "artifacts/cache"
+    workers: int = 4
+    resume: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if any(nd in name for nd in NO_DECAY) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig) -> LinkingModel:
+    if cfg.init:
+        model = LinkingModel.from_pretrained(cfg.init)
+        if tuple(cfg.units) != tuple(model.config.mimic.units):
+            logger.warning(
+                "--units ignored: the init checkpoint fixes units=%s", model.config.mimic.units
+            )
+        return model
+    torch.manual_seed(cfg.seed)
+    if cfg.backend == "clip":
+        if not cfg.clip_path:
+            raise SystemExit("--backend clip needs --clip-path (a local CLIPModel folder)")
+        backbone: Any = ClipBackbone.from_folder(cfg.clip_path)
+    else:
+        backbone = MiniLmEffNetBackbone.from_packages()
+    return LinkingModel.for_backbone(backbone, dv=cfg.dv, hidden=cfg.hidden, units=cfg.units)
+
+
+class _FullModeBatches:
+    """Encode raw inputs per batch (backbone trainable): the released fine-tuning setting."""
+
+    def __init__(self, model: LinkingModel, ds: MelDataset, workers: int) -> None:
+        self.model, self.ds = model, ds
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+
+    def features(
+        self,
+        mentions: Sequence[Mention],
+        gen: torch.Generator,
+    ) -> tuple[MimicFeatures, MimicFeatures]:
+        ds = self.ds
+        ents = [ds.entities[ds.entity_row[m.entity_id]] for m in mentions if m.entity_id]
+        m_imgs = list(
+            self.pool.map(
+                lambda m: load_image_or_none(ds.resolve(m.image) if m.image else None), mentions
+            )
+        )
+
+        def ent_img(e: Any) -> Any:
+            if not e.images:
+                return None
+            pick = int(torch.randint(len(e.images), (1,), generator=gen))
+            return load_image_or_none(ds.resolve(e.images[pick]))
+
+        e_imgs = [ent_img(e) for e in ents]
+        enc = self.model.encoder
+        return (
+            enc.encode([mention_text(m.mention, m.sentence) for m in mentions], m_imgs),
+            enc.encode([entity_text(e.name, e.attributes) for e in ents], e_imgs),
+        )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = _seed_everything(cfg.seed)
+    ds = load_dataset(cfg.data)
+    model = build_model(cfg)
+    frozen = cfg.mode == "frozen"
+    if cfg.mode not in ("frozen", "full"):
+        raise ValueError(f"mode must be frozen or full, got {cfg.mode!r}")
+    for p in model.encoder.backbone.parameters():
+        p.requires_grad_(not frozen)
+    if not frozen:
+        model.config = type(model.config)(
+            type(model.config.encoder)(
+                **{**model.config.encoder.to_dict(), "backbone_in_checkpoint": True}
+            ),
+            model.config.mimic,
+        )
+        model.encoder.config = model.config.encoder
+    units = model.config.mimic.units
+    train_mentions = [m for m in ds.split("train") if m.entity_id is not None]
+    if not train_mentions:
+        raise SystemExit(f"{cfg.data}: no training mention with a gold entity")
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+    )
+    state_file = out / "train_state.pt"
+    history: list[dict[str, Any]] = []
+    start_epoch, best_mrr, bad_vals = 0, -1.0, 0
+    if cfg.resume and state_file.is_file():
+        st = torch.load(state_file, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        start_epoch, best_mrr, bad_vals = st["epoch"], st["best_mrr"], st["bad_vals"]
+        history = st["history"]
+        logger.info("resumed at epoch %d (best dev MRR %.4f)", start_epoch, best_mrr)
+
+    feats: DatasetFeatures | None = None
+    full: _FullModeBatches | None = None
+    if frozen:
+        feats = dataset_features(model.encoder, ds, cfg.cache_dir, workers=cfg.workers)
+    else:
+        full = _FullModeBatches(model, ds, cfg.workers)
+    gold_row = torch.tensor([ds.entity_row[m.entity_id] for m in train_mentions if m.entity_id])
+    t_start = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(train_mentions), generator=gen)
+        losses = []
+        bar = tqdm(
+            range(0, len(perm), cfg.batch_size),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        for s in bar:
+            idx = perm[s : s + cfg.batch_size]
+            if len(idx) < 2:
+                continue  # in-batch negatives need at least two mentions
+            if feats is not None:
+                m_rows = feats.mention_rows([train_mentions[int(i)] for i in idx])
+                e_rows = gold_row[idx]
+                mt, mi = feats.mentions.gather(m_rows, feats.mentions.first_image_rows(m_rows))
+                et, ei = feats.entities.gather(
+                    e_rows, feats.entities.random_image_rows(e_rows, gen)
+                )
+                men, ent = model.encoder.project(mt, mi), model.encoder.project(et, ei)
+            else:
+                assert full is not None
+                men, ent = full.features([train_mentions[int(i)] for i in idx], gen)
+            loss = in_batch_loss(model.matcher.score(men, ent), units)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            val_feats = feats if feats is not None else _encode_eval(model, ds, cfg)
+            metrics = evaluate_split(
+                model,
+                ds,
+                val_feats,
+                cfg.val_split,
+                batch_size=cfg.eval_batch_size,
+                limit=cfg.val_limit,
+            )
+            record["val"] = metrics
+            logger.info(
+                "epoch %d loss %.4f | %s %s",
+                epoch + 1,
+                record["loss"],
+                cfg.val_split,
+                format_metrics(metrics),
+            )
+            if metrics["MRR"] > best_mrr:
+                best_mrr, bad_vals = metrics["MRR"], 0
+                model.save_pretrained(
+                    out / "best",
+                    meta={"epoch": epoch + 1, "val": metrics, "train_config": _jsonable(cfg)},
+                )
+            else:
+                bad_vals += 1
+        else:
+            logger.info("epoch %d loss %.4f", epoch + 1, record["loss"])
+        history.append(record)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "best_mrr": best_mrr,
+                "bad_vals": bad_vals,
+                "history": history,
+            },
+            state_file,
+        )
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        if bad_vals >= cfg.patience:
+            logger.info(
+                "early stop: %d validations without a better %s MRR", bad_vals, cfg.val_split
+            )
+            stopped_early = True
+            break
+    model.save_pretrained(out / "last", meta={"train_config": _jsonable(cfg)})
+    summary = {
+        "best_val_mrr": best_mrr,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "history": history,
+    }
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    return summary
+
+
+def _encode_eval(model: LinkingModel, ds: MelDataset, cfg: TrainConfig) -> DatasetFeatures:
+    """Full mode: the backbone changed, so encode KB + mentions afresh (no cache)."""
+    mentions = list(ds.mentions.values())
+    ent = encode_items(model.encoder, *entity_inputs(ds), workers=cfg.workers, desc="entities")
+    men = encode_items(
+        model.encoder, *mention_inputs(ds, mentions), workers=cfg.workers, desc="mentions"
+    )
+    model.train()
+    return DatasetFeatures(ent, men, {m.id: i for i, m in enumerate(mentions)})
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["units"] = list(cfg.units)
+    d["betas"] = list(cfg.betas)
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(data="", out="")
+    p = argparse.ArgumentParser(
+        prog="mel-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", required=True, help="canonical dataset folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--init", help="start from this checkpoint folder")
+    p.add_argument("--backend", default=d.backend, choices=["minilm-effnet", "clip"])
+    p.add_argument("--clip-path", help="local CLIPModel folder (backend clip)")
+    p.add_argument(
+        "--units",
+        nargs="+",
+        default=list(d.units),
+        choices=UNITS,
+        help="units scored and trained (ablations: e.g. --units tglu)",
+    )
+    p.add_argument("--mode", default=d.mode, choices=["frozen", "full"])
+    p.add_argument("--dv", type=int, default=d.dv)
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--eps", type=float, default=d.eps)
+    p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-split", default=d.val_split)
+    p.add_argument("--val-limit", type=int, help="validate on the first N mentions only")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="raw feature cache ('' = off)")
+    p.add_argument("--workers", type=int, default=d.workers, help="image decoding threads")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    a = build_parser().parse_args(argv)
+    cfg = TrainConfig(
+        data=a.data,
+        out=a.out,
+        init=a.init,
+        backend=a.backend,
+        clip_path=a.clip_path,
+        units=tuple(a.units),
+        mode=a.mode,
+        dv=a.dv,
+        hidden=a.hidden,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        eps=a.eps,
+        val_every=a.val_every,
+        patience=a.patience,
+        seed=a.seed,
+        val_split=a.val_split,
+        val_limit=a.val_limit,
+        cache_dir=a.cache_dir or None,
+        workers=a.workers,
+        resume=a.resume,
+        progress=not a.no_progress,
+    )
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

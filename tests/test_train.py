@@ -1,0 +1,160 @@
+"""Training / evaluation CLIs end to end on a tiny world with a tiny random CLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.data.schema import load_dataset
+from models.evaluate import evaluate_split
+from models.evaluate import main as eval_main
+from models.features import dataset_features
+from models.model import LinkingModel
+from models.train import NO_DECAY, TrainConfig, param_groups, train
+
+
+def _cfg(world: Path, clip: Path, out: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(
+        data=str(world),
+        out=str(out),
+        backend="clip",
+        clip_path=str(clip),
+        dv=8,
+        hidden=12,
+        epochs=4,
+        batch_size=8,
+        lr=3e-3,
+        val_every=2,
+        patience=5,
+        seed=1,
+        workers=2,
+        cache_dir=str(out.parent / "cache"),
+        progress=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_frozen_training_learns_and_saves_best(
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    summary = train(_cfg(tiny_world, tiny_clip_dir, out, epochs=6))
+    hist = summary["history"]
+    assert len(hist) == 6
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert [h["epoch"] for h in hist if "val" in h] == [2, 4, 6]
+    best = LinkingModel.from_pretrained(out / "best")
+    assert best.meta["val"]["MRR"] == pytest.approx(summary["best_val_mrr"])
+    # the backbone is frozen: only the heads differ from a fresh model's backbone
+    fresh = LinkingModel.from_pretrained(out / "last")
+    for k, v in best.encoder.backbone.state_dict().items():
+        torch.testing.assert_close(v, fresh.encoder.backbone.state_dict()[k])
+    # evaluation CLI writes the paper's metrics
+    res = tmp_path / "eval.json"
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(out / "best"),
+                "--data",
+                str(tiny_world),
+                "--split",
+                "test",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(res),
+            ]
+        )
+        == 0
+    )
+    m = json.loads(res.read_text())
+    assert {"H@1", "H@3", "H@5", "H@10", "H@20", "MRR", "MR"} <= set(m)
+    assert m["count"] == 10 and m["entities"] == 16
+    assert 1.0 <= m["MR"] <= 16.0
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(out / "best"),
+                "--data",
+                str(tiny_world),
+                "--drop-unit",
+                "cmfu",
+                "--cache-dir",
+                "",
+                "--out",
+                str(res),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(res.read_text())["units"] == ["tglu", "vdlu"]
+
+
+def test_resume_equals_uninterrupted(tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "a", epochs=4))
+    # "killed" after 2 epochs, then resumed to 4
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "b", epochs=2))
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "b", epochs=4, resume=True))
+    a = LinkingModel.from_pretrained(tmp_path / "a" / "last")
+    b = LinkingModel.from_pretrained(tmp_path / "b" / "last")
+    assert a.fingerprint() == b.fingerprint()
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+
+def test_ablation_units_and_full_mode(
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    text_only = train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "t", epochs=2, units=("tglu",)))
+    assert text_only["epochs_run"] == 2
+    m = LinkingModel.from_pretrained(tmp_path / "t" / "best")
+    assert m.config.mimic.units == ("tglu",)
+    before = LinkingModel.from_pretrained(tmp_path / "t" / "best").encoder.backbone
+    train(
+        _cfg(
+            tiny_world,
+            tiny_clip_dir,
+            tmp_path / "f",
+            epochs=2,
+            mode="full",
+            init=str(tmp_path / "t" / "best"),
+        )
+    )
+    tuned = LinkingModel.from_pretrained(tmp_path / "f" / "last")
+    assert tuned.config.encoder.backbone_in_checkpoint
+    moved = [
+        k
+        for k, v in tuned.encoder.backbone.state_dict().items()
+        if not torch.equal(v, before.state_dict()[k])
+    ]
+    assert moved, "full fine-tuning must update backbone weights"
+
+
+def test_weight_decay_groups_follow_the_released_substring_rule(tiny_clip_dir: Path) -> None:
+    from models.encoders import ClipBackbone
+
+    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    decay, no_decay = param_groups(model, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("bias" in names[id(p)] for p in no_decay["params"])
+    assert any("layer_norm.weight" in names[id(p)] for p in decay["params"])  # decays, as released
+    assert NO_DECAY == ("bias", "LayerNorm.bias", "LayerNorm.weight")
+
+
+def test_evaluate_split_is_batch_size_invariant(tiny_world: Path, tiny_clip_dir: Path) -> None:
+    from models.encoders import ClipBackbone
+
+    torch.manual_seed(0)
+    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    ds = load_dataset(tiny_world)
+    feats = dataset_features(model.encoder, ds, None, batch_size=5)
+    a = evaluate_split(model, ds, feats, "dev", batch_size=1)
+    b = evaluate_split(model, ds, feats, "dev", batch_size=32)
+    assert a["MRR"] == pytest.approx(b["MRR"], abs=1e-9) and a["MR"] == b["MR"]
