@@ -27,6 +27,7 @@ not depend on the input, so in eval mode they are computed once and reused (exac
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -157,7 +158,9 @@ class ClipBackbone(Backbone):
         self.source = source
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike[str], max_length: int = TEXT_MAX_LENGTH) -> ClipBackbone:
+    def from_folder(
+        cls, path: str | os.PathLike[str], max_length: int = TEXT_MAX_LENGTH
+    ) -> ClipBackbone:
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         path = Path(path)
@@ -200,6 +203,38 @@ def _file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- bn(conv(x)) for eval-mode BatchNorm (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight = nn.Parameter((conv.weight * scale[:, None, None, None]).detach())
+    conv.bias = nn.Parameter(bias.detach())
+
+
+def fuse_efficientnet_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of an EfficientNet(-Lite) with every BatchNorm folded into its convolution and
+    channels-last memory: the same function (eval mode), fewer memory-bound passes."""
+    fused = copy.deepcopy(model).eval()
+    pairs = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")]
+    for owner, conv_name, bn_name in [(fused, c, b) for c, b in pairs] + [
+        (blk, c, b)
+        for blk in fused._blocks
+        for c, b in (
+            ("_expand_conv", "_bn0"),
+            ("_depthwise_conv", "_bn1"),
+            ("_project_conv", "_bn2"),
+        )
+    ]:
+        if hasattr(owner, conv_name) and isinstance(getattr(owner, bn_name, None), nn.BatchNorm2d):
+            _fold_bn(getattr(owner, conv_name), getattr(owner, bn_name))
+            setattr(owner, bn_name, nn.Identity())
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    return fused.to(memory_format=torch.channels_last)
+
+
 class MiniLmEffNetBackbone(Backbone):
     """all-MiniLM-L6-v2 text tower + EfficientNet-Lite0 image tower, both from PyPI packages."""
 
@@ -223,6 +258,7 @@ class MiniLmEffNetBackbone(Backbone):
         self.image_transform = NormalizeTransform(size=image_size)
         self.pixel_size = image_size
         self.source = source
+        self._fused: nn.Module | None = None
 
     @staticmethod
     def package_paths() -> tuple[Path, Path]:
@@ -252,6 +288,7 @@ class MiniLmEffNetBackbone(Backbone):
 
     def train(self, mode: bool = True) -> MiniLmEffNetBackbone:
         super().train(mode)
+        self._fused = None  # weights may change
         for m in self.image_model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
@@ -266,7 +303,14 @@ class MiniLmEffNetBackbone(Backbone):
         return TextFeatures(F.normalize(pooled, dim=-1), tokens)
 
     def encode_pixels(self, pixel_values: Tensor) -> ImageFeatures:
-        fmap = self.image_model.extract_features(pixel_values)  # (B, C, h, w)
+        if self.training or torch.is_grad_enabled():
+            fmap = self.image_model.extract_features(pixel_values)  # (B, C, h, w)
+        else:  # inference: BatchNorm folded, channels-last (same function, measured faster)
+            if self._fused is None:
+                self._fused = fuse_efficientnet_for_inference(self.image_model)
+            fmap = self._fused.extract_features(
+                pixel_values.contiguous(memory_format=torch.channels_last)
+            )
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
         return ImageFeatures(tokens.mean(dim=1), tokens)
 
