@@ -203,7 +203,7 @@ def _file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def _fold_bn(conv: Any, bn: Any) -> None:
     """conv <- bn(conv(x)) for eval-mode BatchNorm (running statistics)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
@@ -213,10 +213,10 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter(bias.detach())
 
 
-def fuse_efficientnet_for_inference(model: nn.Module) -> nn.Module:
+def fuse_efficientnet_for_inference(model: nn.Module) -> Any:
     """A copy of an EfficientNet(-Lite) with every BatchNorm folded into its convolution and
     channels-last memory: the same function (eval mode), fewer memory-bound passes."""
-    fused = copy.deepcopy(model).eval()
+    fused: Any = copy.deepcopy(model).eval()
     pairs = [("_conv_stem", "_bn0"), ("_conv_head", "_bn1")]
     for owner, conv_name, bn_name in [(fused, c, b) for c, b in pairs] + [
         (blk, c, b)
@@ -258,7 +258,7 @@ class MiniLmEffNetBackbone(Backbone):
         self.image_transform = NormalizeTransform(size=image_size)
         self.pixel_size = image_size
         self.source = source
-        self._fused: nn.Module | None = None
+        self._fused: Any = None
 
     @staticmethod
     def package_paths() -> tuple[Path, Path]:
