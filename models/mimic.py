@@ -370,6 +370,37 @@ class MimicMatcher(nn.Module):
         """Score B mentions against entity features: (N, ...) -> (B, N); (B, K, ...) -> (B, K)."""
         return self.score_precomputed(mentions, self.precompute_entities(entities), units)
 
+    # ------------------------------------------------------------------ retrieval
+    # Two terms of MIMIC's score are exact inner products of per-side vectors:
+    #   g2g = LN(m.text_cls) . LN(e.text_cls)  (half of S_T)   and   S_C = h_m . h_e.
+    # With q = [LN(m.text_cls) / 2 ; h_m] and k = [LN(e.text_cls) ; h_e], q . k = g2g/2 + S_C:
+    # exactly the decomposable part of (number of units) x S. FAISS retrieves by q . k; the
+    # reranker then adds the non-decomposable rest (TGLU's attention term, VDLU).
+    def retrieval_dim(self) -> int:
+        return self.config.dt + self.config.cmfu_hidden_dim
+
+    def _retrieval_weights(self) -> tuple[float, float]:
+        units = self.config.units
+        return (0.5 if "tglu" in units else 0.0), (1.0 if "cmfu" in units else 0.0)
+
+    def retrieval_keys(self, entities: MimicEntityRecord) -> Tensor:
+        """(N, dt + d) entity retrieval vectors from precomputed records (index side)."""
+        wt, wc = self._retrieval_weights()
+        text = entities.text_cls if wt else torch.zeros_like(entities.text_cls)
+        fused = entities.cmfu if wc else torch.zeros_like(entities.cmfu)
+        if not wt and not wc:  # a VDLU-only model: fall back to the fused vector
+            fused = entities.cmfu
+        return torch.cat([text, fused], dim=-1)
+
+    def retrieval_queries(self, mentions: MimicFeatures) -> Tensor:
+        """(B, dt + d) mention query vectors: q . k = g2g / 2 + S_C (for the model's units)."""
+        m = self._normalise(mentions)
+        wt, wc = self._retrieval_weights()
+        if not wt and not wc:
+            wc = 1.0
+        h_m = self.cmfu.fuse(m.text_cls, m.image_tokens)
+        return torch.cat([m.text_cls * wt, h_m * wc], dim=-1)
+
     def forward(self, mentions: MimicFeatures, entities: MimicFeatures) -> MimicScores:
         return self.score(mentions, entities)
 

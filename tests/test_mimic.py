@@ -203,3 +203,19 @@ def test_parameter_names_are_the_released_ones() -> None:
     sd = MimicMatcher(MimicConfig()).state_dict()
     assert sd["vdlu.dual_ent2men.gate_fc.weight"].shape == (1, 96)
     assert sd["tglu.fc_query.weight"].shape == (96, 512)
+
+
+def test_retrieval_vectors_are_the_exact_inner_product_part() -> None:
+    m = _matcher()
+    men, ent = _feats(3, dtype=torch.float32), _feats(6, dtype=torch.float32)
+    with torch.no_grad():
+        s = m.score(men, ent)
+        rec = m.precompute_entities(ent)
+        q, k = m.retrieval_queries(men), m.retrieval_keys(rec)
+        assert q.shape == (3, m.retrieval_dim()) and k.shape == (6, m.retrieval_dim())
+        mt = m.text_cls_layernorm(men.text_cls)
+        g2g = mt @ rec.text_cls.T
+        torch.testing.assert_close(q @ k.T, g2g / 2 + s.cmfu, rtol=0, atol=1e-5)
+        # the rest of 3 x S is TGLU's attention half and VDLU
+        rest = 3 * s.score - q @ k.T
+        torch.testing.assert_close(rest, (s.tglu - g2g / 2) + s.vdlu, rtol=0, atol=1e-4)

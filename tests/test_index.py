@@ -1,0 +1,286 @@
+"""The index job: build, search, shard + merge, resume, incremental add, manifest checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import index.build as build_mod
+from index.build import BuildConfig, add, build, finalize
+from index.search import IndexSearcher
+from index.store import FAISS_FILE, STORE_DIR, EntityStore, IndexMismatchError, Manifest
+from models.encoders import ClipBackbone
+from models.model import LinkingModel
+from models.preprocess import entity_text
+
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 200, 20), (200, 30, 200)]
+
+
+def _entity_lines(root: Path, start: int, n: int) -> list[str]:
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(start, start + n):
+        images = []
+        if i % 3:
+            p = root / "img" / f"e{i}.png"
+            Image.new("RGB", (24, 24), COLOURS[i % 5]).save(p)
+            images = [f"img/e{i}.png"]
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"Q{i}",
+                    "name": f"Entity {i}",
+                    "attributes": f"Number {i}. Colour {i % 5}.",
+                    "images": images,
+                }
+            )
+        )
+    return lines
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("kb")
+    lines = _entity_lines(root, 0, 40)
+    (root / "img" / "broken.png").write_bytes(b"not a png")
+    lines[5] = json.dumps(
+        {"id": "Q5", "name": "Entity 5", "attributes": "x", "images": ["img/broken.png"]}
+    )  # unreadable image: no-image rule
+    lines.insert(10, json.dumps({"id": "Qempty", "name": "  "}))  # empty name: counted, skipped
+    lines.insert(20, "{broken json")  # counted, skipped
+    lines.insert(30, json.dumps({"id": "Q7", "name": "dup"}))  # duplicate id: counted, skipped
+    (root / "kb.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "kb.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "ckpt")
+
+
+def _cfg(kb: Path, model_dir: Path, out: Path, **kw: object) -> BuildConfig:
+    base: dict[str, object] = dict(
+        kb=str(kb),
+        model=str(model_dir),
+        out=str(out),
+        chunk_size=8,
+        batch_size=5,
+        workers=2,
+        progress=False,
+        device="cpu",
+    )
+    base.update(kw)
+    return BuildConfig(**base)  # type: ignore[arg-type]
+
+
+def _store_bytes(folder: Path) -> dict[str, bytes]:
+    names = [p for p in sorted((folder / STORE_DIR).iterdir())]
+    out = {p.name: p.read_bytes() for p in names}
+    for f in ("entities.jsonl", "entities.offsets", "ids.u64", "ids.rows"):
+        out[f] = (folder / f).read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(kb: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "idx"
+    build(_cfg(kb, model_dir, out))
+    return out
+
+
+def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
+    m = Manifest.load(single)
+    assert m.entity_count == 40 and m.factory == "Flat" and m.metric == "inner_product"
+    assert m.bad_entities["counts"] == {
+        "entity.bad_json": 1,
+        "entity.duplicate_id": 1,
+        "entity.missing_field": 1,
+        "entity.unreadable_image": 1,
+    }
+    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4)
+    assert not (single / "chunks").exists()  # chunks removed after finalize
+    model = LinkingModel.from_pretrained(model_dir)
+    s = IndexSearcher(single, model)
+    assert s.store.row_of("Q17") == 17 and s.store.row_of("nope") is None
+    assert s.entity(17)["name"] == "Entity 17"
+    # an "easy" mention: the entity's own text and image -> it retrieves itself
+    rows = [3, 17, 22, 38]
+    ents = [s.entity(r) for r in rows]
+    imgs = [Image.open(kb.parent / e["images"][0]) if e["images"] else None for e in ents]
+    with torch.inference_mode():
+        feats = model.encoder.encode([entity_text(e["name"], e["attributes"]) for e in ents], imgs)
+        cand = s.retrieve(feats, k=5)
+        assert cand.rows[:, 0].tolist() == rows
+        scores = s.rerank(feats, cand)
+        assert scores.score.shape == (4, 5)
+        # the store's fp16 records rerank like the fp32 direct computation
+        direct = model.matcher.score(
+            feats,
+            model.encoder.encode(
+                [
+                    entity_text(s.entity(int(r))["name"], s.entity(int(r))["attributes"])
+                    for r in cand.rows[0]
+                ],
+                [
+                    Image.open(kb.parent / s.entity(int(r))["images"][0])
+                    if s.entity(int(r))["images"]
+                    else None
+                    for r in cand.rows[0]
+                ],
+            ),
+        )
+        torch.testing.assert_close(scores.score[0], direct.score[0], rtol=0, atol=2e-2)
+    s.close()
+
+
+def test_sharded_build_and_merge_equals_single(
+    single: Path, kb: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    shards = [tmp_path / f"s{i}" for i in range(3)]
+    for i, d in enumerate(shards):
+        build(_cfg(kb, model_dir, d, num_shards=3, shard_id=i))
+    with pytest.raises(SystemExit, match="missing"):
+        finalize(
+            tmp_path / "partial",
+            shards[:2],
+            LinkingModel.from_pretrained(model_dir),
+            "Flat",
+            device="cpu",
+        )
+    finalize(
+        tmp_path / "merged", shards, LinkingModel.from_pretrained(model_dir), "Flat", device="cpu"
+    )
+    assert _store_bytes(tmp_path / "merged") == _store_bytes(single)
+    a = faiss.read_index(str(single / FAISS_FILE))
+    b = faiss.read_index(str(tmp_path / "merged" / FAISS_FILE))
+    q = np.random.default_rng(0).standard_normal((5, a.d)).astype(np.float32)
+    assert np.array_equal(a.search(q, 7)[1], b.search(q, 7)[1])
+
+
+def test_kill_and_resume_equals_clean_build(
+    single: Path,
+    kb: Path,
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = build_mod._write_chunk
+    calls = {"n": 0}
+
+    def dying(folder: Path, *args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # a kill in the middle of writing chunk 3: a half-written .tmp folder stays behind
+            folder.with_name(folder.name + ".tmp").mkdir(parents=True)
+            raise KeyboardInterrupt
+        real(folder, *args)
+
+    monkeypatch.setattr(build_mod, "_write_chunk", dying)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build(_cfg(kb, model_dir, out))
+    assert len([p for p in (out / "chunks").iterdir() if not p.name.endswith(".tmp")]) == 2
+    monkeypatch.setattr(build_mod, "_write_chunk", real)
+    encoded = []
+    monkeypatch.setattr(
+        build_mod.ChunkEncoder, "encode", _spy(build_mod.ChunkEncoder.encode, encoded)
+    )
+    build(_cfg(kb, model_dir, out))
+    # only chunks 2-5 were encoded again: KB lines 17-43, 27 lines of which one is broken JSON
+    assert encoded == [7, 8, 8, 3]
+    assert _store_bytes(out) == _store_bytes(single)
+
+
+def _spy(fn, sink):  # type: ignore[no-untyped-def]
+    def wrapper(self, entities, report):  # type: ignore[no-untyped-def]
+        sink.append(len(entities))
+        return fn(self, entities, report)
+
+    return wrapper
+
+
+def test_incremental_add_equals_rebuild(kb: Path, model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "kb2"
+    base = _entity_lines(root, 0, 20)
+    extra = [*_entity_lines(root, 20, 13), json.dumps({"id": "Q3", "name": "again"})]
+    (root / "base.jsonl").write_text("\n".join(base) + "\n")
+    (root / "extra.jsonl").write_text("\n".join(extra) + "\n")
+    (root / "union.jsonl").write_text("\n".join(base + extra) + "\n")
+    model = LinkingModel.from_pretrained(model_dir)
+    for factory in ("Flat", "HNSW16"):
+        inc, full = tmp_path / f"inc-{factory}", tmp_path / f"full-{factory}"
+        build(_cfg(root / "base.jsonl", model_dir, inc, factory=factory))
+        m = add(
+            inc,
+            str(root / "extra.jsonl"),
+            model,
+            batch_size=5,
+            workers=2,
+            chunk_size=8,
+            device="cpu",
+            progress=False,
+        )
+        assert m.entity_count == 33 and m.history[0]["added"] == 33 - 20
+        assert m.bad_entities["counts"]["entity.duplicate_id"] == 1
+        build(_cfg(root / "union.jsonl", model_dir, full, factory=factory))
+        si, sf = EntityStore(inc), EntityStore(full)
+        assert [si.entity(r)["id"] for r in range(33)] == [sf.entity(r)["id"] for r in range(33)]
+        assert si.row_of("Q25") == sf.row_of("Q25") == 25
+        for f in si.fields:
+            np.testing.assert_allclose(
+                si.fields[f].astype(np.float32), sf.fields[f].astype(np.float32), atol=2e-3
+            )
+        a = faiss.read_index(str(inc / FAISS_FILE))
+        b = faiss.read_index(str(full / FAISS_FILE))
+        assert a.ntotal == b.ntotal == 33
+        q = np.random.default_rng(1).standard_normal((6, a.d)).astype(np.float32)
+        assert np.array_equal(a.search(q, 5)[1], b.search(q, 5)[1])
+        si.close()
+        sf.close()
+
+
+def test_manifest_mismatch_is_refused(single: Path, tiny_clip_dir: Path) -> None:
+    torch.manual_seed(99)
+    other = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    with pytest.raises(IndexMismatchError, match="rebuild the index"):
+        IndexSearcher(single, other)
+
+
+def test_hnsw_and_ivf_indexes(kb: Path, model_dir: Path, tmp_path: Path, single: Path) -> None:
+    model = LinkingModel.from_pretrained(model_dir)
+    flat = faiss.read_index(str(single / FAISS_FILE))
+    q = np.random.default_rng(2).standard_normal((4, flat.d)).astype(np.float32)
+    exact = flat.search(q, 5)[1]
+    for factory in ("HNSW32", "IVF4,Flat"):
+        out = tmp_path / factory.replace(",", "_")
+        build(_cfg(kb, model_dir, out, factory=factory))
+        s = IndexSearcher(out, model, ef_search=64, nprobe=4)
+        assert s.manifest.factory == factory and s.index.ntotal == 40
+        # tiny index + exhaustive settings: the same neighbours as the exact index
+        assert np.array_equal(s.index.search(q, 5)[1], exact)
+        s.close()
+
+
+def test_rebuild_reuses_a_finished_index(
+    single: Path, kb: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build_mod, "encode_shard", lambda *a, **k: pytest.fail("re-encoded"))
+    m = build(_cfg(kb, model_dir, single))
+    assert isinstance(m, Manifest) and m.entity_count == 40
+
+
+def test_copy_of_folder_loads_elsewhere(single: Path, model_dir: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(single, moved)
+    s = IndexSearcher(moved, LinkingModel.from_pretrained(model_dir))
+    assert len(s) == 40
+    s.close()
