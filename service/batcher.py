@@ -1,0 +1,194 @@
+"""Dynamic micro-batching: concurrent mentions are grouped and encoded together.
+
+Requests put jobs on a bounded queue (full -> :class:`QueueFull`, answered 429). One worker
+task takes up to ``max_batch_size`` jobs, waiting at most ``max_wait_ms`` for a batch to fill,
+looks up cached mention encodings, and runs the model work (encode the misses, retrieve,
+rerank) on a dedicated thread, never on the event loop. Each job's future gets its result.
+``stop()`` lets queued and in-flight jobs finish (graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from models.mimic import MimicFeatures
+from service.cache import Cache
+from service.linker import Linker, LinkParams, MentionInput
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The request queue is full: the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining: no new work is accepted (HTTP 503)."""
+
+
+@dataclass
+class _Job:
+    item: MentionInput
+    params: LinkParams
+    future: asyncio.Future[dict[str, Any]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        linker: Linker,
+        cache: Cache | None,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+        queue_size: int,
+        cache_prefix: str,
+    ) -> None:
+        self.linker, self.cache, self.metrics = linker, cache, metrics
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self.prefix = cache_prefix
+        # One model thread: torch already parallelises inside ops; more threads would contend.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mel-model")
+        self.accepting = False
+        self.in_flight = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.accepting = True
+        self._task = asyncio.create_task(self._run(), name="mel-batcher")
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting; finish queued and in-flight jobs; then stop the worker."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (not self.queue.empty() or self.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, item: MentionInput, params: LinkParams) -> dict[str, Any]:
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down")
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Job(item, params, fut))
+        except asyncio.QueueFull as exc:
+            raise QueueFull(f"{self.queue.maxsize} mentions already queued") from exc
+        self.metrics.queue_depth.set(self.queue.qsize())
+        # shield: a caller that times out must not cancel a job its batch-mates depend on
+        return await asyncio.shield(fut)
+
+    async def _collect(self) -> list[_Job]:
+        batch = [await self.queue.get()]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            self.in_flight = len(batch)
+            self.metrics.queue_depth.set(self.queue.qsize())
+            self.metrics.batch_size.observe(len(batch))
+            try:
+                keys = [f"{self.prefix}:enc:{j.item.encoding_key()}" for j in batch]
+                blobs: list[bytes | None] = (
+                    await self.cache.get_many(keys) if self.cache else [None] * len(batch)
+                )
+                for b in blobs:
+                    self.metrics.cache.labels(kind="encoding", outcome="hit" if b else "miss").inc()
+                results, new_blobs, times = await loop.run_in_executor(
+                    self.executor, self._work, batch, blobs
+                )
+                for job, res in zip(batch, results, strict=True):
+                    if not job.future.done():
+                        res["timings"] = {**times, "queue": job_wait(job, times)}
+                        job.future.set_result(res)
+                if self.cache and new_blobs:
+                    await self.cache.set_many([(keys[i], b) for i, b in new_blobs])
+            except Exception as exc:
+                logger.exception("model batch of %d failed", len(batch))
+                self.metrics.errors.labels(type="model").inc(len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            finally:
+                self.in_flight = 0
+
+    def _work(
+        self,
+        batch: list[_Job],
+        blobs: list[bytes | None],
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]], dict[str, float]]:
+        """Model thread: encode cache misses, merge with hits, retrieve, rerank."""
+        t0 = time.perf_counter()
+        miss = [i for i, b in enumerate(blobs) if b is None]
+        hit = [i for i, b in enumerate(blobs) if b is not None]
+        parts: dict[int, MimicFeatures] = {}
+        new_blobs: list[tuple[int, bytes]] = []
+        if miss:
+            f = self.linker.encode([batch[i].item for i in miss])
+            for i, blob in zip(miss, self.linker.pack(f), strict=True):
+                new_blobs.append((i, blob))
+            parts.update({i: f.map(lambda t, j=j: t[j : j + 1]) for j, i in enumerate(miss)})
+        if hit:
+            f = self.linker.unpack([blobs[i] for i in hit])  # type: ignore[misc]
+            parts.update({i: f.map(lambda t, j=j: t[j : j + 1]) for j, i in enumerate(hit)})
+        feats = MimicFeatures(
+            *(
+                torch.cat([getattr(parts[i], name) for i in range(len(batch))])
+                for name in ("text_cls", "text_tokens", "image_cls", "image_tokens")
+            )
+        )
+        t_enc = time.perf_counter() - t0
+        results, st = self.linker.link(feats, [j.params for j in batch])
+        m = self.metrics.stage_seconds
+        m.labels(stage="encode").observe(t_enc)
+        m.labels(stage="retrieve").observe(st.retrieve)
+        m.labels(stage="rerank").observe(st.rerank)
+        for j in batch:
+            self.metrics.mentions.labels(reranker=j.params.reranker).inc()
+        times = {
+            "encode_ms": 1000 * t_enc,
+            "retrieve_ms": 1000 * st.retrieve,
+            "rerank_ms": 1000 * st.rerank,
+            "batch_size": float(len(batch)),
+            "_done": time.perf_counter(),
+        }
+        return results, new_blobs, times
+
+
+def job_wait(job: _Job, times: dict[str, float]) -> float:
+    """Milliseconds the job waited before its batch's model work started."""
+    work = times["encode_ms"] + times["retrieve_ms"] + times["rerank_ms"]
+    return max(0.0, 1000 * (times["_done"] - job.enqueued) - work)
+
+
+__all__ = ["MicroBatcher", "QueueFull", "ShuttingDown"]

@@ -1,0 +1,63 @@
+"""``mel-serve``: run the linking server (settings from MEL_* environment variables + flags).
+
+mel-serve --model artifacts/demo-model/best --index artifacts/demo-index --port 8000
+MEL_REDIS_URL=redis://127.0.0.1:6379/0 MEL_API_KEYS='["s3cret"]' mel-serve
+mel-serve --print-settings        # every setting, its default and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.settings import ServiceSettings
+
+
+def settings_table() -> str:
+    rows = ["| env variable | default | meaning |", "| --- | --- | --- |"]
+    for name, f in ServiceSettings.model_fields.items():
+        rows.append(f"| `MEL_{name.upper()}` | `{json.dumps(f.default)}` | {f.description} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mel-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", help="checkpoint folder (MEL_MODEL_PATH)")
+    p.add_argument("--index", help="index folder (MEL_INDEX_PATH)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--print-settings", action="store_true", help="print the settings table (markdown) and exit"
+    )
+    a = p.parse_args(argv)
+    if a.print_settings:
+        print(settings_table())
+        return 0
+    logging.basicConfig(
+        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {k: v for k, v in (("model_path", a.model), ("index_path", a.index)) if v}
+    settings = ServiceSettings(**overrides)
+
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=a.host,
+        port=a.port,
+        log_level=a.log_level,
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

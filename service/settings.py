@@ -1,0 +1,79 @@
+"""Service settings, read from the environment (prefix ``MEL_``) or passed to ``create_app``.
+
+Every limit has a reason beside it; the README's settings table is generated from the same
+field descriptions (``mel-serve --print-settings``).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEL_", env_file=None, extra="ignore")
+
+    # ---- what to serve
+    model_path: str = Field("artifacts/demo-model/best", description="checkpoint folder")
+    index_path: str = Field("artifacts/demo-index", description="index folder built by mel-index")
+    device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
+    use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
+    hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
+    ivf_nprobe: int | None = Field(None, description="IVF nprobe (None = index default)")
+
+    # ---- request defaults and bounds
+    top_k_default: int = Field(10, description="candidates returned when top_k is not given")
+    top_k_max: int = Field(100, description="largest top_k accepted")
+    candidates_k_default: int = Field(100, description="retrieved candidates reranked")
+    candidates_k_max: int = Field(1000, description="largest candidates_k accepted")
+    nil_threshold: float | None = Field(
+        None, description="best score below this -> nil=true (None: never NIL)"
+    )
+    max_mention_chars: int = Field(300, description="longest mention surface accepted")
+    max_sentence_chars: int = Field(5000, description="longest sentence accepted")
+    max_batch_items: int = Field(64, description="items per /v1/link/batch call (413 above)")
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="request body limit (413 above)")
+    max_image_bytes: int = Field(8 * 1024 * 1024, description="encoded image limit (413 above)")
+    max_image_pixels: int = Field(
+        25_000_000, description="decoded pixel limit: decompression-bomb guard (422 above)"
+    )
+    image_formats: list[str] = Field(
+        ["JPEG", "PNG", "WEBP", "GIF", "BMP"], description="accepted image formats"
+    )
+
+    # ---- image URLs (off by default: a server that fetches URLs is an SSRF vector)
+    allow_image_urls: bool = Field(False, description="accept image_url (http/https only)")
+    url_timeout_s: float = Field(5.0, description="total time for one image fetch")
+    url_max_redirects: int = Field(3, description="redirects followed (each target re-checked)")
+    url_allow_private: bool = Field(
+        False,
+        description="also fetch from private/loopback addresses (intranet deployments "
+        "only: this re-opens SSRF to internal services)",
+    )
+
+    # ---- engine
+    max_batch_size: int = Field(32, description="mentions encoded together (micro-batching)")
+    max_wait_ms: float = Field(5.0, description="how long a batch waits to fill up")
+    queue_size: int = Field(256, description="queued mentions before 429 Too Many Requests")
+    request_timeout_s: float = Field(30.0, description="per-request deadline (504 after)")
+    warmup: bool = Field(True, description="run a warm-up batch before reporting ready")
+
+    # ---- cache
+    redis_url: str | None = Field(None, description="redis://host:port/db; None = in-process LRU")
+    cache_ttl_s: int = Field(3600, description="cache entry lifetime")
+    lru_size: int = Field(10_000, description="in-process cache entries when Redis is off")
+    redis_timeout_s: float = Field(
+        0.05, description="Redis socket timeout: a slow Redis is bypassed, never waited for"
+    )
+    redis_retry_s: float = Field(2.0, description="after a Redis error, bypass it this long")
+
+    # ---- auth
+    api_keys: list[str] = Field([], description="accepted X-API-Key values; empty = no auth")
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [f.upper() for f in v]
+
+
+__all__ = ["ServiceSettings"]

@@ -1,0 +1,468 @@
+"""The HTTP service, through real HTTP (uvicorn on a free loopback port), tiny model + index."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from index.build import BuildConfig, build
+from models.encoders import ClipBackbone
+from models.model import LinkingModel
+from service.app import create_app
+from service.linker import Linker
+from service.settings import ServiceSettings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def artifacts(
+    tiny_clip_dir: Path,
+    tiny_world: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("svc")
+    torch.manual_seed(5)
+    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    model.save_pretrained(root / "model")
+    build(
+        BuildConfig(
+            kb=str(tiny_world / "kb.jsonl"),
+            model=str(root / "model"),
+            out=str(root / "index"),
+            chunk_size=8,
+            batch_size=8,
+            workers=2,
+            progress=False,
+            device="cpu",
+        )
+    )
+    return root / "model", root / "index"
+
+
+@contextmanager
+def serve(
+    settings: ServiceSettings, linker_factory: Any = Linker, wait_ready: bool = True
+) -> Iterator[tuple[str, uvicorn.Server]]:
+    port = _free_port()
+    app = create_app(settings, linker_factory)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=10
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    if wait_ready:
+        while time.monotonic() < deadline:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(httpx.get(f"{base}/readyz").text)
+    try:
+        yield base, server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _settings(artifacts: tuple[Path, Path], **kw: Any) -> ServiceSettings:
+    return ServiceSettings(
+        model_path=str(artifacts[0]),
+        index_path=str(artifacts[1]),
+        device="cpu",
+        use_faiss_gpu=False,
+        max_wait_ms=2.0,
+        **kw,
+    )
+
+
+def _png(colour: tuple[int, int, int] = (220, 30, 30), size: tuple[int, int] = (32, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.fixture(scope="module")
+def server(artifacts: tuple[Path, Path]) -> Iterator[str]:
+    with serve(
+        _settings(
+            artifacts,
+            max_batch_items=4,
+            max_image_bytes=200_000,
+            max_image_pixels=1_000_000,
+            max_body_bytes=2_000_000,
+            nil_threshold=1e9,
+        )
+    ) as (base, _):
+        yield base
+
+
+def test_link_json_with_and_without_image(server: str) -> None:
+    body = {
+        "mention": "Jo Ames",
+        "sentence": "Jo Ames the painter spoke.",
+        "top_k": 3,
+        "image": _b64(_png()),
+        "explain": True,
+    }
+    r = httpx.post(f"{server}/v1/link", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["rank"] for c in out["candidates"]] == [1, 2, 3]
+    assert set(out["candidates"][0]["explain"]) == {"tglu", "vdlu", "cmfu"}
+    scores = [c["score"] for c in out["candidates"]]
+    assert scores == sorted(scores, reverse=True)
+    assert out["nil"] is True  # nil_threshold=1e9: every best score is under it
+    assert out["model_version"] and out["index_version"]
+    assert out["timings"]["encode_ms"] > 0 and not out["timings"]["cached"]
+    # data URI form, no-image form, retrieval-only form
+    body["image"] = "data:image/png;base64," + _b64(_png((10, 200, 10)))
+    assert httpx.post(f"{server}/v1/link", json=body, timeout=30).status_code == 200
+    body.pop("image")
+    r = httpx.post(f"{server}/v1/link", json={**body, "reranker": "none"}, timeout=30)
+    cands = r.json()["candidates"]
+    assert [c["score"] for c in cands] == [c["retrieval_score"] for c in cands]
+    # the same request again is answered from the result cache
+    again = httpx.post(f"{server}/v1/link", json={**body, "reranker": "none"}, timeout=30)
+    assert again.json()["timings"]["cached"] is True
+    assert again.json()["candidates"] == cands
+
+
+def test_multipart_and_entities(server: str) -> None:
+    r = httpx.post(
+        f"{server}/v1/link/form",
+        data={"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "top_k": "2"},
+        files={"image": ("x.png", _png(), "image/png")},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["candidates"]) == 2
+    eid = r.json()["candidates"][0]["entity_id"]
+    ent = httpx.get(f"{server}/v1/entities/{eid}").json()
+    assert ent["id"] == eid and ent["name"].startswith("Jo ")
+    miss = httpx.get(f"{server}/v1/entities/nope")
+    assert miss.status_code == 404 and miss.json()["error"]["code"] == "entity_not_found"
+
+
+def test_batch_keeps_order_and_isolates_bad_items(server: str) -> None:
+    items = [
+        {"mention": "Jo Ames", "sentence": "the painter", "top_k": 1},
+        {"mention": "Jo Cole", "sentence": "x", "image": "%%%not base64"},
+        {"sentence": "no mention"},
+        {"mention": "Jo Dunn", "sentence": "the singer", "top_k": 2},
+    ]
+    r = httpx.post(f"{server}/v1/link/batch", json={"items": items}, timeout=30)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res[0]["result"]["candidates"]) == 1
+    assert res[1]["error"]["code"] == "bad_image_encoding"
+    assert res[2]["error"]["code"] == "invalid_request"
+    assert len(res[3]["result"]["candidates"]) == 2
+    too_many = httpx.post(f"{server}/v1/link/batch", json={"items": items + items[:1]})
+    assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "batch_too_large"
+
+
+@pytest.mark.parametrize(
+    ("patch", "status", "code"),
+    [
+        ({"mention": "x" * 301}, 422, "mention_too_long"),
+        ({"sentence": "y" * 5001}, 422, "sentence_too_long"),
+        ({"top_k": 101}, 422, "top_k_out_of_range"),
+        ({"top_k": 0}, 422, "invalid_request"),
+        ({"candidates_k": 5000}, 422, "candidates_k_out_of_range"),
+        ({"reranker": "bogus"}, 422, "invalid_request"),
+        ({"unknown_field": 1}, 422, "invalid_request"),
+        ({"image": _b64(b"\x00" * 300_000)}, 413, "image_too_large"),
+        ({"image": _b64(b"definitely not an image")}, 422, "bad_image"),
+        ({"image_url": "http://example.com/a.png"}, 403, "image_url_disabled"),
+    ],
+)
+def test_limits_answer_clear_4xx(
+    server: str, patch: dict[str, Any], status: int, code: str
+) -> None:
+    body = {"mention": "Jo Ames", "sentence": "s", **patch}
+    r = httpx.post(f"{server}/v1/link", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert httpx.get(f"{server}/healthz").status_code == 200  # the server stays up
+
+
+def test_format_bomb_and_body_limits(server: str) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    r = httpx.post(
+        f"{server}/v1/link", json={"mention": "a", "sentence": "b", "image": _b64(buf.getvalue())}
+    )
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_image_format"
+    # decompression bomb: a tiny PNG that decodes to 4000 x 4000 pixels
+    bomb = _png((0, 0, 0), (4000, 4000))
+    assert len(bomb) < 200_000
+    r = httpx.post(f"{server}/v1/link", json={"mention": "a", "sentence": "b", "image": _b64(bomb)})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_many_pixels"
+    r = httpx.post(
+        f"{server}/v1/link",
+        content=b"{" + b" " * 2_100_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    r = httpx.post(
+        f"{server}/v1/link", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+
+
+def test_metrics_and_health(server: str) -> None:
+    httpx.post(f"{server}/v1/link", json={"mention": "Jo Ames", "sentence": "m"}, timeout=30)
+    text = httpx.get(f"{server}/metrics").text
+    for stage in ("decode", "encode", "retrieve", "rerank", "total"):
+        assert f'mel_stage_seconds_count{{stage="{stage}"}}' in text
+    assert "mel_batch_size_count" in text and "mel_queue_depth" in text
+    assert 'mel_cache_requests_total{kind="result",outcome="miss"}' in text
+    assert 'mel_errors_total{type="mention_too_long"}' in text or "mel_errors_total" in text
+    ready = httpx.get(f"{server}/readyz").json()
+    assert ready["ready"] and ready["entities"] == 16 and ready["redis"] == {"configured": False}
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/link", "/v1/link/form", "/v1/link/batch", "/v1/entities/{entity_id}"} <= set(
+        schema["paths"]
+    )
+
+
+def test_api_keys(artifacts: tuple[Path, Path]) -> None:
+    with serve(_settings(artifacts, api_keys=["s3cret"])) as (base, _):
+        body = {"mention": "Jo Ames", "sentence": "s"}
+        r = httpx.post(f"{base}/v1/link", json=body, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert (
+            httpx.post(f"{base}/v1/link", json=body, headers={"X-API-Key": "wrong"}).status_code
+            == 401
+        )
+        assert (
+            httpx.post(
+                f"{base}/v1/link", json=body, headers={"X-API-Key": "s3cret"}, timeout=30
+            ).status_code
+            == 200
+        )
+        assert (
+            httpx.post(
+                f"{base}/v1/link", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=30
+            ).status_code
+            == 200
+        )
+        assert httpx.get(f"{base}/healthz").status_code == 200  # probes need no key
+
+
+def test_readiness_before_and_after_warmup(artifacts: tuple[Path, Path]) -> None:
+    release = threading.Event()
+
+    def slow_linker(settings: ServiceSettings) -> Linker:
+        release.wait(30)
+        return Linker(settings)
+
+    with serve(_settings(artifacts), slow_linker, wait_ready=False) as (base, _):
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        r = httpx.get(f"{base}/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False
+        link = httpx.post(f"{base}/v1/link", json={"mention": "a", "sentence": "b"})
+        assert link.status_code == 503 and link.json()["error"]["code"] == "not_ready"
+        release.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{base}/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "mel_ready 1.0" in httpx.get(f"{base}/metrics").text
+
+
+@pytest.fixture
+def redis_server() -> Iterator[dict[str, Any]]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed")
+    port = _free_port()
+    info: dict[str, Any] = {"port": port, "proc": None}
+
+    def start() -> None:
+        info["proc"] = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop() -> None:
+        if info["proc"] is not None:
+            info["proc"].kill()
+            info["proc"].wait(10)
+            info["proc"] = None
+
+    info["start"], info["stop"] = start, stop
+    start()
+    yield info
+    stop()
+
+
+def test_redis_killed_and_restarted_without_failed_requests(
+    artifacts: tuple[Path, Path], redis_server: dict[str, Any]
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server['port']}/0"
+    with serve(_settings(artifacts, redis_url=url, redis_retry_s=0.3)) as (base, _):
+        assert httpx.get(f"{base}/readyz").json()["redis"] == {"configured": True, "up": True}
+        body = {"mention": "Jo Cole", "sentence": "the chemist", "top_k": 2}
+        first = httpx.post(f"{base}/v1/link", json=body, timeout=30)
+        assert first.status_code == 200
+        assert httpx.post(f"{base}/v1/link", json=body, timeout=30).json()["timings"]["cached"]
+        redis_server["stop"]()
+        for i in range(5):  # Redis is gone: every request still succeeds, uncached
+            r = httpx.post(f"{base}/v1/link", json={**body, "sentence": f"s{i}"}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.json()["candidates"]
+        assert httpx.get(f"{base}/readyz").json()["redis"]["up"] is False
+        assert "mel_cache_errors_total" in httpx.get(f"{base}/metrics").text
+        redis_server["start"]()
+        time.sleep(0.4)  # past redis_retry_s: the next call tries Redis again
+        deadline = time.monotonic() + 10
+        while not httpx.get(f"{base}/readyz").json()["redis"]["up"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        fresh = {**body, "sentence": "after restart"}
+        assert httpx.post(f"{base}/v1/link", json=fresh, timeout=30).status_code == 200
+        assert httpx.post(f"{base}/v1/link", json=fresh, timeout=30).json()["timings"]["cached"]
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/img.png")
+            self.end_headers()
+            return
+        raw = _png((30, 30, 220))
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_image_urls_refuse_private_targets(artifacts: tuple[Path, Path]) -> None:
+    img_server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    threading.Thread(target=img_server.serve_forever, daemon=True).start()
+    port = img_server.server_address[1]
+    body = {"mention": "Jo Dunn", "sentence": "s"}
+    try:
+        with serve(_settings(artifacts, allow_image_urls=True)) as (base, _):
+            for url in (
+                f"http://127.0.0.1:{port}/img.png",
+                f"http://localhost:{port}/img.png",
+                "http://169.254.169.254/latest/meta-data",
+                "http://[::1]/x.png",
+                "http://10.0.0.1/x.png",
+            ):
+                r = httpx.post(f"{base}/v1/link", json={**body, "image_url": url}, timeout=30)
+                assert r.status_code == 403, (url, r.text)
+                assert r.json()["error"]["code"] == "image_url_forbidden"
+            for url in ("ftp://example.com/x.png", "file:///etc/passwd"):
+                r = httpx.post(f"{base}/v1/link", json={**body, "image_url": url}, timeout=30)
+                assert r.status_code == 403
+        # an intranet deployment may allow private targets: then fetching (and redirects) work
+        with serve(_settings(artifacts, allow_image_urls=True, url_allow_private=True)) as (
+            base,
+            _,
+        ):
+            r = httpx.post(
+                f"{base}/v1/link",
+                json={**body, "image_url": f"http://127.0.0.1:{port}/redirect"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        img_server.shutdown()
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(artifacts: tuple[Path, Path]) -> None:
+    results: list[int] = []
+    slow = threading.Event()
+
+    class SlowLinker(Linker):
+        def link(self, feats: Any, params: Any) -> Any:
+            slow.set()
+            time.sleep(1.0)
+            return super().link(feats, params)
+
+    with serve(_settings(artifacts), SlowLinker) as (base, server):
+        slow.clear()  # the warm-up went through link() too
+
+        def call() -> None:
+            r = httpx.post(
+                f"{base}/v1/link", json={"mention": "Jo Ames", "sentence": "late"}, timeout=30
+            )
+            results.append(r.status_code)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert slow.wait(10)
+        server.should_exit = True  # SIGTERM: stop accepting, finish what is in flight
+        t.join(30)
+    assert results == [200]
+
+
+def test_service_does_not_import_training_code() -> None:
+    code = (
+        "import sys, service.app, service.linker, service.cli; "
+        "bad = [m for m in sys.modules if m in ('models.train', 'models.evaluate', "
+        "'models.features', 'models.data.demo_world', 'models.data.converters')]; "
+        "print(json.dumps(bad))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
