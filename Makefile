@@ -14,14 +14,17 @@ DEMO_DIR ?= $(ARTIFACTS)/demo-world
 DEMO_ENTITIES ?= 2000
 DEMO_SEED ?= 0
 DEMO_MODEL ?= $(ARTIFACTS)/demo-model
+DEMO_INDEX ?= $(ARTIFACTS)/demo-index
+HOST ?= 127.0.0.1
+PORT ?= 8000
 # The demo recipe: frozen pretrained backbone, fresh MIMIC layers. The released lr 1e-5 is
 # tuned for fine-tuning CLIP end to end; fresh interaction layers need a larger step.
-DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 20 --val-every 2 --patience 3 --batch-size 128
+DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 128
 DATA ?= ../shared/data/wikimel
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck unit test demo demo-world demo-model clean
+.PHONY: help install lint format typecheck unit test demo demo-world demo-model demo-index serve clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,7 +63,18 @@ demo-model: demo-world ## Train the default model on the demo world (reused when
 	$(VENV)/bin/mel-eval --model $(DEMO_MODEL)/best --data $(DEMO_DIR) --split test \
 		--out $(DEMO_MODEL)/test-metrics.json > /dev/null
 
-demo: demo-model ## The main job on the embedded default (grows: world -> model -> index -> server)
+demo-index: demo-model ## Build the FAISS index + entity store of the demo world (reused)
+	$(VENV)/bin/mel-index build --kb $(DEMO_DIR)/kb.jsonl --model $(DEMO_MODEL)/best \
+		--out $(DEMO_INDEX)
+
+demo: demo-index ## The main job: world -> default model -> index -> server on $(HOST):$(PORT)
+	@$(VENV)/bin/mel-demo-request --data $(DEMO_DIR) --model $(DEMO_MODEL)/best \
+		--index $(DEMO_INDEX) --out $(ARTIFACTS)/demo-request.json --port $(PORT)
+	$(VENV)/bin/mel-serve --model $(DEMO_MODEL)/best --index $(DEMO_INDEX) \
+		--host $(HOST) --port $(PORT)
+
+serve: install ## Serve MEL_MODEL_PATH / MEL_INDEX_PATH (defaults: the demo artifacts)
+	$(VENV)/bin/mel-serve --host $(HOST) --port $(PORT)
 
 clean: ## Remove generated artifacts (keeps .venv)
 	rm -rf $(ARTIFACTS) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,107 @@
+"""Demo-world quality: the default model vs its text-only and image-only ablations.
+
+    python bench/demo_quality.py --data artifacts/demo-world --model artifacts/demo-model \\
+        --out bench/results/demo-quality.json
+
+Trains the ablations with the same recipe (frozen backbone, same features cache) unless their
+folders exist, evaluates every model on the test split with full-KB ranking, adds the
+evaluation-time unit drops of the full model, and writes JSON + a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from models.data.schema import load_dataset
+from models.evaluate import evaluate_split
+from models.features import dataset_features
+from models.model import LinkingModel
+from models.train import TrainConfig, train
+
+ROWS = [  # (label, model folder suffix, units trained, units dropped at evaluation)
+    ("MIMIC (TGLU+VDLU+CMFU)", "", None, ()),
+    ("text only: TGLU (trained alone)", "-text-only", ("tglu",), ()),
+    ("image only: VDLU (trained alone)", "-image-only", ("vdlu",), ()),
+    ("full model, w/o TGLU at eval", "", None, ("tglu",)),
+    ("full model, w/o VDLU at eval", "", None, ("vdlu",)),
+    ("full model, w/o CMFU at eval", "", None, ("cmfu",)),
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="artifacts/demo-world")
+    p.add_argument("--model", default="artifacts/demo-model", help="the full model's train dir")
+    p.add_argument("--out", default="bench/results/demo-quality.json")
+    p.add_argument("--epochs", type=int, default=8, help="the demo recipe (make demo-model)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cache-dir", default="artifacts/cache")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    ds = load_dataset(a.data)
+    for _, suffix, units, _ in ROWS:
+        folder = Path(a.model + suffix)
+        if units and not (folder / "best" / "config.json").is_file():
+            train(
+                TrainConfig(
+                    data=a.data,
+                    out=str(folder),
+                    units=units,
+                    lr=a.lr,
+                    epochs=a.epochs,
+                    cache_dir=a.cache_dir,
+                )
+            )
+    rows: list[dict[str, Any]] = []
+    feats = None
+    for label, suffix, _, drop in ROWS:
+        model = LinkingModel.from_pretrained(Path(a.model + suffix) / "best")
+        if feats is None:  # the backbone is shared: one feature cache for every row
+            feats = dataset_features(model.encoder, ds, a.cache_dir)
+        units = tuple(u for u in model.config.mimic.units if u not in drop)
+        m = evaluate_split(model, ds, feats, "test", units)
+        rows.append({"model": label, "units": list(units), "dev": model.meta.get("val"), "test": m})
+        print(f"{label}: test H@1={100 * m['H@1']:.2f} MRR={100 * m['MRR']:.2f}", flush=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    out = {
+        "dataset": ds.summary(),
+        "rows": rows,
+        "commit": commit,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    Path(a.out).with_suffix(".md").write_text(table(out))
+    print(table(out))
+    return 0
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [
+        "| model (demo world, test split, full-KB ranking) | H@1 | H@3 | H@5 | H@10 | MRR | MR |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in out["rows"]:
+        m = r["test"]
+        lines.append(
+            f"| {r['model']} | {100 * m['H@1']:.2f} | {100 * m['H@3']:.2f} | "
+            f"{100 * m['H@5']:.2f} | {100 * m['H@10']:.2f} | {100 * m['MRR']:.2f} | "
+            f"{m['MR']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
