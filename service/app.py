@@ -285,8 +285,18 @@ def create_app(
         return None
 
     def result_key(req: LinkRequest, p: LinkParams, image_sha: str | None) -> str:
+        # everything the answer depends on; the NIL threshold is a setting that may change
         norm = json.dumps(
-            [req.mention, req.sentence, image_sha, p.top_k, p.candidates_k, p.reranker, p.explain],
+            [
+                req.mention,
+                req.sentence,
+                image_sha,
+                p.top_k,
+                p.candidates_k,
+                p.reranker,
+                p.explain,
+                settings.nil_threshold,
+            ],
             ensure_ascii=False,
         )
         return f"{state.prefix}:res:{hashlib.sha256(norm.encode()).hexdigest()}"
