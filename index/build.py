@@ -48,6 +48,7 @@ from index.store import (
     EntityStore,
     Manifest,
     append_raw,
+    id_hash,
     write_id_table,
 )
 from models.data.schema import Entity, RecordReport, parse_entity
@@ -297,33 +298,75 @@ def _collect_chunks(shard_dirs: Sequence[Path]) -> tuple[list[Path], dict[str, A
     return [found[c] for c in sorted(found)], infos[0]
 
 
+def _chunk_ids(chunk: Path) -> list[str]:
+    with open(chunk / ENTITIES_FILE, "rb") as f:
+        return [json.loads(line)["id"] for line in f]
+
+
+class _Deduper:
+    """Finds duplicate entity ids among new chunks, and against an existing index, by 64-bit id
+    hashes: 16 bytes per entity instead of a set of every id string (which would need ~10 GB at
+    100M entities). Only ids whose hash is shared (true duplicates, or a rare collision) are
+    compared as strings."""
+
+    def __init__(self, chunks: Sequence[Path], store: EntityStore | None) -> None:
+        per_chunk = [
+            np.fromiter((id_hash(i) for i in _chunk_ids(c)), dtype=np.uint64) for c in chunks
+        ]
+        self.hashes = np.concatenate(per_chunk) if per_chunk else np.zeros(0, np.uint64)
+        self.starts = np.cumsum([0] + [len(h) for h in per_chunk])
+        order = np.argsort(self.hashes, kind="stable")
+        ordered = self.hashes[order]
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        suspect = np.zeros(len(self.hashes), dtype=bool)
+        suspect[order[same]] = True
+        suspect[order[same + 1]] = True
+        self.store = store if store is not None and len(store) else None
+        if self.store is not None and len(self.hashes):
+            known = self.store.id_hashes
+            pos = np.searchsorted(known, self.hashes).clip(max=len(known) - 1)
+            suspect |= np.asarray(known[pos]) == self.hashes
+        self.suspect = suspect
+        self.seen: dict[int, list[str]] = {}
+
+    def duplicate(self, chunk_index: int, line: int, entity_id: str) -> bool:
+        g = int(self.starts[chunk_index]) + line
+        if not self.suspect[g]:
+            return False
+        if self.store is not None and self.store.row_of(entity_id) is not None:
+            return True
+        seen = self.seen.setdefault(int(self.hashes[g]), [])
+        if entity_id in seen:
+            return True
+        seen.append(entity_id)
+        return False
+
+
 def _append_chunks(
     out: Path,
     chunks: Sequence[Path],
-    model: LinkingModel,
-    existing_ids: set[str],
+    dedupe: _Deduper,
     start_row: int,
     report: RecordReport,
-) -> tuple[int, list[str]]:
-    """Append chunk contents to the store/metadata files; returns (new rows, new ids)."""
+) -> tuple[int, np.ndarray]:
+    """Append chunk contents to the store/metadata files; returns (new rows, their id hashes)."""
     store = out / STORE_DIR
     store.mkdir(exist_ok=True)
     offset = (out / ENTITIES_FILE).stat().st_size if (out / ENTITIES_FILE).exists() else 0
     if start_row == 0:
         append_raw(out / OFFSETS_FILE, np.zeros(1, dtype="<u8"))
-    new_ids: list[str] = []
+    kept_hashes: list[np.ndarray] = []
     rows = 0
     with open(out / ENTITIES_FILE, "ab") as meta:
-        for chunk in chunks:
+        for ci, chunk in enumerate(chunks):
             report.merge(_chunk_report(chunk))
             lines = (chunk / ENTITIES_FILE).read_bytes().splitlines(keepends=True)
             keep = []
             for i, line in enumerate(lines):
                 eid = json.loads(line)["id"]
-                if eid in existing_ids:
+                if dedupe.duplicate(ci, i, eid):
                     report.add("entity.duplicate_id", f"id={eid}")
                     continue
-                existing_ids.add(eid)
                 keep.append(i)
             if not lines:
                 continue
@@ -333,9 +376,10 @@ def _append_chunks(
             append_raw(out / OFFSETS_FILE, (offset + np.cumsum(sizes)).astype("<u8"))
             offset += int(sizes.sum())
             meta.write(b"".join(lines[i] for i in keep))
-            new_ids.extend(json.loads(lines[i])["id"] for i in keep)
+            kept_hashes.append(dedupe.hashes[int(dedupe.starts[ci]) + np.asarray(keep, dtype=int)])
             rows += len(keep)
-    return rows, new_ids
+    hashes = np.concatenate(kept_hashes) if kept_hashes else np.zeros(0, np.uint64)
+    return rows, hashes
 
 
 def _chunk_report(chunk: Path) -> RecordReport:
@@ -430,8 +474,8 @@ def finalize(
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STORE_DIR, ignore_errors=True)
     report = RecordReport()
-    n, ids = _append_chunks(out, chunks, model, set(), 0, report)
-    write_id_table(out, ids)
+    n, hashes = _append_chunks(out, chunks, _Deduper(chunks, None), 0, report)
+    write_id_table(out, hashes)
     fields = _store_fields(model)
     per_entity = sum(2 * int(np.prod(s)) for s in fields.values())
     manifest = Manifest(
@@ -520,14 +564,16 @@ def add(
         model,
     )
     chunks, _ = _collect_chunks([work])
-    store = EntityStore(out, manifest)
-    existing = {store.entity(r)["id"] for r in range(len(store))}
-    store.close()
     report = RecordReport()
     start = manifest.entity_count
-    added, _ = _append_chunks(out, chunks, model, existing, start, report)
-    with open(out / ENTITIES_FILE, "rb") as f:
-        write_id_table(out, (json.loads(line)["id"] for line in f))
+    store = EntityStore(out, manifest)
+    try:
+        added, new_hashes = _append_chunks(out, chunks, _Deduper(chunks, store), start, report)
+        row_hashes = np.empty(start, dtype=np.uint64)  # the id table in row order
+        row_hashes[np.asarray(store.id_rows)] = np.asarray(store.id_hashes)
+    finally:
+        store.close()
+    write_id_table(out, np.concatenate([row_hashes, new_hashes]))
     manifest.entity_count = start + added
     index = faiss.read_index(str(out / FAISS_FILE))
     store = EntityStore(out, manifest)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,9 +107,9 @@ def raw_memmap(path: Path, dtype: Any, shape: Sequence[int]) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape))
 
 
-def write_id_table(folder: Path, ids: Iterable[str]) -> None:
-    """Sorted (hash, row) table for id -> row lookups; rebuilt after every add."""
-    hashes = np.fromiter((id_hash(i) for i in ids), dtype="<u8")
+def write_id_table(folder: Path, hashes: np.ndarray) -> None:
+    """Sorted (id hash, row) table for id -> row lookups, from the id hashes in row order."""
+    hashes = np.asarray(hashes, dtype="<u8")
     order = np.argsort(hashes, kind="stable")
     tmp_h, tmp_r = folder / (IDS_HASH_FILE + ".tmp"), folder / (IDS_ROWS_FILE + ".tmp")
     tmp_h.write_bytes(hashes[order].tobytes())

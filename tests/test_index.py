@@ -284,3 +284,41 @@ def test_copy_of_folder_loads_elsewhere(single: Path, model_dir: Path, tmp_path:
     s = IndexSearcher(moved, LinkingModel.from_pretrained(model_dir))
     assert len(s) == 40
     s.close()
+
+
+def test_hash_collisions_are_not_mistaken_for_duplicates(
+    kb: Path, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import index.store as store_mod
+
+    # a terrible hash: every id of the same length collides; only true duplicates may be dropped
+    monkeypatch.setattr(build_mod, "id_hash", lambda s: len(s))
+    monkeypatch.setattr(store_mod, "id_hash", lambda s: len(s))
+    out = tmp_path / "collide"
+    m = build(_cfg(kb, model_dir, out))
+    assert isinstance(m, Manifest)
+    assert m.entity_count == 40 and m.bad_entities["counts"]["entity.duplicate_id"] == 1
+    s = EntityStore(out)
+    assert s.row_of("Q17") == 17 and s.row_of("Q3") == 3 and s.row_of("Q99") is None
+    s.close()
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(
+        json.dumps({"id": "Q77", "name": "new"})
+        + "\n"
+        + json.dumps({"id": "Q12", "name": "dup of an indexed id"})
+        + "\n"
+    )
+    m = add(
+        out,
+        str(extra),
+        LinkingModel.from_pretrained(model_dir),
+        chunk_size=8,
+        device="cpu",
+        progress=False,
+    )
+    assert m.entity_count == 41 and m.history[-1]["bad_entities"]["counts"] == {
+        "entity.duplicate_id": 1
+    }
+    s = EntityStore(out)
+    assert s.row_of("Q77") == 40 and s.entity(40)["name"] == "new"
+    s.close()
