@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv, install torch (CPU pin) then the project with dev extras (idempotent)
 
-lint: install ## ruff lint + format check, mypy on service/ and index/
+lint: install ## ruff lint + format check, mypy on service/, index/ and models/
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy service index models
