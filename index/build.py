@@ -147,6 +147,9 @@ class ChunkEncoder:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
         self.device = device
 
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
     def parse(self, lines: list[bytes], first_line: int, report: RecordReport) -> list[Entity]:
         out = []
         for i, raw in enumerate(lines):
@@ -228,6 +231,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         "total_chunks": total_chunks,
         "kb": str(kb.resolve()),
         "kb_bytes": kb.stat().st_size,
+        "kb_mtime_ns": kb.stat().st_mtime_ns,
         "model_fingerprint": model.fingerprint(),
         "image_root": str(kb.parent.resolve()),
     }
@@ -251,16 +255,19 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         smoothing=0.1,
     )
     t0, encoded = time.perf_counter(), 0
-    for c, first, lines in _iter_chunks(kb, cfg.chunk_size):
-        if c % cfg.num_shards != cfg.shard_id or c in done:
-            continue
-        report = RecordReport()
-        entities = enc.parse(lines, first, report)
-        fields = enc.encode(entities, report)
-        _write_chunk(out / CHUNKS_DIR / f"c{c:07d}", entities, fields, report)
-        encoded += len(entities)
-        bar.update(len(lines))
-    bar.close()
+    try:
+        for c, first, lines in _iter_chunks(kb, cfg.chunk_size):
+            if c % cfg.num_shards != cfg.shard_id or c in done:
+                continue
+            report = RecordReport()
+            entities = enc.parse(lines, first, report)
+            fields = enc.encode(entities, report)
+            _write_chunk(out / CHUNKS_DIR / f"c{c:07d}", entities, fields, report)
+            encoded += len(entities)
+            bar.update(len(lines))
+    finally:
+        bar.close()
+        enc.close()
     secs = time.perf_counter() - t0
     logger.info(
         "shard %d/%d: encoded %d entities in %.1fs (%.1f entities/s)",
@@ -502,6 +509,20 @@ def finalize(
     return manifest
 
 
+def _same_kb(out: Path, kb: Path) -> bool:
+    """Whether ``out`` was built from this very KB file (path, size and modification time)."""
+    shard = out / SHARD_FILE
+    if not shard.is_file() or not kb.is_file():
+        return False
+    info = json.loads(shard.read_text())
+    st = kb.stat()
+    return (
+        info.get("kb") == str(kb.resolve())
+        and info.get("kb_bytes") == st.st_size
+        and info.get("kb_mtime_ns") == st.st_mtime_ns
+    )
+
+
 def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, Any]:
     """Encode (this shard of) the KB; a 1-shard build also finalizes the index folder.
 
@@ -512,9 +533,12 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
     out = Path(cfg.out)
     if cfg.num_shards == 1 and (out / FAISS_FILE).is_file() and not (out / CHUNKS_DIR).exists():
         old = Manifest.load(out)
-        if old.model_fingerprint == model.fingerprint() and old.factory == cfg.factory:
-            logger.info("index %s is complete for this model: reusing it", out)
+        same_kb = _same_kb(out, _kb_file(cfg.kb))
+        if old.model_fingerprint == model.fingerprint() and old.factory == cfg.factory and same_kb:
+            logger.info("index %s is complete for this model and KB: reusing it", out)
             return old
+        # a different model, factory or KB: build afresh (the old shard record must not block)
+        (out / SHARD_FILE).unlink(missing_ok=True)
     info = encode_shard(cfg, model)
     if cfg.num_shards > 1:
         logger.info(

@@ -322,3 +322,18 @@ def test_hash_collisions_are_not_mistaken_for_duplicates(
     s = EntityStore(out)
     assert s.row_of("Q77") == 40 and s.entity(40)["name"] == "new"
     s.close()
+
+
+def test_a_changed_kb_is_rebuilt_not_reused(model_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "kbchange"
+    kb_file = root / "kb.jsonl"
+    kb_file.parent.mkdir(parents=True)
+    kb_file.write_text("\n".join(_entity_lines(root, 0, 5)) + "\n")
+    out = tmp_path / "idx"
+    assert Manifest.load(out).entity_count == 5 if build(_cfg(kb_file, model_dir, out)) else False
+    kb_file.write_text("\n".join(_entity_lines(root, 0, 7)) + "\n")  # same path, new content
+    m = build(_cfg(kb_file, model_dir, out))
+    assert isinstance(m, Manifest) and m.entity_count == 7
+    s = EntityStore(out)
+    assert s.row_of("Q6") == 6
+    s.close()
