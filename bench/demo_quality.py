@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
 import torch
 
 from models.data.schema import load_dataset
@@ -81,14 +80,10 @@ def main() -> int:
         m = ranking_metrics(gold_ranks(combined, gold))
         rows.append({"model": label, "units": list(units), "dev": model.meta.get("val"), "test": m})
         print(f"{label}: test H@1={100 * m['H@1']:.2f} MRR={100 * m['MRR']:.2f}", flush=True)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     out = {
         "dataset": ds.summary(),
         "rows": rows,
-        "commit": commit,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": _machine.machine_info(("torch",)),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,8 @@ Indexes and worlds go under ``--work`` (``artifacts/bench``, ignored by git).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
 import faiss
 import numpy as np
 import torch
@@ -69,28 +67,11 @@ def ann_configs(nlist: int, pq: int) -> list[tuple[str, dict[str, int]]]:
 # --------------------------------------------------------------------------- environment
 def machine_info() -> dict[str, Any]:
     """CPU model and cores, library versions, git commit and date of this run."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "torch": torch.__version__,
-        "faiss": faiss.__version__,
-        "python": platform.python_version(),
-        "commit": commit,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    return _machine.machine_info(
+        ("torch", "faiss"),
+        torch_threads=torch.get_num_threads(),
+        faiss_threads=faiss.omp_get_max_threads(),
+    )
 
 
 def pct(values: list[float], q: float) -> float:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import datetime as dt
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import statistics
@@ -38,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
 import httpx
 import numpy as np
 
@@ -47,39 +45,8 @@ HEADERS = {"content-type": "application/json"}
 
 
 # --------------------------------------------------------------------------- environment
-def _version(*dists: str) -> str:
-    for d in dists:
-        try:
-            return importlib.metadata.version(d)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "?"
-
-
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": _version("torch"),
-        "faiss": _version("faiss-cpu", "faiss-gpu", "faiss"),
-        "fastapi": _version("fastapi"),
-        "uvicorn": _version("uvicorn"),
-        "httpx": _version("httpx"),
-        "python": platform.python_version(),
-        "commit": commit,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    return _machine.machine_info(("torch", "faiss", "fastapi", "uvicorn", "httpx"))
 
 
 def stats_ms(values: list[float]) -> dict[str, float]:

@@ -1,0 +1,50 @@
+"""What every benchmark records about where it ran (CPU, cores, versions, commit, date)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+
+def dist_version(*dists: str) -> str:
+    """Installed version of the first distribution found (e.g. faiss-cpu or faiss-gpu)."""
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
+def machine_info(libraries: Sequence[str] = ("torch", "faiss"), **extra: Any) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    versions = {
+        lib: dist_version("faiss-cpu", "faiss-gpu", "faiss")
+        if lib == "faiss"
+        else dist_version(lib)
+        for lib in libraries
+    }
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        **extra,
+        **versions,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
