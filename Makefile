@@ -60,8 +60,9 @@ demo-world: install ## Generate the demo world (deterministic; reused when prese
 demo-model: demo-world ## Train the default model on the demo world (reused when present)
 	@if [ -f $(DEMO_MODEL)/best/config.json ]; then echo "demo model present: $(DEMO_MODEL)/best"; \
 	else $(VENV)/bin/mel-train --data $(DEMO_DIR) --out $(DEMO_MODEL) $(DEMO_TRAIN_ARGS); fi
-	$(VENV)/bin/mel-eval --model $(DEMO_MODEL)/best --data $(DEMO_DIR) --split test \
-		--out $(DEMO_MODEL)/test-metrics.json > /dev/null
+	@if [ -f $(DEMO_MODEL)/test-metrics.json ]; then echo "test metrics: $(DEMO_MODEL)/test-metrics.json"; \
+	else $(VENV)/bin/mel-eval --model $(DEMO_MODEL)/best --data $(DEMO_DIR) --split test \
+		--out $(DEMO_MODEL)/test-metrics.json > /dev/null; fi
 
 demo-index: demo-model ## Build the FAISS index + entity store of the demo world (reused)
 	$(VENV)/bin/mel-index build --kb $(DEMO_DIR)/kb.jsonl --model $(DEMO_MODEL)/best \
