@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -19,6 +21,15 @@ def dist_version(*dists: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "?"
+
+
+def write_results(path: Path, res: Any, render: Callable[[Any], str]) -> str:
+    """Write a benchmark's JSON and its markdown rendering side by side; returns the markdown."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    md = render(res)
+    path.with_suffix(".md").write_text(md)
+    return md
 
 
 def machine_info(libraries: Sequence[str] = ("torch", "faiss"), **extra: Any) -> dict[str, Any]:

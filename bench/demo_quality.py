@@ -11,7 +11,6 @@ evaluation-time unit drops of the full model, and writes JSON + a markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -87,8 +86,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
-    Path(a.out).with_suffix(".md").write_text(table(out))
+    _machine.write_results(Path(a.out), out, table)
     print(table(out))
     return 0
 

@@ -469,10 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.part != "render":
         part = bench_build(a) if a.part == "build" else bench_search(a)
         res[a.part] = {**part, "machine": machine_info()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    print(_machine.write_results(path, res, markdown))
     return 0
 
 

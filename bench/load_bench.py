@@ -437,10 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_mentions_used": items.next,
         **res,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    print(_machine.write_results(path, res, markdown))
     return 0
 
 

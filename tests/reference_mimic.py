@@ -16,6 +16,17 @@ from torch import Tensor
 from models.mimic import MimicMatcher
 
 
+def randomise_layernorms(module: torch.nn.Module) -> torch.nn.Module:
+    """LayerNorm gains/biases default to 1/0, which would hide a LayerNorm applied in the wrong
+    place: give them non-trivial values (in place)."""
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.2)
+    return module
+
+
 def _lin(layer: torch.nn.Linear, x: Tensor) -> Tensor:
     return x @ layer.weight.T + layer.bias
 

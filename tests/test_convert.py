@@ -12,7 +12,7 @@ from models.convert import convert_official_checkpoint, main
 from models.mimic import MimicConfig, MimicMatcher
 from models.model import LinkingModel
 from models.preprocess import entity_text, mention_text
-from tests.reference_mimic import pair_scores
+from tests.reference_mimic import pair_scores, randomise_layernorms
 
 
 class FakeHyperParams:
@@ -31,11 +31,7 @@ def _official_checkpoint(clip_dir: Path, path: Path) -> dict[str, torch.Tensor]:
             p.add_(0.05 * torch.randn_like(p))
     cfg = MimicConfig(dt=32, dv=8, tglu_hidden_dim=12, idlu_hidden_dim=12, cmfu_hidden_dim=12)
     matcher = MimicMatcher(cfg)
-    with torch.no_grad():
-        for mod in matcher.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
+    randomise_layernorms(matcher)
     image_cls_fc, image_tokens_fc = torch.nn.Linear(32, 8), torch.nn.Linear(24, 8)
     state = {f"encoder.clip.{k}": v for k, v in clip.state_dict().items()}
     state.update({f"encoder.image_cls_fc.{k}": v for k, v in image_cls_fc.state_dict().items()})

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.mimic import MimicConfig, MimicFeatures, MimicMatcher, in_batch_loss
-from tests.reference_mimic import pair_scores
+from tests.reference_mimic import pair_scores, randomise_layernorms
 
 CFG = MimicConfig(dt=32, dv=12, tglu_hidden_dim=16, idlu_hidden_dim=16, cmfu_hidden_dim=16)
 L, P = 7, 5  # text tokens, image tokens
@@ -28,12 +28,7 @@ def _feats(
 def _matcher(cfg: MimicConfig = CFG, seed: int = 0) -> MimicMatcher:
     torch.manual_seed(seed)
     m = MimicMatcher(cfg)
-    # LayerNorm gains/biases default to 1/0, which would hide a wrong LN: randomise them.
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.normal_(0, 0.2)
+    randomise_layernorms(m)
     return m.eval()
 
 
