@@ -52,6 +52,8 @@ from index.store import (
     write_id_table,
 )
 from models.data.schema import Entity, RecordReport, parse_entity
+from models.drin_features import STORE_FIELDS as DRIN_FIELDS
+from models.drin_features import entity_parts
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none
@@ -82,6 +84,9 @@ class BuildConfig:
     train_sample: int = 100_000  # vectors used to train IVF / PQ
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda"
     progress: bool = True
+    # Store DRIN's per-entity parts too (models/drin_features.py): what the "drin" reranker
+    # reads. Off saves ~3.3k float16 values per entity (EffNet widths) when DRIN is not served.
+    drin_fields: bool = True
 
 
 def _kb_file(kb: str | Path) -> Path:
@@ -140,8 +145,10 @@ class ChunkEncoder:
         batch_size: int,
         workers: int,
         device: torch.device,
+        drin_fields: bool = True,
     ) -> None:
         self.model = model.to(device).eval()
+        self.drin_fields = drin_fields
         self.image_root = image_root
         self.batch_size = batch_size
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -179,22 +186,22 @@ class ChunkEncoder:
 
     @torch.inference_mode()
     def encode(self, entities: list[Entity], report: RecordReport) -> dict[str, np.ndarray]:
-        """float16 record fields, one row per entity."""
-        parts: list[MimicEntityRecord] = []
+        """float16 store fields (MIMIC records, DRIN parts), one row per entity."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        encoder = self.model.encoder
         for s in range(0, len(entities), self.batch_size):
             batch = entities[s : s + self.batch_size]
             images = list(self.pool.map(lambda e: self._image(e, report), batch))
-            feats = self.model.encoder.encode(
-                [entity_text(e.name, e.attributes) for e in batch], images
-            )
-            parts.append(self.model.matcher.precompute_entities(feats))
-        fields = MimicEntityRecord.field_names()
-        if not parts:
-            return {}
-        return {
-            f: torch.cat([getattr(p, f) for p in parts]).float().cpu().numpy().astype("<f2")
-            for f in fields
-        }
+            text = encoder.text_features([entity_text(e.name, e.attributes) for e in batch])
+            image = encoder.image_features(images)
+            rec = self.model.matcher.precompute_entities(encoder.project(text, image))
+            fields = {f: getattr(rec, f) for f in MimicEntityRecord.field_names()}
+            if self.drin_fields:
+                has = torch.tensor([im is not None for im in images], device=text.global_.device)
+                fields.update(entity_parts(encoder.backbone, text, image, has).to_store())
+            for f, t in fields.items():
+                parts.setdefault(f, []).append(t)
+        return {f: torch.cat(ts).float().cpu().numpy().astype("<f2") for f, ts in parts.items()}
 
 
 def _write_chunk(
@@ -234,6 +241,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         "kb_mtime_ns": kb.stat().st_mtime_ns,
         "model_fingerprint": model.fingerprint(),
         "image_root": str(kb.parent.resolve()),
+        "drin_fields": cfg.drin_fields,
     }
     prev = out / SHARD_FILE
     if prev.is_file():
@@ -243,7 +251,9 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
     prev.write_text(json.dumps(shard, indent=1))
     if done:
         logger.info("resuming: %d of %d chunks of this shard already done", len(done), len(mine))
-    enc = ChunkEncoder(model, kb.parent, cfg.batch_size, cfg.workers, _device(cfg.device))
+    enc = ChunkEncoder(
+        model, kb.parent, cfg.batch_size, cfg.workers, _device(cfg.device), cfg.drin_fields
+    )
     todo_lines = sum(
         min(cfg.chunk_size, total_lines - c * cfg.chunk_size) for c in mine if c not in done
     )
@@ -283,9 +293,16 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
 def _collect_chunks(shard_dirs: Sequence[Path]) -> tuple[list[Path], dict[str, Any]]:
     """Every chunk of a complete build, in KB order, from one or more shard folders."""
     infos = [json.loads((d / SHARD_FILE).read_text()) for d in shard_dirs]
-    keys = ("chunk_size", "total_chunks", "kb_bytes", "model_fingerprint", "num_shards")
+    keys = (
+        "chunk_size",
+        "total_chunks",
+        "kb_bytes",
+        "model_fingerprint",
+        "num_shards",
+        "drin_fields",
+    )
     for d, info in zip(shard_dirs, infos, strict=True):
-        if any(info[k] != infos[0][k] for k in keys):
+        if any(info.get(k) != infos[0].get(k) for k in keys):
             raise SystemExit(f"{d} belongs to a different build than {shard_dirs[0]}")
     found: dict[int, Path] = {}
     for d in shard_dirs:
@@ -355,6 +372,7 @@ def _append_chunks(
     dedupe: _Deduper,
     start_row: int,
     report: RecordReport,
+    field_names: Sequence[str],
 ) -> tuple[int, np.ndarray]:
     """Append chunk contents to the store/metadata files; returns (new rows, their id hashes)."""
     store = out / STORE_DIR
@@ -377,7 +395,7 @@ def _append_chunks(
                 keep.append(i)
             if not lines:
                 continue
-            for name in MimicEntityRecord.field_names():
+            for name in field_names:
                 append_raw(store / f"{name}.f16", np.load(chunk / f"{name}.npy")[keep])
             sizes = np.array([len(lines[i]) for i in keep], dtype=np.int64)
             append_raw(out / OFFSETS_FILE, (offset + np.cumsum(sizes)).astype("<u8"))
@@ -398,7 +416,7 @@ def _chunk_report(chunk: Path) -> RecordReport:
     return r
 
 
-def _store_fields(model: LinkingModel) -> dict[str, list[int]]:
+def _store_fields(model: LinkingModel, drin_fields: bool) -> dict[str, list[int]]:
     cfg = model.config.mimic
     L = model.config.encoder.text_max_length
     d = {
@@ -411,6 +429,15 @@ def _store_fields(model: LinkingModel) -> dict[str, list[int]]:
         "cmfu": [cfg.cmfu_hidden_dim],
     }
     assert list(d) == list(MimicEntityRecord.field_names())
+    if drin_fields:
+        enc = model.config.encoder
+        d.update(
+            zip(
+                DRIN_FIELDS,
+                ([enc.text_dim], [enc.image_global_dim], [enc.image_token_dim], [1]),
+                strict=True,
+            )
+        )
     return d
 
 
@@ -481,9 +508,9 @@ def finalize(
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / STORE_DIR, ignore_errors=True)
     report = RecordReport()
-    n, hashes = _append_chunks(out, chunks, _Deduper(chunks, None), 0, report)
+    fields = _store_fields(model, bool(info.get("drin_fields", False)))
+    n, hashes = _append_chunks(out, chunks, _Deduper(chunks, None), 0, report, list(fields))
     write_id_table(out, hashes)
-    fields = _store_fields(model)
     per_entity = sum(2 * int(np.prod(s)) for s in fields.values())
     manifest = Manifest(
         model_fingerprint=model.fingerprint(),
@@ -534,7 +561,13 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
     if cfg.num_shards == 1 and (out / FAISS_FILE).is_file() and not (out / CHUNKS_DIR).exists():
         old = Manifest.load(out)
         same_kb = _same_kb(out, _kb_file(cfg.kb))
-        if old.model_fingerprint == model.fingerprint() and old.factory == cfg.factory and same_kb:
+        same_fields = all(f in old.store_fields for f in DRIN_FIELDS) == cfg.drin_fields
+        if (
+            old.model_fingerprint == model.fingerprint()
+            and old.factory == cfg.factory
+            and same_kb
+            and same_fields
+        ):
             logger.info("index %s is complete for this model and KB: reusing it", out)
             return old
         # a different model, factory or KB: build afresh (the old shard record must not block)
@@ -584,6 +617,7 @@ def add(
             workers=workers,
             device=device,
             progress=progress,
+            drin_fields=all(f in manifest.store_fields for f in DRIN_FIELDS),
         ),
         model,
     )
@@ -592,7 +626,9 @@ def add(
     start = manifest.entity_count
     store = EntityStore(out, manifest)
     try:
-        added, new_hashes = _append_chunks(out, chunks, _Deduper(chunks, store), start, report)
+        added, new_hashes = _append_chunks(
+            out, chunks, _Deduper(chunks, store), start, report, list(manifest.store_fields)
+        )
         row_hashes = np.empty(start, dtype=np.uint64)  # the id table in row order
         row_hashes[np.asarray(store.id_rows)] = np.asarray(store.id_hashes)
     finally:
@@ -659,6 +695,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--no-progress", action="store_true")
     b.add_argument(
+        "--no-drin",
+        action="store_true",
+        help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
+    )
+    b.add_argument(
         "--keep-chunks",
         action="store_true",
         help="keep <out>/chunks after finalizing (default: delete, they double disk)",
@@ -695,6 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 train_sample=a.train_sample,
                 device=a.device,
                 progress=not a.no_progress,
+                drin_fields=not a.no_drin,
             ),
             keep_chunks=a.keep_chunks,
         )

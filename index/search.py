@@ -17,6 +17,8 @@ import torch
 
 from index.ann import search, set_search_params, to_search_device
 from index.store import FAISS_FILE, EntityStore, Manifest
+from models.drin_features import STORE_FIELDS as DRIN_FIELDS
+from models.drin_features import DrinEntityParts
 from models.mimic import MimicEntityRecord, MimicFeatures, MimicScores
 from models.model import LinkingModel
 
@@ -61,18 +63,30 @@ class IndexSearcher:
         scores, rows = search(self.index, queries, k)
         return Candidates(rows=rows, retrieval=scores)
 
-    def records(self, rows: np.ndarray) -> MimicEntityRecord:
-        """(B, K, ...) float32 records of the given rows (rows < 0 are filled with row 0)."""
-        safe = np.where(rows < 0, 0, rows)
-        flat = safe.reshape(-1)
-        return MimicEntityRecord(
-            *(
-                torch.from_numpy(self.store.rows(f, flat).astype(np.float32)).reshape(
-                    *rows.shape, *self.manifest.store_fields[f]
-                )
-                for f in MimicEntityRecord.field_names()
+    def _fields(self, rows: np.ndarray, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """(B, K, ...) float32 store fields of the given rows (rows < 0 read row 0)."""
+        flat = np.where(rows < 0, 0, rows).reshape(-1)
+        return [
+            torch.from_numpy(self.store.rows(f, flat).astype(np.float32)).reshape(
+                *rows.shape, *self.manifest.store_fields[f]
             )
-        )
+            for f in names
+        ]
+
+    def records(self, rows: np.ndarray) -> MimicEntityRecord:
+        """(B, K, ...) float32 MIMIC records of the given rows (rows < 0 read row 0)."""
+        return MimicEntityRecord(*self._fields(rows, MimicEntityRecord.field_names()))
+
+    @property
+    def has_drin(self) -> bool:
+        """Whether the store holds DRIN's entity parts (built without ``--no-drin``)."""
+        return all(f in self.manifest.store_fields for f in DRIN_FIELDS)
+
+    def drin_parts(self, rows: np.ndarray) -> DrinEntityParts:
+        """(B, K, ...) float32 DRIN entity parts of the given rows (rows < 0 read row 0)."""
+        if not self.has_drin:
+            raise ValueError(f"{self.folder} was built without DRIN fields (--no-drin)")
+        return DrinEntityParts(*self._fields(rows, DRIN_FIELDS))
 
     @torch.inference_mode()
     def rerank(

@@ -125,6 +125,15 @@ class Backbone(nn.Module):
         """Identity of the weights the backbone was loaded from (for model fingerprints)."""
         raise NotImplementedError
 
+    def pooled_text(self, token_mean: Tensor) -> Tensor:
+        """Map a mean of token states into the space of ``TextFeatures.global_`` (unnormalised).
+        MiniLM: the identity (its global feature is the normalised token mean)."""
+        return token_mean
+
+    def region_tokens(self, tokens: Tensor) -> Tensor:
+        """The local image tokens that stand for regions: (B, P, Dt) -> (B, R, Dt)."""
+        return tokens
+
     def save_source(self, folder: Path) -> None:
         """Write what from_pretrained needs beyond the config (e.g. the CLIP folder)."""
 
@@ -175,6 +184,14 @@ class ClipBackbone(Backbone):
         out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
         embeds = self.clip.text_projection(out.pooler_output)
         return TextFeatures(F.normalize(embeds, dim=-1), out.last_hidden_state)
+
+    def pooled_text(self, token_mean: Tensor) -> Tensor:
+        # text_embeds = text_projection(final-LN'd EOS state); last_hidden_state is final-LN'd
+        # too, so projecting a mean of token states lands in the same joint space.
+        return self.clip.text_projection(token_mean)
+
+    def region_tokens(self, tokens: Tensor) -> Tensor:
+        return tokens[:, 1:]  # patches only: position 0 is the CLS token
 
     def encode_pixels(self, pixel_values: Tensor) -> ImageFeatures:
         out = self.clip.vision_model(pixel_values=pixel_values)

@@ -47,8 +47,6 @@ from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
-AVAILABLE_RERANKERS = ("mimic", "none")
-
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -129,7 +127,7 @@ def create_app(
                 metrics.redis_up.set(1 if await cache.ping() else 0)
             else:
                 cache = LruCache(settings.lru_size, settings.cache_ttl_s)
-            state.prefix = f"mel:{linker.fingerprint}:{linker.index_version}"
+            state.prefix = f"mel:{linker.cache_version}"
             batcher = MicroBatcher(
                 linker,
                 cache,
@@ -252,13 +250,23 @@ def create_app(
                 "candidates_k_out_of_range",
                 f"candidates_k must be <= {settings.candidates_k_max}",
             )
-        if req.reranker not in AVAILABLE_RERANKERS:
+        available = state.linker.rerankers if state.linker is not None else ()
+        if req.reranker not in available:
             raise ApiError(
                 422,
                 "reranker_unavailable",
                 f"reranker {req.reranker!r} is not available here "
-                f"(available: {', '.join(AVAILABLE_RERANKERS)})",
+                f"(available: {', '.join(available)})",
             )
+        if req.span is not None:
+            a, b = req.span
+            if not 0 <= a < b <= len(req.sentence):
+                raise ApiError(
+                    422,
+                    "bad_span",
+                    f"span must be [start, end) char offsets with 0 <= start < end <= "
+                    f"len(sentence) = {len(req.sentence)}",
+                )
         if req.image is not None and req.image_url is not None:
             raise ApiError(422, "two_images", "give image or image_url, not both")
         return LinkParams(
@@ -290,6 +298,7 @@ def create_app(
             [
                 req.mention,
                 req.sentence,
+                req.span,
                 image_sha,
                 p.top_k,
                 p.candidates_k,
@@ -325,7 +334,16 @@ def create_app(
             metrics.stage_seconds.labels(stage="decode").observe(t_dec)
         try:
             res = await asyncio.wait_for(
-                st.batcher.submit(MentionInput(req.mention, req.sentence, img, sha), p),
+                st.batcher.submit(
+                    MentionInput(
+                        req.mention,
+                        req.sentence,
+                        img,
+                        sha,
+                        tuple(req.span) if req.span else None,  # type: ignore[arg-type]
+                    ),
+                    p,
+                ),
                 settings.request_timeout_s,
             )
         except QueueFull as exc:
@@ -390,8 +408,12 @@ def create_app(
         candidates_k: int | None = Form(None),
         reranker: str = Form("mimic"),
         explain: bool = Form(False),
+        span_start: int | None = Form(None),
+        span_end: int | None = Form(None),
     ) -> dict[str, Any]:
         try:
+            if (span_start is None) != (span_end is None):
+                raise ApiError(422, "bad_span", "give both span_start and span_end, or neither")
             req = LinkRequest(
                 mention=mention,
                 sentence=sentence,
@@ -399,6 +421,7 @@ def create_app(
                 candidates_k=candidates_k,
                 reranker=reranker,
                 explain=explain,
+                span=(span_start, span_end) if span_start is not None else None,
             )
         except ValidationError as exc:
             raise ApiError(422, "invalid_request", _describe(exc.errors())) from exc
@@ -473,6 +496,8 @@ def create_app(
                 model_version=state.linker.fingerprint,
                 index_version=state.linker.index_version,
                 entities=len(state.linker.searcher),
+                rerankers=list(state.linker.rerankers),
+                drin_version=state.linker.drin_fingerprint,
             )
         if state.load_error:
             body["error"] = state.load_error

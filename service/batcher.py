@@ -17,11 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from models.mimic import MimicFeatures
 from service.cache import Cache
-from service.linker import Linker, LinkParams, MentionInput
+from service.linker import EncodedMentions, Linker, LinkParams, MentionInput
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -151,28 +148,28 @@ class MicroBatcher:
         t0 = time.perf_counter()
         miss = [i for i, b in enumerate(blobs) if b is None]
         hit = [i for i, b in enumerate(blobs) if b is not None]
-        parts: dict[int, MimicFeatures] = {}
+        groups: list[EncodedMentions] = []
+        order: list[int] = []
         new_blobs: list[tuple[int, bytes]] = []
         if miss:
             f = self.linker.encode([batch[i].item for i in miss])
             for i, blob in zip(miss, self.linker.pack(f), strict=True):
                 new_blobs.append((i, blob))
-            parts.update({i: f.map(lambda t, j=j: t[j : j + 1]) for j, i in enumerate(miss)})
+            groups.append(f)
+            order += miss
         if hit:
-            f = self.linker.unpack([blobs[i] for i in hit])  # type: ignore[misc]
-            parts.update({i: f.map(lambda t, j=j: t[j : j + 1]) for j, i in enumerate(hit)})
-        feats = MimicFeatures(
-            *(
-                torch.cat([getattr(parts[i], name) for i in range(len(batch))])
-                for name in ("text_cls", "text_tokens", "image_cls", "image_tokens")
-            )
-        )
+            groups.append(self.linker.unpack([blobs[i] for i in hit]))  # type: ignore[misc]
+            order += hit
+        merged = EncodedMentions.cat(groups) if len(groups) > 1 else groups[0]
+        feats = merged.select(sorted(range(len(order)), key=order.__getitem__))
         t_enc = time.perf_counter() - t0
         results, st = self.linker.link(feats, [j.params for j in batch])
         m = self.metrics.stage_seconds
         m.labels(stage="encode").observe(t_enc)
         m.labels(stage="retrieve").observe(st.retrieve)
         m.labels(stage="rerank").observe(st.rerank)
+        for reranker, secs in st.extra.items():
+            self.metrics.rerank_seconds.labels(reranker=reranker).observe(secs)
         for j in batch:
             self.metrics.mentions.labels(reranker=j.params.reranker).inc()
         times = {

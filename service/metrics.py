@@ -19,6 +19,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rerank_seconds = Histogram(
+            "mel_rerank_seconds",
+            "Reranking time of one batch's mentions that asked for this reranker",
+            ["reranker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "mel_batch_size",
             "Mentions per model batch",
@@ -45,6 +52,9 @@ class Metrics:
         )
         for s in STAGES:
             self.stage_seconds.labels(stage=s)
+        for name in ("mimic", "drin", "none"):
+            self.rerank_seconds.labels(reranker=name)
+            self.mentions.labels(reranker=name)
         for kind in ("result", "encoding"):
             for outcome in ("hit", "miss"):
                 self.cache.labels(kind=kind, outcome=outcome)

@@ -22,6 +22,12 @@ class LinkRequest(BaseModel):
         description="the sentence around the mention",
         examples=["Jordan scored 40 points for the Bulls."],
     )
+    span: tuple[int, int] | None = Field(
+        None,
+        description="[start, end) char offsets of the mention in the sentence (DRIN's mention "
+        "vertex); when absent the first case-insensitive occurrence is used",
+        examples=[[0, 6]],
+    )
     image: str | None = Field(None, description="base64 image or data:image/...;base64, URI")
     image_url: str | None = Field(
         None, description="http(s) image URL (when the server allows URL fetching; off by default)"
@@ -33,7 +39,11 @@ class LinkRequest(BaseModel):
     reranker: Reranker = Field(
         "mimic", description="mimic (default), drin or none (retrieval only)"
     )
-    explain: bool = Field(False, description="include per-unit scores (TGLU/VDLU/CMFU)")
+    explain: bool = Field(
+        False,
+        description="include why: MIMIC's per-unit scores (tglu/vdlu/cmfu), or DRIN's initial "
+        "and final edge weights (tt/ti/it/ii) per candidate",
+    )
 
 
 class BatchRequest(BaseModel):
@@ -48,7 +58,11 @@ class Candidate(BaseModel):
     score: float = Field(..., description="final score (the reranker's, or retrieval's)")
     retrieval_score: float = Field(..., description="the FAISS inner product")
     rank: int
-    explain: dict[str, float] | None = Field(None, description="per-unit scores")
+    explain: dict[str, float | dict[str, float]] | None = Field(
+        None,
+        description="mimic: {tglu, vdlu, cmfu}; drin: {edges_initial: {tt, ti, it, ii}, "
+        "edges_final: {...}}",
+    )
 
 
 class Timings(BaseModel):

@@ -16,6 +16,10 @@ class ServiceSettings(BaseSettings):
     # ---- what to serve
     model_path: str = Field("artifacts/demo-model/best", description="checkpoint folder")
     index_path: str = Field("artifacts/demo-index", description="index folder built by mel-index")
+    drin_model_path: str | None = Field(
+        None,
+        description="DRIN checkpoint folder (mel-train-drin) for reranker=drin; None = no DRIN",
+    )
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")

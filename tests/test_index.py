@@ -16,6 +16,7 @@ import index.build as build_mod
 from index.build import BuildConfig, add, build, finalize
 from index.search import IndexSearcher
 from index.store import FAISS_FILE, STORE_DIR, EntityStore, IndexMismatchError, Manifest
+from models.drin_features import entity_parts
 from models.encoders import ClipBackbone
 from models.model import LinkingModel
 from models.preprocess import entity_text
@@ -106,7 +107,8 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
         "entity.missing_field": 1,
         "entity.unreadable_image": 1,
     }
-    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4)
+    # MIMIC records (dt, d, L x d, 4 d) + DRIN parts (text 32, image 32, region 24, score 1)
+    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32 + 32 + 24 + 1)
     assert not (single / "chunks").exists()  # chunks removed after finalize
     model = LinkingModel.from_pretrained(model_dir)
     s = IndexSearcher(single, model)
@@ -139,6 +141,30 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
             ),
         )
         torch.testing.assert_close(scores.score[0], direct.score[0], rtol=0, atol=2e-2)
+        # DRIN's stored entity parts equal the direct computation (fp16 storage)
+        assert s.has_drin
+        text = model.encoder.text_features([entity_text(e["name"], e["attributes"]) for e in ents])
+        image = model.encoder.image_features(imgs)
+        want = entity_parts(
+            model.encoder.backbone, text, image, torch.tensor([im is not None for im in imgs])
+        )
+        got = s.drin_parts(np.array([rows]))
+        for f in ("text", "image", "region", "region_score"):
+            torch.testing.assert_close(getattr(got, f)[0], getattr(want, f), rtol=0, atol=5e-3)
+        assert got.region_score[0, :, 0].tolist() == [float(im is not None) for im in imgs]
+    s.close()
+
+
+def test_build_without_drin_fields(kb: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nodrin"
+    m = build(_cfg(kb, model_dir, out, drin_fields=False))
+    assert isinstance(m, Manifest)
+    assert not any(f.startswith("drin_") for f in m.store_fields)
+    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4)
+    s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir))
+    assert not s.has_drin
+    with pytest.raises(ValueError, match="without DRIN"):
+        s.drin_parts(np.array([[0]]))
     s.close()
 
 

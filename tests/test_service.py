@@ -24,6 +24,13 @@ import uvicorn
 from PIL import Image
 
 from index.build import BuildConfig, build
+from index.search import IndexSearcher
+from models.drin_features import (
+    DrinReranker,
+    DrinRerankerConfig,
+    mention_parts,
+    span_token_mask,
+)
 from models.encoders import ClipBackbone
 from models.model import LinkingModel
 from service.app import create_app
@@ -211,6 +218,10 @@ def test_batch_keeps_order_and_isolates_bad_items(server: str) -> None:
         ({"image": _b64(b"\x00" * 300_000)}, 413, "image_too_large"),
         ({"image": _b64(b"definitely not an image")}, 422, "bad_image"),
         ({"image_url": "http://example.com/a.png"}, 403, "image_url_disabled"),
+        ({"reranker": "drin"}, 422, "reranker_unavailable"),  # this server has no DRIN model
+        ({"span": [0, 99]}, 422, "bad_span"),
+        ({"span": [3, 3]}, 422, "bad_span"),
+        ({"span": [1, 2, 3]}, 422, "invalid_request"),
     ],
 )
 def test_limits_answer_clear_4xx(
@@ -466,3 +477,148 @@ def test_service_does_not_import_training_code() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# ---------------------------------------------------------------------- DRIN over HTTP
+@pytest.fixture(scope="module")
+def drin_server(artifacts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model = LinkingModel.from_pretrained(artifacts[0])
+    torch.manual_seed(11)
+    drin = DrinReranker(DrinRerankerConfig.for_backbone(model.encoder.backbone, hidden=16))
+    folder = tmp_path_factory.mktemp("drin") / "ckpt"
+    drin.save_pretrained(
+        folder, meta={"backbone_weights": model.encoder.backbone.weights_fingerprint()}
+    )
+    with serve(_settings(artifacts, drin_model_path=str(folder))) as (base, _):
+        yield base, folder
+
+
+def _direct_drin(
+    artifacts: tuple[Path, Path], folder: Path, mention: str, sentence: str, image: bytes | None
+) -> tuple[list[str], list[float]]:
+    """DRIN computed directly from the components, for the server's own candidates."""
+    model = LinkingModel.from_pretrained(artifacts[0])
+    drin = DrinReranker.from_pretrained(folder)
+    searcher = IndexSearcher(artifacts[1], model)
+    img = Image.open(io.BytesIO(image)).convert("RGB") if image else None
+    with torch.inference_mode():
+        enc = model.encoder
+        text = enc.text_features([f"{mention} [SEP] {sentence}"])
+        feats = enc.image_features([img])
+        cand = searcher.retrieve(enc.project(text, feats), 16)
+        mask = span_token_mask(enc.backbone.tokenizer, [mention], [sentence], [None])
+        m = mention_parts(enc.backbone, text, feats, mask, torch.tensor([img is not None]))
+        out = drin(m, searcher.drin_parts(cand.rows))
+    scores = out.scores[0]
+    order = torch.argsort(-scores, stable=True)
+    ids = [searcher.entity(int(cand.rows[0, j]))["id"] for j in order]
+    searcher.close()
+    return ids, scores[order].tolist()
+
+
+def test_drin_round_trip_matches_direct_computation(
+    drin_server: tuple[str, Path], artifacts: tuple[Path, Path]
+) -> None:
+    base, folder = drin_server
+    ready = httpx.get(f"{base}/readyz").json()
+    assert ready["rerankers"] == ["mimic", "drin", "none"] and ready["drin_version"]
+    for image in (_png((30, 30, 220)), None):
+        body: dict[str, Any] = {
+            "mention": "Jo Cole",
+            "sentence": "Jo Cole the chemist spoke.",
+            "reranker": "drin",
+            "top_k": 16,
+            "candidates_k": 16,
+            "explain": True,
+        }
+        if image is not None:
+            body["image"] = _b64(image)
+        r = httpx.post(f"{base}/v1/link", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["reranker"] == "drin"
+        ids, scores = _direct_drin(artifacts, folder, body["mention"], body["sentence"], image)
+        assert [c["entity_id"] for c in out["candidates"]] == ids
+        # float16 storage of the entity parts and of the cached mention parts
+        assert [c["score"] for c in out["candidates"]] == pytest.approx(scores, abs=2e-2)
+        ex = out["candidates"][0]["explain"]
+        assert set(ex) == {"edges_initial", "edges_final"}
+        assert set(ex["edges_initial"]) == set(ex["edges_final"]) == {"tt", "ti", "it", "ii"}
+        assert all(0 < v < 1 for v in ex["edges_final"].values())  # sigmoid outputs
+        if image is None:  # no mention image: the edges that start from it are 0
+            assert all(
+                c["explain"]["edges_initial"]["it"] == 0 == c["explain"]["edges_initial"]["ii"]
+                for c in out["candidates"]
+            )
+    # an explicit span equal to the found occurrence changes nothing
+    body.pop("image", None)
+    first = httpx.post(f"{base}/v1/link", json=body, timeout=30).json()["candidates"]
+    spanned = httpx.post(f"{base}/v1/link", json={**body, "span": [0, 7]}, timeout=30).json()
+    assert [c["score"] for c in spanned["candidates"]] == pytest.approx(
+        [c["score"] for c in first], abs=1e-6
+    )
+
+
+def test_drin_batch_mixes_rerankers_and_counts_metrics(drin_server: tuple[str, Path]) -> None:
+    base, _ = drin_server
+    items = [
+        {"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "reranker": "drin", "top_k": 3},
+        {"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "reranker": "mimic", "top_k": 3},
+        {"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "reranker": "drin", "span": [9]},
+        {"mention": "Jo Dunn", "sentence": "x", "reranker": "drin", "candidates_k": 1, "top_k": 1},
+    ]
+    r = httpx.post(f"{base}/v1/link/batch", json={"items": items}, timeout=30)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert res[0]["result"]["reranker"] == "drin" and res[1]["result"]["reranker"] == "mimic"
+    assert len(res[0]["result"]["candidates"]) == 3
+    assert res[2]["error"]["code"] == "invalid_request"
+    assert len(res[3]["result"]["candidates"]) == 1  # K = 1: a one-candidate graph
+    form = httpx.post(
+        f"{base}/v1/link/form",
+        data={
+            "mention": "Jo Bell",
+            "sentence": "I met Jo Bell.",
+            "reranker": "drin",
+            "span_start": "6",
+            "span_end": "13",
+        },
+        timeout=30,
+    )
+    assert form.status_code == 200, form.text
+    half = httpx.post(
+        f"{base}/v1/link/form",
+        data={"mention": "Jo Bell", "sentence": "I met Jo Bell.", "span_start": "6"},
+        timeout=30,
+    )
+    assert half.status_code == 422 and half.json()["error"]["code"] == "bad_span"
+    text = httpx.get(f"{base}/metrics").text
+    assert 'mel_rerank_seconds_count{reranker="drin"}' in text
+    assert 'mel_mentions_total{reranker="drin"}' in text
+
+
+def test_drin_model_needs_drin_fields_in_the_index(
+    artifacts: tuple[Path, Path], tiny_world: Path, tmp_path: Path, drin_server: tuple[str, Path]
+) -> None:
+    build(
+        BuildConfig(
+            kb=str(tiny_world / "kb.jsonl"),
+            model=str(artifacts[0]),
+            out=str(tmp_path / "nodrin"),
+            chunk_size=8,
+            batch_size=8,
+            workers=2,
+            progress=False,
+            device="cpu",
+            drin_fields=False,
+        )
+    )
+    settings = ServiceSettings(
+        model_path=str(artifacts[0]),
+        index_path=str(tmp_path / "nodrin"),
+        drin_model_path=str(drin_server[1]),
+        device="cpu",
+        use_faiss_gpu=False,
+    )
+    with pytest.raises(ValueError, match="no-drin"):
+        Linker(settings)
