@@ -15,16 +15,19 @@ DEMO_ENTITIES ?= 2000
 DEMO_SEED ?= 0
 DEMO_MODEL ?= $(ARTIFACTS)/demo-model
 DEMO_INDEX ?= $(ARTIFACTS)/demo-index
+DEMO_DRIN ?= $(ARTIFACTS)/demo-drin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # The demo recipe: frozen pretrained backbone, fresh MIMIC layers. The released lr 1e-5 is
 # tuned for fine-tuning CLIP end to end; fresh interaction layers need a larger step.
 DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 128
+# DRIN over the demo model's retrieved top-20 (the released lr / batch / margin; fewer epochs).
+DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 6 --patience 2
 DATA ?= ../shared/data/wikimel
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck unit test demo demo-world demo-model demo-index serve clean
+.PHONY: help install lint format typecheck unit test demo demo-world demo-model demo-drin demo-index serve clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,15 +67,24 @@ demo-model: demo-world ## Train the default model on the demo world (reused when
 	else $(VENV)/bin/mel-eval --model $(DEMO_MODEL)/best --data $(DEMO_DIR) --split test \
 		--out $(DEMO_MODEL)/test-metrics.json > /dev/null; fi
 
+demo-drin: demo-model ## Train DRIN over the demo model's retrieval (reused when present)
+	@if [ -f $(DEMO_DRIN)/best/config.json ]; then echo "demo DRIN present: $(DEMO_DRIN)/best"; \
+	else $(VENV)/bin/mel-train-drin --data $(DEMO_DIR) --model $(DEMO_MODEL)/best \
+		--out $(DEMO_DRIN) $(DEMO_DRIN_ARGS); fi
+	@if [ -f $(DEMO_DRIN)/test-metrics.json ]; then echo "test metrics: $(DEMO_DRIN)/test-metrics.json"; \
+	else $(VENV)/bin/mel-eval-drin --data $(DEMO_DIR) --model $(DEMO_MODEL)/best \
+		--drin $(DEMO_DRIN)/best --split test --candidates 100 \
+		--out $(DEMO_DRIN)/test-metrics.json > /dev/null; fi
+
 demo-index: demo-model ## Build the FAISS index + entity store of the demo world (reused)
 	$(VENV)/bin/mel-index build --kb $(DEMO_DIR)/kb.jsonl --model $(DEMO_MODEL)/best \
 		--out $(DEMO_INDEX)
 
-demo: demo-index ## The main job: world -> default model -> index -> server on $(HOST):$(PORT)
+demo: demo-index demo-drin ## The main job: world -> model (+ DRIN) -> index -> server on $(HOST):$(PORT)
 	@$(VENV)/bin/mel-demo-request --data $(DEMO_DIR) --model $(DEMO_MODEL)/best \
 		--index $(DEMO_INDEX) --out $(ARTIFACTS)/demo-request.json --port $(PORT)
 	$(VENV)/bin/mel-serve --model $(DEMO_MODEL)/best --index $(DEMO_INDEX) \
-		--host $(HOST) --port $(PORT)
+		--drin $(DEMO_DRIN)/best --host $(HOST) --port $(PORT)
 
 serve: install ## Serve MEL_MODEL_PATH / MEL_INDEX_PATH (defaults: the demo artifacts)
 	$(VENV)/bin/mel-serve --host $(HOST) --port $(PORT)

@@ -1,6 +1,7 @@
 """``mel-serve``: run the linking server (settings from MEL_* environment variables + flags).
 
-mel-serve --model artifacts/demo-model/best --index artifacts/demo-index --port 8000
+mel-serve --model artifacts/demo-model/best --index artifacts/demo-index --port 8000 \
+          --drin artifacts/demo-drin/best      # also offer reranker=drin
 MEL_REDIS_URL=redis://127.0.0.1:6379/0 MEL_API_KEYS='["s3cret"]' mel-serve
 mel-serve --print-settings        # every setting, its default and why
 """
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--model", help="checkpoint folder (MEL_MODEL_PATH)")
     p.add_argument("--index", help="index folder (MEL_INDEX_PATH)")
+    p.add_argument("--drin", help="DRIN checkpoint folder for reranker=drin (MEL_DRIN_MODEL_PATH)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
@@ -42,7 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = {k: v for k, v in (("model_path", a.model), ("index_path", a.index)) if v}
+    overrides = {
+        k: v
+        for k, v in (
+            ("model_path", a.model),
+            ("index_path", a.index),
+            ("drin_model_path", a.drin),
+        )
+        if v
+    }
     settings = ServiceSettings(**overrides)
 
     import uvicorn
