@@ -82,7 +82,8 @@ demo-index: demo-model ## Build the FAISS index + entity store of the demo world
 
 demo: demo-index demo-drin ## The main job: world -> model (+ DRIN) -> index -> server on $(HOST):$(PORT)
 	@$(VENV)/bin/mel-demo-request --data $(DEMO_DIR) --model $(DEMO_MODEL)/best \
-		--index $(DEMO_INDEX) --out $(ARTIFACTS)/demo-request.json --port $(PORT)
+		--index $(DEMO_INDEX) --out $(ARTIFACTS)/demo-request.json --port $(PORT) \
+		--drin $(DEMO_DRIN)/best
 	$(VENV)/bin/mel-serve --model $(DEMO_MODEL)/best --index $(DEMO_INDEX) \
 		--drin $(DEMO_DRIN)/best --host $(HOST) --port $(PORT)
 

@@ -1,0 +1,162 @@
+"""Rerank latency: DRIN vs MIMIC vs retrieval-only, K = 10 / 100, through the server's Linker.
+
+    python bench/drin_bench.py --model artifacts/demo-model/best --index artifacts/demo-index \\
+        --drin artifacts/demo-drin/best --out bench/results/drin.json
+
+Times ``Linker.link`` (FAISS retrieval + store reads + reranking, the request path after
+encoding) on already-encoded demo test mentions, for B = 1 and B = 32 mentions per batch and
+K = 10 / 100 candidates each. All rerankers are measured side by side in one run, rounds
+interleaved, medians reported. Also times the DRIN graph alone (no retrieval or store reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import torch
+
+from models.data.schema import load_dataset
+from models.preprocess import load_image_or_none
+from service.linker import EncodedMentions, Linker, LinkParams, MentionInput
+from service.settings import ServiceSettings
+
+RERANKERS = ("none", "mimic", "drin")
+
+
+def _median_ms(fn: Any, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="artifacts/demo-world")
+    p.add_argument("--model", default="artifacts/demo-model/best")
+    p.add_argument("--index", default="artifacts/demo-index")
+    p.add_argument("--drin", default="artifacts/demo-drin/best")
+    p.add_argument("--out", default="bench/results/drin.json")
+    p.add_argument("--reps", type=int, default=15, help="timed calls per cell and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    linker = Linker(
+        ServiceSettings(
+            model_path=a.model,
+            index_path=a.index,
+            drin_model_path=a.drin,
+            device="cpu",
+            use_faiss_gpu=False,
+        )
+    )
+    ds = load_dataset(a.data)
+    ms = [m for m in ds.split("test") if m.entity_id][:32]
+    items = [
+        MentionInput(
+            m.mention,
+            m.sentence,
+            load_image_or_none(ds.resolve(m.image)) if m.image else None,
+            span=m.span,
+        )
+        for m in ms
+    ]
+    enc = linker.encode(items)
+    linker.warmup()
+    cells: dict[tuple[str, int, int], list[float]] = {}
+    for _ in range(a.rounds):
+        for b in (1, 32):
+            feats: EncodedMentions = enc.select(range(b))
+            for k in (10, 100):
+                for r in RERANKERS:
+                    params = [LinkParams(top_k=10, candidates_k=k, reranker=r)] * b
+                    ms_ = _median_ms(lambda f=feats, p=params: linker.link(f, p), a.reps)
+                    cells.setdefault((r, b, k), []).append(ms_)
+    # the DRIN graph alone, on the same candidates (no FAISS, no store reads)
+    graph: dict[str, float] = {}
+    assert linker.drin is not None
+    for b in (1, 32):
+        feats = enc.select(range(b))
+        cand = linker.searcher.retrieve(feats.mimic, 100)
+        for k in (10, 100):
+            ents = linker.searcher.drin_parts(cand.rows[:, :k])
+            assert feats.drin is not None
+            with torch.inference_mode():
+                graph[f"B={b},K={k}"] = round(
+                    _median_ms(lambda e=ents, f=feats: linker.drin(f.drin, e), a.reps), 3
+                )
+    rows = [
+        {
+            "reranker": r,
+            "batch": b,
+            "candidates": k,
+            "median_ms": round(statistics.median(v), 3),
+            "rounds_ms": [round(x, 3) for x in v],
+            "per_mention_ms": round(statistics.median(v) / b, 3),
+        }
+        for (r, b, k), v in cells.items()
+    ]
+    drin = linker.drin.config.drin
+    res = {
+        "what": "Linker.link (retrieve + store reads + rerank) on encoded demo test mentions",
+        "machine": _machine.machine_info(threads=a.threads),
+        "drin": {
+            "hidden": drin.hidden,
+            "layers": drin.layers,
+            "text_dim": drin.text_dim,
+            "image_dim": drin.image_dim,
+        },
+        "entities": len(linker.searcher),
+        "reps": a.reps,
+        "rounds": a.rounds,
+        "rows": rows,
+        "drin_graph_only_ms": graph,
+    }
+    md = _machine.write_results(Path(a.out), res, render)
+    print(md)
+    linker.close()
+    return 0
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    d = res["drin"]
+    lines = [
+        "# Rerank latency: DRIN vs MIMIC vs retrieval only",
+        "",
+        f"{res['what']}; {res['entities']} entities; DRIN d={d['hidden']}, L={d['layers']}. "
+        f"Median of {res['rounds']} rounds x {res['reps']} calls, rerankers interleaved.",
+        f"Machine: {m['cpu']}, {m['threads']} torch threads, commit {m['commit']}, {m['date']}.",
+        "",
+        "| batch B | K | retrieval only (ms) | MIMIC (ms) | DRIN (ms) | DRIN / MIMIC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    by = {(r["reranker"], r["batch"], r["candidates"]): r["median_ms"] for r in res["rows"]}
+    for b in (1, 32):
+        for k in (10, 100):
+            none, mimic, drin = (by[(r, b, k)] for r in RERANKERS)
+            lines.append(
+                f"| {b} | {k} | {none:.2f} | {mimic:.2f} | {drin:.2f} | {drin / mimic:.2f}x |"
+            )
+    lines += [
+        "",
+        "DRIN graph alone (no retrieval, no store reads), median ms: "
+        + ", ".join(f"{k}: {v:.2f}" for k, v in res["drin_graph_only_ms"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
