@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import faiss
 import torch
 
 from models.data.schema import load_dataset
@@ -52,6 +53,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    faiss.omp_set_num_threads(a.threads)  # more threads than free cores stall every call
     linker = Linker(
         ServiceSettings(
             model_path=a.model,

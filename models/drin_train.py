@@ -309,7 +309,9 @@ def fit_alignment(drin: DrinReranker, data: DrinData, train: SplitData, ridge: f
     return n
 
 
-def train_drin(cfg: DrinTrainConfig) -> dict[str, Any]:
+def train_drin(cfg: DrinTrainConfig, data: DrinData | None = None) -> dict[str, Any]:
+    """Train DRIN; ``data`` (built for ``cfg.data`` / ``cfg.model``) may be passed to reuse it
+    for evaluation afterwards (benchmarks)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -317,10 +319,11 @@ def train_drin(cfg: DrinTrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t_start = time.perf_counter()
-    ds = load_dataset(cfg.data)
-    model = LinkingModel.from_pretrained(cfg.model)
-    feats = dataset_features(model.encoder, ds, cfg.cache_dir)
-    data = DrinData(model, ds, feats)
+    if data is None:
+        ds = load_dataset(cfg.data)
+        model = LinkingModel.from_pretrained(cfg.model)
+        data = DrinData(model, ds, dataset_features(model.encoder, ds, cfg.cache_dir))
+    model = data.model
     train = data.split("train", cfg.candidates)
     val = data.split(cfg.val_split, cfg.eval_candidates, cfg.val_limit)
     cand, gold_col = insert_gold(train.candidates, train.gold)

@@ -145,3 +145,30 @@ def test_bad_edge_shape_is_refused() -> None:
     )
     with pytest.raises(ValueError, match="edges"):
         _model().double()(bad)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_a_candidates_own_image_reaches_its_score_only_through_the_mention_means(
+    layers: int,
+) -> None:
+    """A structural property of the released graph (bipartite, scored on text vertices): e_i^j
+    and its ti / ii edges reach candidate j's score only through the means over candidates
+    into m_t / m_i, which every candidate shares. So permuting the entity-image side among
+    the candidates leaves every score unchanged, at any depth: DRIN cannot tell two same-name
+    candidates apart by their own images (the README's DRIN results discuss what this means)."""
+    torch.manual_seed(0)
+    m = DrinModel(DrinConfig(CFG.text_dim, CFG.image_dim, hidden=8, layers=layers)).double()
+    x = _inputs(3, 7, seed=4)
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    edges = x.edges.clone()
+    edges[..., 1] = x.edges[:, perm, 1]  # ti
+    edges[..., 3] = x.edges[:, perm, 3]  # ii
+    swapped = DrinInputs(
+        x.mention_text, x.mention_image, x.entity_text, x.entity_image[:, perm], edges
+    )
+    torch.testing.assert_close(m(swapped).scores, m(x).scores, atol=1e-12, rtol=0)
+    # ... while the text side does move the scores
+    text_swapped = DrinInputs(
+        x.mention_text, x.mention_image, x.entity_text[:, perm], x.entity_image, x.edges
+    )
+    assert not torch.allclose(m(text_swapped).scores, m(x).scores)
