@@ -54,7 +54,7 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.evaluate import entity_records
+from models.evaluate import candidate_ranks, entity_records
 from models.features import DatasetFeatures, FeatureTable, dataset_features
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
@@ -188,18 +188,6 @@ def insert_gold(candidates: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Ten
 
 
 # ---------------------------------------------------------------------- metrics
-def candidate_ranks(
-    scores: torch.Tensor, candidates: torch.Tensor, gold: torch.Tensor
-) -> torch.Tensor:
-    """Rank (from 1) of the gold among the candidates by score (ties: stable, the retrieval
-    order first); 0 when the gold is not a candidate (a miss)."""
-    order = torch.argsort(-scores, dim=1, stable=True)
-    ranked = candidates.gather(1, order)
-    hit = ranked == gold.unsqueeze(1)
-    pos = hit.float().argmax(dim=1) + 1
-    return torch.where(hit.any(dim=1), pos, torch.zeros_like(pos))
-
-
 def candidate_metrics(ranks: torch.Tensor, k: int) -> dict[str, float]:
     found = ranks > 0
     out = {f"Top-{h}": float(((ranks <= h) & found).float().mean()) for h in HITS if h <= k}

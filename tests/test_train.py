@@ -158,3 +158,45 @@ def test_evaluate_split_is_batch_size_invariant(tiny_world: Path, tiny_clip_dir:
     a = evaluate_split(model, ds, feats, "dev", batch_size=1)
     b = evaluate_split(model, ds, feats, "dev", batch_size=32)
     assert a["MRR"] == pytest.approx(b["MRR"], abs=1e-9) and a["MR"] == b["MR"]
+
+
+def test_retrieval_restricted_validation(
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rv"
+    summary = train(_cfg(tiny_world, tiny_clip_dir, out, epochs=2, val_candidates=4))
+    val = summary["history"][-1]["val"]
+    assert val["candidates"] == 4 and 0.0 <= val["recall@candidates"] <= 1.0
+    assert val["H@5"] == val["H@20"] == pytest.approx(val["recall@candidates"])
+    # the default stays full-KB ranking: no candidate fields
+    plain = train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "full", epochs=2))
+    assert "candidates" not in plain["history"][-1]["val"]
+    # same seed, same training: only the validation differs
+    a = LinkingModel.from_pretrained(out / "last")
+    b = LinkingModel.from_pretrained(tmp_path / "full" / "last")
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_hard_negatives_train_and_resume(
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    from models.train import mine_hard_negatives
+
+    kw: dict[str, object] = dict(hard_negatives=2, hard_negative_pool=4, val_candidates=5)
+    a = train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "a", epochs=4, **kw))
+    assert a["history"][-1]["loss"] < a["history"][0]["loss"]
+    # killed after 2 epochs and resumed: the same weights (mining is a function of the model)
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "b", epochs=2, **kw))
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "b", epochs=4, resume=True, **kw))
+    ma = LinkingModel.from_pretrained(tmp_path / "a" / "last")
+    mb = LinkingModel.from_pretrained(tmp_path / "b" / "last")
+    assert ma.fingerprint() == mb.fingerprint()
+    # mined rows: never the gold, distinct, best retrieval score first
+    ds = load_dataset(tiny_world)
+    feats = dataset_features(ma.encoder, ds, str(tmp_path / "cache"))
+    train_m = [m for m in ds.split("train") if m.entity_id]
+    gold = torch.tensor([ds.entity_row[m.entity_id] for m in train_m if m.entity_id])
+    negs = mine_hard_negatives(ma, feats, train_m, gold, pool=4)
+    assert negs.shape == (len(train_m), 4)
+    assert not (negs == gold.unsqueeze(1)).any()
+    assert all(len(set(r.tolist())) == 4 for r in negs)
