@@ -24,6 +24,8 @@ DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 
 # DRIN over the demo model's retrieved top-20 (the released lr / batch / margin; fewer epochs).
 DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 6 --patience 2
 DATA ?= ../shared/data/wikimel
+# Extra bench/wikimel.py flags, e.g. WIKIMEL_ARGS="--fresh" or "--ablations cmfu".
+WIKIMEL_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
@@ -89,6 +91,9 @@ demo: demo-index demo-drin ## The main job: world -> model (+ DRIN) -> index -> 
 
 serve: install ## Serve MEL_MODEL_PATH / MEL_INDEX_PATH (defaults: the demo artifacts)
 	$(VENV)/bin/mel-serve --host $(HOST) --port $(PORT)
+
+bench-wikimel: install ## WikiMEL end to end (DATA=path to the MELBench/WikiMEL folder): bench/results/wikimel.*
+	$(PY) bench/wikimel.py --data $(DATA) --work $(ARTIFACTS)/wikimel-bench $(WIKIMEL_ARGS)
 
 clean: ## Remove generated artifacts (keeps .venv)
 	rm -rf $(ARTIFACTS) .pytest_cache .ruff_cache .mypy_cache

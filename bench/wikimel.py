@@ -1,0 +1,969 @@
+"""WikiMEL end to end: convert, encode, train MIMIC, test, ablations, baselines, two-stage path.
+
+    make bench-wikimel DATA=../shared/data/wikimel
+    python bench/wikimel.py --data ../shared/data/wikimel --work artifacts/wikimel-bench
+    python bench/wikimel.py --render        # rewrite results/wikimel.md from the JSON
+
+Protocol (issue #7): KB = the 18,880 entities of ``qid2abs.json``; mentions from
+``Wikidata-MEL.json``; splits from ``splits.json``; the mention images where present, "no
+image" elsewhere (no entity has an image); backbone: the offline pretrained one (MiniLM +
+EfficientNet-Lite0, frozen). MIMIC is trained on train, selected on dev (retrieval-restricted
+validation, top 100), and reported on test:
+
+* full-KB ranking (every test mention against all 18,880 entities): H@1/3/5/10/20, MRR, MR;
+* the server's two-stage path: the real index job (``index.build.build``, Flat) over the KB,
+  test mentions encoded as the server does (``model.encoder.encode``), ``IndexSearcher``
+  retrieve top 100 + MIMIC rerank; a gold outside the top 100 is a miss;
+* fidelity: share of test mentions whose full-KB MIMIC top-1 is inside the FAISS top 100;
+* MIMIC ablations: w/o each unit dropped from the full model at evaluation time, and w/o
+  TGLU retrained with ``--units`` (the paper's protocol; ``--ablations`` for the others);
+* baselines on the same KB and split: exact and fuzzy name match, MiniLM zero-shot, MIMIC's
+  retrieval vector alone;
+* DRIN (models/drin_train.py) trained on this MIMIC model's retrieved candidates, reranking
+  the same retrieved top 100 next to MIMIC (:func:`stage_drin_top100`);
+* an error analysis of the full-KB MIMIC test errors.
+
+Every stage caches its result under ``<work>/stages/<name>.json`` (and its big outputs next to
+it), so a rerun resumes; the results record each stage's wall time when it ran, whether this
+run reused it, and this run's total wall time. ``--fresh`` deletes ``<work>`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import torch
+
+from models.data.converters import convert_melbench
+from models.data.schema import MelDataset, Mention, load_dataset
+from models.evaluate import (
+    candidate_metrics,
+    candidate_ranks,
+    entity_records,
+    retrieve_and_rerank,
+    score_all_units,
+)
+from models.features import DatasetFeatures, dataset_features
+from models.metrics import HITS_AT, gold_ranks, ranking_metrics
+from models.mimic import UNITS
+from models.model import LinkingModel
+from models.preprocess import load_image_or_none, mention_text
+from models.train import TrainConfig, train
+
+logger = logging.getLogger("wikimel")
+
+K = 100  # candidates retrieved by the two-stage path (the server's default)
+TOP_SAVED = 20  # full-KB top entities kept per test mention (error analysis, fidelity)
+RESULTS = Path("bench/results/wikimel.json")
+PROTOCOL = {
+    "kb": "the 18,880 entities of qid2abs.json (name from qid2ne.json, attributes text)",
+    "mentions": "Wikidata-MEL.json; splits.json sample ids (mentions <sample>-<k>)",
+    "images": "mention_images/<sample>.jpg where present, the no-image rule elsewhere; "
+    "no entity image",
+    "backbone": "MiniLM-L6 + EfficientNet-Lite0 from the installed packages, frozen",
+    "selection": f"best dev MRR, dev ranked retrieval-restricted (top {K} reranked)",
+    "full_kb": "rank of the gold among all KB entities, from 1, stable ties (models/metrics.py)",
+    "two_stage": f"index.build Flat + IndexSearcher retrieve top {K} + MIMIC rerank; a gold "
+    f"outside the top {K} is a miss (0 in MRR, rank {K + 1} in MR)",
+    "name_ties": "baselines with ties (name match, zero-shot) report expected metrics over a "
+    "random order among equal scores",
+}
+UNIT_NAMES = {"tglu": "TGLU", "vdlu": "VDLU", "cmfu": "CMFU"}
+
+
+# ---------------------------------------------------------------------------- stage machinery
+class Stages:
+    """Runs named stages once; a stage's JSON result is cached under ``<work>/stages``."""
+
+    def __init__(self, work: Path, redo: Sequence[str] = ()) -> None:
+        self.dir = work / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.redo = set(redo)
+        self.log: dict[str, dict[str, Any]] = {}
+
+    def done(self, name: str) -> bool:
+        return (self.dir / f"{name}.json").is_file() and name not in self.redo
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        path = self.dir / f"{name}.json"
+        t0 = time.perf_counter()
+        if self.done(name):
+            rec = json.loads(path.read_text())
+            self.log[name] = {
+                "seconds": rec["seconds"],
+                "reused": True,
+                "this_run_seconds": round(time.perf_counter() - t0, 2),
+            }
+            logger.info("stage %s: reused (%.0f s when it ran)", name, rec["seconds"])
+            return dict(rec["result"])
+        logger.info("stage %s: running", name)
+        result = fn()
+        secs = round(time.perf_counter() - t0, 2)
+        rec = {
+            "result": result,
+            "seconds": secs,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        path.write_text(json.dumps(rec, indent=1))
+        self.log[name] = {"seconds": secs, "reused": False, "this_run_seconds": secs}
+        logger.info("stage %s: %.1f s", name, secs)
+        return result
+
+
+# ---------------------------------------------------------------------------- name matching
+_PAREN = re.compile(r"\s*\([^)]*\)\s*$")
+
+
+def norm_name(s: str) -> str:
+    """casefold, accents stripped, a trailing "(qualifier)" dropped, whitespace collapsed."""
+    s = _PAREN.sub("", s)
+    s = unicodedata.normalize("NFKD", s)
+    s = "".join(c for c in s if not unicodedata.combining(c))
+    return " ".join(s.casefold().split())
+
+
+def name_tokens(s: str) -> list[str]:
+    return re.findall(r"\w+", norm_name(s))
+
+
+def char_ngrams(s: str, n: int = 3) -> list[str]:
+    t = f" {norm_name(s)} "
+    return [t[i : i + n] for i in range(max(1, len(t) - n + 1))]
+
+
+def _binary_sparse(items: Sequence[Sequence[str]], vocab: dict[str, int]) -> torch.Tensor:
+    """(len(items), len(vocab)) binary sparse COO matrix; unknown features are dropped."""
+    rows, cols = [], []
+    for i, feats in enumerate(items):
+        for j in sorted({vocab[f] for f in feats if f in vocab}):
+            rows.append(i)
+            cols.append(j)
+    idx = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+    return torch.sparse_coo_tensor(
+        idx, torch.ones(idx.shape[1]), (len(items), len(vocab)), check_invariants=False
+    ).coalesce()
+
+
+def overlap_scores(
+    mention_feats: Sequence[Sequence[str]],
+    entity_feats: Sequence[Sequence[str]],
+    kind: str,
+) -> Callable[[int, int], torch.Tensor]:
+    """Similarity of feature sets: ``jaccard`` = |A & B| / |A | B|, ``cosine`` = |A & B| /
+    sqrt(|A| |B|) (sets, so binary vectors). Returns score(start, end) -> (end - start, N)."""
+    vocab: dict[str, int] = {}
+    for feats in entity_feats:
+        for f in feats:
+            vocab.setdefault(f, len(vocab))
+    ent = _binary_sparse(entity_feats, vocab)  # (N, V)
+    ent_size = torch.tensor([len(set(f)) for f in entity_feats], dtype=torch.float32)
+    men_size = torch.tensor([len(set(f)) for f in mention_feats], dtype=torch.float32)
+
+    def score(s: int, e: int) -> torch.Tensor:
+        m = _binary_sparse(mention_feats[s:e], vocab).to_dense()  # (b, V)
+        inter = torch.sparse.mm(ent, m.t()).t()  # (b, N)
+        ms = men_size[s:e].unsqueeze(1)
+        if kind == "jaccard":
+            return inter / (ms + ent_size.unsqueeze(0) - inter).clamp_min(1)
+        return inter / (ms * ent_size.unsqueeze(0)).sqrt().clamp_min(1e-9)
+
+    return score
+
+
+def expected_tie_metrics(higher: torch.Tensor, tied: torch.Tensor) -> dict[str, float]:
+    """Metrics in expectation over a random order among equal scores.
+
+    ``higher``: entities scored strictly above the gold; ``tied``: OTHER entities scored equal.
+    The gold's rank is uniform on higher + 1 .. higher + tied + 1.
+    """
+    h = higher.double()
+    t = tied.double() + 1
+    n = int((higher + tied).max()) + 2
+    harmonic = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), (1 / torch.arange(1, n + 1)).double().cumsum(0)]
+    )
+    out = {f"H@{k}": float(((k - h).clamp(0).clamp_max(t) / t).mean()) for k in HITS_AT}
+    out["MRR"] = float(((harmonic[(h + t).long()] - harmonic[h.long()]) / t).mean())
+    out["MR"] = float((h + (t + 1) / 2).mean())
+    out["count"] = float(len(h))
+    return out
+
+
+def rank_by_score(
+    score: Callable[[int, int], torch.Tensor], gold: torch.Tensor, chunk: int = 256
+) -> dict[str, float]:
+    """Expected-rank metrics of a (mentions, N) score function against the gold rows."""
+    higher = torch.empty(len(gold), dtype=torch.long)
+    tied = torch.empty(len(gold), dtype=torch.long)
+    for s in range(0, len(gold), chunk):
+        sc = score(s, min(len(gold), s + chunk))
+        g = sc.gather(1, gold[s : s + chunk].unsqueeze(1))
+        higher[s : s + chunk] = (sc > g).sum(1)
+        tied[s : s + chunk] = (sc == g).sum(1) - 1
+    return expected_tie_metrics(higher, tied)
+
+
+# ---------------------------------------------------------------------------- helpers
+def gold_rows(ds: MelDataset, mentions: Sequence[Mention]) -> torch.Tensor:
+    return torch.tensor([ds.entity_row[m.entity_id] for m in mentions if m.entity_id])
+
+
+def test_mentions(ds: MelDataset) -> list[Mention]:
+    return [m for m in ds.split("test") if m.entity_id is not None]
+
+
+def train_config(a: argparse.Namespace, data: Path, out: Path, units: Sequence[str]) -> TrainConfig:
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        units=tuple(units),
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        val_every=1,
+        patience=a.patience,
+        seed=a.seed,
+        val_candidates=a.val_candidates,
+        hard_negatives=a.hard_negatives,
+        hard_negative_pool=a.hard_negative_pool,
+        cache_dir=str(a.work / "cache"),
+        resume=True,
+        progress=False,
+    )
+
+
+def train_summary(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    best = LinkingModel.from_pretrained(folder / "best")
+    return {
+        "model": str(folder / "best"),
+        "fingerprint": best.fingerprint(),
+        "units": list(best.config.mimic.units),
+        "best_epoch": best.meta.get("epoch"),
+        "best_dev": best.meta.get("val"),
+        "epochs_run": summary["epochs_run"],
+        "stopped_early": summary["stopped_early"],
+        "train_seconds": summary["seconds"],
+        "history": [
+            {
+                "epoch": h["epoch"],
+                "loss": round(h["loss"], 4),
+                "seconds": h["seconds"],
+                **({"dev_H@1": h["val"]["H@1"], "dev_MRR": h["val"]["MRR"]} if "val" in h else {}),
+            }
+            for h in summary["history"]
+        ],
+    }
+
+
+@torch.inference_mode()
+def full_kb_test(
+    model: LinkingModel,
+    ds: MelDataset,
+    feats: DatasetFeatures,
+    save: Path | None,
+    prior_weight: float | None = None,
+) -> dict[str, Any]:
+    """Full-KB test ranking with every unit's scores: metrics of the model, of each
+    evaluation-time unit drop, of MIMIC + ``prior_weight`` x the name prior (when given), and
+    (``save``) ranks + top entities for later stages."""
+    men = test_mentions(ds)
+    gold = gold_rows(ds, men)
+    prior = name_prior(ds, men) if prior_weight is not None else None
+    prior_ranks = torch.empty(len(men), dtype=torch.long)
+    rows = feats.mention_rows(men)
+    records = entity_records(model, feats.entities)
+    units = model.config.mimic.units
+    drops = [tuple(u for u in units if u != d) for d in units] if len(units) > 1 else []
+    ranks = torch.empty(len(men), dtype=torch.long)
+    drop_ranks = {d: torch.empty(len(men), dtype=torch.long) for d in drops}
+    top = torch.empty(len(men), min(TOP_SAVED, len(ds.entities)), dtype=torch.long)
+    t0 = time.perf_counter()
+    for s in range(0, len(men), 256):
+        sc = score_all_units(model, records, feats.mentions, rows[s : s + 256], desc="test")
+        g = gold[s : s + 256]
+        ranks[s : s + 256] = gold_ranks(sc.score, g)
+        top[s : s + 256] = sc.score.topk(top.shape[1], dim=1).indices
+        for d in drops:
+            combined = sum(getattr(sc, u) for u in d) / len(d)
+            assert isinstance(combined, torch.Tensor)
+            drop_ranks[d][s : s + 256] = gold_ranks(combined, g)
+        if prior is not None and prior_weight is not None:
+            hybrid = sc.score + prior_weight * prior(s, min(len(men), s + 256))
+            prior_ranks[s : s + 256] = gold_ranks(hybrid, g)
+        logger.info("full-KB test: %d / %d mentions", min(len(men), s + 256), len(men))
+    secs = time.perf_counter() - t0
+    if save is not None:
+        torch.save({"ranks": ranks, "top": top, "gold": gold}, save)
+    n_pairs = len(men) * len(ds.entities)
+    return {
+        "test": ranking_metrics(ranks),
+        "drops": [
+            {
+                "dropped": [u for u in units if u not in d],
+                "units": list(d),
+                "test": ranking_metrics(drop_ranks[d]),
+            }
+            for d in drops
+        ],
+        **(
+            {"with_name_prior": {"weight": prior_weight, "test": ranking_metrics(prior_ranks)}}
+            if prior is not None
+            else {}
+        ),
+        "scoring_seconds": round(secs, 1),
+        "pairs_per_s": round(n_pairs / secs),
+    }
+
+
+def name_prior(ds: MelDataset, mentions: Sequence[Mention]) -> Callable[[int, int], torch.Tensor]:
+    """The character-trigram cosine of mention and entity name (the fuzzy baseline)."""
+    return overlap_scores(
+        [char_ngrams(m.mention) for m in mentions],
+        [char_ngrams(e.name) for e in ds.entities],
+        "cosine",
+    )
+
+
+PRIOR_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+
+
+@torch.inference_mode()
+def stage_name_prior_dev(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Analysis, not the server: the weight w of MIMIC + w x name prior (trigram cosine)
+    chosen on dev (top 100 by the retrieval vector, reranked), for one test row."""
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.from_pretrained(folder / "best")
+    feats = dataset_features(model.encoder, ds, a.work / "cache")
+    men = [m for m in ds.split("dev") if m.entity_id is not None]
+    gold = gold_rows(ds, men)
+    records = entity_records(model, feats.entities)
+    cand, mimic = retrieve_and_rerank(model, records, feats.mentions, feats.mention_rows(men), K)
+    prior = name_prior(ds, men)
+    p = torch.cat([prior(s, min(len(men), s + 256)) for s in range(0, len(men), 256)])
+    p = p.gather(1, cand)
+    grid = []
+    for w in PRIOR_GRID:
+        m = candidate_metrics(candidate_ranks(mimic + w * p, cand, gold), K)
+        grid.append({"weight": w, "dev_H@1": m["H@1"], "dev_MRR": m["MRR"]})
+    best = max(grid, key=lambda r: (r["dev_MRR"], -r["weight"]))
+    return {"weight": best["weight"], "grid": grid}
+
+
+# ---------------------------------------------------------------------------- stages
+def stage_convert(a: argparse.Namespace) -> dict[str, Any]:
+    report = convert_melbench(Path(a.data), a.work / "data")
+    return {"source": str(a.data), "report": report.to_json()}
+
+
+def stage_features(a: argparse.Namespace) -> dict[str, Any]:
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.default(a.seed)
+    feats = dataset_features(model.encoder, ds, a.work / "cache")
+    return {
+        "dataset": ds.summary(),
+        "backbone": model.encoder.backbone.weights_fingerprint(),
+        "entity_rows": len(feats.entities),
+        "mention_rows": len(feats.mentions),
+        "image_table_rows": int(feats.mentions.image_global.shape[0]),
+    }
+
+
+def stage_train(a: argparse.Namespace, units: Sequence[str], folder: Path) -> dict[str, Any]:
+    summary = train(train_config(a, a.work / "data", folder, units))
+    return train_summary(summary, folder)
+
+
+def stage_test(
+    a: argparse.Namespace, folder: Path, save: Path | None, prior_weight: float | None = None
+) -> dict[str, Any]:
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.from_pretrained(folder / "best")
+    feats = dataset_features(model.encoder, ds, a.work / "cache")
+    return full_kb_test(model, ds, feats, save, prior_weight)
+
+
+def stage_name_baselines(a: argparse.Namespace) -> dict[str, Any]:
+    ds = load_dataset(a.work / "data")
+    men = test_mentions(ds)
+    gold = gold_rows(ds, men)
+    names = [e.name for e in ds.entities]
+    # exact: normalised mention == normalised entity name (1 / 0), ties in expectation
+    exact_ids: dict[str, int] = {}
+    ent_key = torch.tensor([exact_ids.setdefault(norm_name(n), len(exact_ids)) for n in names])
+    men_key = torch.tensor([exact_ids.get(norm_name(m.mention), -1) for m in men])
+
+    def exact(s: int, e: int) -> torch.Tensor:
+        return (men_key[s:e].unsqueeze(1) == ent_key.unsqueeze(0)).float()
+
+    tok = overlap_scores(
+        [name_tokens(m.mention) for m in men], [name_tokens(n) for n in names], "jaccard"
+    )
+    tri = overlap_scores(
+        [char_ngrams(m.mention) for m in men], [char_ngrams(n) for n in names], "cosine"
+    )
+    out = {}
+    for key, fn in (("exact", exact), ("token_jaccard", tok), ("char3_cosine", tri)):
+        t0 = time.perf_counter()
+        out[key] = {"test": rank_by_score(fn, gold), "seconds": round(time.perf_counter() - t0, 1)}
+        logger.info("%s: H@1 %.2f", key, 100 * out[key]["test"]["H@1"])
+    return out
+
+
+@torch.inference_mode()
+def stage_minilm_zero_shot(a: argparse.Namespace) -> dict[str, Any]:
+    """MiniLM sentence embeddings, no training: cosine of mention vs name (encoded here), and
+    of the two MIMIC templates (the cached backbone ``text_global`` features)."""
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.default(a.seed)
+    feats = dataset_features(model.encoder, ds, a.work / "cache")
+    men = test_mentions(ds)
+    gold = gold_rows(ds, men)
+    rows = feats.mention_rows(men)
+    tmpl_m = feats.mentions.text_global[rows].float()
+    tmpl_e = feats.entities.text_global.float()
+
+    def encode(texts: Sequence[str]) -> torch.Tensor:
+        parts = []
+        for s in range(0, len(texts), 64):
+            parts.append(model.encoder.text_features(list(texts[s : s + 64])).global_.float())
+        return torch.cat(parts)
+
+    t0 = time.perf_counter()
+    name_e = encode([e.name for e in ds.entities])
+    name_m = encode([m.mention for m in men])
+    enc_secs = time.perf_counter() - t0
+    return {
+        "mention_vs_name": {
+            "test": rank_by_score(lambda s, e: name_m[s:e] @ name_e.t(), gold),
+            "encode_seconds": round(enc_secs, 1),
+        },
+        "templates": {"test": rank_by_score(lambda s, e: tmpl_m[s:e] @ tmpl_e.t(), gold)},
+    }
+
+
+@torch.inference_mode()
+def stage_retrieval_only(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Rank the whole KB by the trained model's retrieval vector alone (what FAISS sees)."""
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.from_pretrained(folder / "best")
+    feats = dataset_features(model.encoder, ds, a.work / "cache")
+    men = test_mentions(ds)
+    gold = gold_rows(ds, men)
+    rows = feats.mention_rows(men)
+    keys = model.matcher.retrieval_keys(entity_records(model, feats.entities))
+    text, image = feats.mentions.gather(rows, feats.mentions.first_image_rows(rows))
+    q = model.matcher.retrieval_queries(model.encoder.project(text, image))
+    ranks = torch.cat(
+        [gold_ranks(q[s : s + 256] @ keys.t(), gold[s : s + 256]) for s in range(0, len(men), 256)]
+    )
+    return {"test": ranking_metrics(ranks), "recall@100": float((ranks <= K).double().mean())}
+
+
+def stage_index(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    from index.build import BuildConfig, build
+
+    manifest = build(
+        BuildConfig(
+            kb=str(a.work / "data" / "kb.jsonl"),
+            model=str(folder / "best"),
+            out=str(a.work / "index"),
+            factory="Flat",
+            progress=False,
+        )
+    )
+    assert not isinstance(manifest, dict)
+    return {
+        "folder": str(a.work / "index"),
+        "factory": manifest.factory,
+        "entities": manifest.entity_count,
+        "build_seconds": manifest.build_seconds,
+        "store_bytes_per_entity": manifest.store_bytes_per_entity,
+    }
+
+
+@torch.inference_mode()
+def stage_two_stage(a: argparse.Namespace, folder: Path, full: Path) -> dict[str, Any]:
+    """The server's path: encode the mention (``model.encoder.encode``), FAISS top 100
+    (``IndexSearcher.retrieve``), MIMIC rerank of the stored records (``.rerank``)."""
+    from index.search import IndexSearcher
+
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.from_pretrained(folder / "best")
+    searcher = IndexSearcher(a.work / "index", model)
+    try:
+        ids = [searcher.entity(r)["id"] for r in range(len(searcher))]
+        if ids != [e.id for e in ds.entities]:
+            raise SystemExit("index rows are not the dataset's KB rows")
+        men = test_mentions(ds)
+        gold = gold_rows(ds, men)
+        k = min(K, len(searcher))
+        cand_rows = torch.empty(len(men), k, dtype=torch.long)
+        scores = torch.empty(len(men), k)
+        t_enc = t_ret = t_rr = 0.0
+        for s in range(0, len(men), 32):
+            batch = men[s : s + 32]
+            t0 = time.perf_counter()
+            feats = model.encoder.encode(
+                [mention_text(m.mention, m.sentence) for m in batch],
+                [load_image_or_none(ds.resolve(m.image)) if m.image else None for m in batch],
+            )
+            t1 = time.perf_counter()
+            cand = searcher.retrieve(feats, k)
+            t2 = time.perf_counter()
+            sc = searcher.rerank(feats, cand).score
+            t3 = time.perf_counter()
+            t_enc, t_ret, t_rr = t_enc + t1 - t0, t_ret + t2 - t1, t_rr + t3 - t2
+            cand_rows[s : s + len(batch)] = torch.from_numpy(cand.rows)
+            scores[s : s + len(batch)] = sc
+        # positions beyond a candidate list FAISS could not fill (-1) never hold the gold
+        ranks = candidate_ranks(scores, cand_rows, gold)
+        top1 = torch.load(full)["top"][:, 0]
+        fidelity = (cand_rows == top1.unsqueeze(1)).any(1)
+        return {
+            "test": candidate_metrics(ranks, k),
+            "fidelity": float(fidelity.double().mean()),
+            "fidelity_misses": int((~fidelity).sum()),
+            "same_top1_as_full_kb": float(
+                (cand_rows.gather(1, scores.argmax(1, keepdim=True)).squeeze(1) == top1)
+                .double()
+                .mean()
+            ),
+            "seconds": {
+                "encode": round(t_enc, 1),
+                "retrieve": round(t_ret, 1),
+                "rerank": round(t_rr, 1),
+            },
+        }
+    finally:
+        searcher.close()
+
+
+def stage_drin_top100(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """DRIN trained on this MIMIC model's retrieved candidates (hard negatives, gold inserted
+    in training only), then reranking every test mention's retrieved top 100 next to MIMIC on
+    the same lists (models/drin_train.py)."""
+    from models.drin_features import DrinReranker
+    from models.drin_train import DrinData, DrinTrainConfig, evaluate_drin, train_drin
+
+    data_dir = a.work / "data"
+    ds = load_dataset(data_dir)
+    model = LinkingModel.from_pretrained(folder / "best")
+    data = DrinData(model, ds, dataset_features(model.encoder, ds, a.work / "cache"))
+    out = a.work / "drin"
+    cfg = DrinTrainConfig(
+        data=str(data_dir),
+        model=str(folder / "best"),
+        out=str(out),
+        candidates=a.drin_candidates,
+        eval_candidates=K,
+        epochs=a.drin_epochs,
+        patience=a.drin_epochs,
+        seed=a.seed,
+        val_limit=a.drin_val_limit,
+        cache_dir=str(a.work / "cache"),
+        progress=False,
+    )
+    t0 = time.perf_counter()
+    summary = train_drin(cfg, data=data)
+    train_secs = time.perf_counter() - t0
+    drin = DrinReranker.from_pretrained(out / "best")
+    res = evaluate_drin(drin, data, data.split("test", K))
+    return {
+        "test": res["drin"],
+        "mimic_same_candidates": res["mimic"],
+        "retrieval_same_candidates": res["retrieval"],
+        "mean_edges_initial": res["mean_edges_initial"],
+        "mean_edges_final": res["mean_edges_final"],
+        "train": {
+            **{k: v for k, v in summary.items() if k != "history"},
+            "best_epoch": drin.meta.get("epoch"),
+            "config": {
+                "candidates": cfg.candidates,
+                "epochs": cfg.epochs,
+                "val_limit": cfg.val_limit,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "hidden": cfg.hidden,
+                "layers": cfg.layers,
+                "margin": cfg.margin,
+            },
+            "seconds": round(train_secs, 1),
+        },
+        "rerank_seconds": res["drin_seconds"],
+    }
+
+
+@torch.inference_mode()
+def stage_drin_test(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """The trained DRIN (``<work>/drin/best``) on every test mention's retrieved top 100, in
+    this table's metrics (H@k, MRR, MR with misses), next to MIMIC on the same lists."""
+    from models.drin_features import DrinReranker
+    from models.drin_train import DrinData, drin_scores, mimic_scores
+
+    ds = load_dataset(a.work / "data")
+    model = LinkingModel.from_pretrained(folder / "best")
+    data = DrinData(model, ds, dataset_features(model.encoder, ds, a.work / "cache"))
+    drin = DrinReranker.from_pretrained(a.work / "drin" / "best")
+    split = data.split("test", K)
+    t0 = time.perf_counter()
+    scores = drin_scores(drin, data, split)[0]
+    secs = time.perf_counter() - t0
+    out = {
+        name: candidate_metrics(candidate_ranks(sc, split.candidates, split.gold), K)
+        for name, sc in (
+            ("test", scores),
+            ("mimic_same_candidates", mimic_scores(data, split)),
+            ("retrieval_same_candidates", split.retrieval),
+        )
+    }
+    return {**out, "drin_rerank_seconds": round(secs, 1), "mentions": len(split)}
+
+
+# ---------------------------------------------------------------------------- error analysis
+ERROR_CATEGORIES = {
+    "mention_not_in_sentence": "the mention string does not occur in the sentence",
+    "no_name_overlap": "the mention shares no word with the gold's name (alias, nickname, "
+    "transliteration, title)",
+    "top1_other_person_in_sentence": "the gold's name holds every mention word, the top-1's "
+    "does not, and the top-1's name shares a word with the sentence: another entity named in "
+    "the same sentence",
+    "top1_ignores_mention": "the gold's name holds every mention word, the top-1's does not "
+    "(and the top-1 is not named in the sentence)",
+    "namesake_partial_name": "the mention is a strict part of the gold's name (e.g. surname "
+    "only) and the top-1's name holds it too: a namesake",
+    "namesake_same_name": "the top-1's name holds every mention word and equals the gold's "
+    "name (qualifier in parentheses aside), or the mention is the gold's full name",
+    "gold_name_shared": "the gold's name is shared by other KB entities",
+    "not_in_top100": "gold ranked below 100 in the full KB",
+}
+PRIMARY_ORDER = (
+    "mention_not_in_sentence",
+    "no_name_overlap",
+    "top1_other_person_in_sentence",
+    "top1_ignores_mention",
+    "namesake_partial_name",
+    "namesake_same_name",
+)
+
+
+def error_analysis(ds: MelDataset, full: Path, examples: int = 3) -> dict[str, Any]:
+    saved = torch.load(full)
+    ranks, top, gold = saved["ranks"], saved["top"], saved["gold"]
+    men = test_mentions(ds)
+    name_count = Counter(norm_name(e.name) for e in ds.entities)
+    flags_count: Counter[str] = Counter()
+    primary_count: Counter[str] = Counter()
+    shown: dict[str, list[dict[str, Any]]] = {k: [] for k in ERROR_CATEGORIES}
+    shown["other"] = []
+    errors = 0
+    for i, m in enumerate(men):
+        if int(ranks[i]) == 1:
+            continue
+        errors += 1
+        g = ds.entities[int(gold[i])]
+        p = ds.entities[int(top[i, 0])]
+        mt, gt, pt = set(name_tokens(m.mention)), set(name_tokens(g.name)), set(name_tokens(p.name))
+        rest = set(name_tokens(m.sentence)) - mt
+        gold_has, top_has = bool(mt) and mt <= gt, bool(mt) and mt <= pt
+        flags = {
+            "mention_not_in_sentence": m.span is None,
+            "no_name_overlap": not (mt & gt),
+            "top1_other_person_in_sentence": gold_has and not top_has and bool((pt - mt) & rest),
+            "top1_ignores_mention": gold_has and not top_has and not ((pt - mt) & rest),
+            "namesake_partial_name": gold_has and top_has and mt < gt,
+            "namesake_same_name": (gold_has and top_has and mt == gt)
+            or norm_name(p.name) == norm_name(g.name),
+            "gold_name_shared": name_count[norm_name(g.name)] > 1,
+            "not_in_top100": int(ranks[i]) > K,
+        }
+        for k, v in flags.items():
+            flags_count[k] += bool(v)
+        primary = next((k for k in PRIMARY_ORDER if flags[k]), "other")
+        primary_count[primary] += 1
+        if len(shown[primary]) < examples:
+            shown[primary].append(
+                {
+                    "mention": m.mention,
+                    "sentence": m.sentence,
+                    "gold": f"{g.id} {g.name}",
+                    "gold_attributes": g.attributes[:120],
+                    "top1": f"{p.id} {p.name}",
+                    "top1_attributes": p.attributes[:120],
+                    "gold_rank": int(ranks[i]),
+                }
+            )
+    return {
+        "test_mentions": len(men),
+        "errors": errors,
+        "definitions": ERROR_CATEGORIES,
+        "flag_counts": {k: flags_count[k] for k in ERROR_CATEGORIES},
+        "primary_order": list(PRIMARY_ORDER),
+        "primary_counts": {k: primary_count[k] for k in (*PRIMARY_ORDER, "other")},
+        "examples": {k: v for k, v in shown.items() if v},
+    }
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default="../shared/data/wikimel", help="MELBench/WikiMEL folder")
+    p.add_argument("--work", type=Path, default=Path("artifacts/wikimel-bench"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--seed", type=int, default=43)
+    p.add_argument("--val-candidates", type=int, default=K, help="dev validation: top K reranked")
+    p.add_argument("--hard-negatives", type=int, default=8, help="see mel-train (0 = released)")
+    p.add_argument("--hard-negative-pool", type=int, default=32)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, = cores)")
+    p.add_argument("--drin-candidates", type=int, default=16, help="DRIN training list size")
+    p.add_argument("--drin-epochs", type=int, default=2)
+    p.add_argument(
+        "--drin-val-limit", type=int, default=1000, help="dev mentions DRIN selects its epoch on"
+    )
+    p.add_argument(
+        "--ablations",
+        nargs="*",
+        # TGLU only by default: VDLU sees "no image" for all but 69 mentions here and CMFU's
+        # retraining adds ~16 min; all three are also dropped from the full model at eval time.
+        default=["tglu"],
+        choices=UNITS,
+        help="units to retrain the model without (default: each); none = eval-time drops only",
+    )
+    p.add_argument("--redo", nargs="*", default=[], help="stages to run again though cached")
+    p.add_argument("--fresh", action="store_true", help="delete --work first")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from --out")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    a = build_parser().parse_args(argv)
+    if a.render:
+        print(_machine.write_results(a.out, json.loads(a.out.read_text()), render))
+        return 0
+    if a.fresh:
+        shutil.rmtree(a.work, ignore_errors=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t_run = time.perf_counter()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    st = Stages(a.work, a.redo)
+    mimic = a.work / "mimic"
+    full = a.work / "mimic-test-full.pt"
+    res: dict[str, Any] = {"protocol": PROTOCOL}
+    res["convert"] = st.run("convert", lambda: stage_convert(a))
+    res["features"] = st.run("features", lambda: stage_features(a))
+    res["train"] = st.run("train", lambda: stage_train(a, UNITS, mimic))
+    if not full.is_file():
+        st.redo.add("test_full")
+    res["name_prior_dev"] = st.run("name_prior_dev", lambda: stage_name_prior_dev(a, mimic))
+    w = res["name_prior_dev"]["weight"]
+    res["test_full"] = st.run("test_full", lambda: stage_test(a, mimic, full, w))
+    res["ablations"] = {}
+    for u in a.ablations:
+        keep = tuple(x for x in UNITS if x != u)
+        folder = a.work / f"mimic-wo-{u}"
+        tr = st.run(f"train_wo_{u}", lambda keep=keep, folder=folder: stage_train(a, keep, folder))
+        te = st.run(f"test_wo_{u}", lambda folder=folder: stage_test(a, folder, None))
+        res["ablations"][u] = {"train": tr, "test": te["test"], "units": list(keep)}
+    res["baselines"] = {
+        "names": st.run("name_baselines", lambda: stage_name_baselines(a)),
+        "minilm": st.run("minilm_zero_shot", lambda: stage_minilm_zero_shot(a)),
+        "retrieval_vector": st.run("retrieval_only", lambda: stage_retrieval_only(a, mimic)),
+    }
+    res["index"] = st.run("index", lambda: stage_index(a, mimic))
+    res["two_stage"] = st.run("two_stage", lambda: stage_two_stage(a, mimic, full))
+    drin_train = st.run("drin_top100", lambda: stage_drin_top100(a, mimic))
+    drin_test = st.run("drin_test", lambda: stage_drin_test(a, mimic))
+    res["drin"] = {**drin_train, "paper_columns": drin_train["test"], **drin_test}
+    res["errors"] = st.run("errors", lambda: error_analysis(load_dataset(a.work / "data"), full))
+    res["stages"] = st.log
+    res["wall_seconds"] = round(time.perf_counter() - t_run, 1)
+    # every invocation on this work folder, so a resumed run still shows the first one
+    runs_file = a.work / "runs.json"
+    runs = json.loads(runs_file.read_text()) if runs_file.is_file() else []
+    runs.append(
+        {
+            "started": started,
+            "wall_seconds": res["wall_seconds"],
+            "ran": [k for k, v in st.log.items() if not v["reused"]],
+        }
+    )
+    runs_file.write_text(json.dumps(runs, indent=1))
+    res["runs"] = runs
+    res["stage_seconds_total"] = round(sum(s["seconds"] for s in st.log.values()), 1)
+    res["config"] = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(a).items()
+        if k not in ("render", "fresh", "redo", "out")
+    }
+    res["machine"] = _machine.machine_info(
+        ("torch", "faiss"), torch_threads=torch.get_num_threads()
+    )
+    print(_machine.write_results(a.out, res, render))
+    return 0
+
+
+# ---------------------------------------------------------------------------- rendering
+def _row(label: str, m: dict[str, Any], note: str = "") -> str:
+    hits = " | ".join(f"{100 * m[f'H@{k}']:.2f}" for k in HITS_AT)
+    return f"| {label} | {hits} | {100 * m['MRR']:.2f} | {m['MR']:.1f} | {note} |"
+
+
+def render(res: dict[str, Any]) -> str:
+    ds = res["features"]["dataset"]
+    tr = res["train"]
+    full = res["test_full"]
+    ts = res["two_stage"]
+    lines = [
+        f"WikiMEL test split ({int(full['test']['count']):,} mentions), KB = "
+        f"{ds['entities']:,} entities (qid2abs.json), {ds['mentions_with_image']} mentions with "
+        "an image, no entity image. Backbone: MiniLM-L6 + EfficientNet-Lite0, frozen. "
+        "Not comparable with the papers' 109,976-entity KB (CLIP, entity images).",
+        "",
+        "| method | H@1 | H@3 | H@5 | H@10 | H@20 | MRR | MR | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        _row("**MIMIC, full-KB ranking**", full["test"], f"best dev epoch {tr['best_epoch']}"),
+        _row(
+            "MIMIC, two-stage (FAISS Flat top 100 + rerank, the server's path)",
+            ts["test"],
+            f"gold in top 100: {100 * ts['test']['recall@candidates']:.2f}%; miss = rank > 100",
+        ),
+    ]
+    hyb = full.get("with_name_prior")
+    if hyb is not None:
+        lines.append(
+            _row(
+                "analysis: MIMIC + w x name prior (trigram cosine), full KB",
+                hyb["test"],
+                f"w = {hyb['weight']:g} chosen on dev; not the server's score",
+            )
+        )
+    for u, ab in res.get("ablations", {}).items():
+        lines.append(
+            _row(
+                f"MIMIC w/o {UNIT_NAMES[u]} (retrained with --units)",
+                ab["test"],
+                f"best dev epoch {ab['train']['best_epoch']}",
+            )
+        )
+    for d in full["drops"]:
+        names = "+".join(UNIT_NAMES[u] for u in d["dropped"])
+        lines.append(_row(f"MIMIC w/o {names} (dropped at evaluation)", d["test"]))
+    b = res["baselines"]
+    lines += [
+        _row(
+            "retrieval vector only (trained MIMIC, exact inner product)",
+            b["retrieval_vector"]["test"],
+        ),
+        _row(
+            "MiniLM zero-shot, mention vs name",
+            b["minilm"]["mention_vs_name"]["test"],
+            "ties: expected rank",
+        ),
+        _row("MiniLM zero-shot, MIMIC templates", b["minilm"]["templates"]["test"]),
+        _row("exact name match", b["names"]["exact"]["test"], "ties: expected rank"),
+        _row(
+            "fuzzy: word-token Jaccard", b["names"]["token_jaccard"]["test"], "ties: expected rank"
+        ),
+        _row(
+            "fuzzy: character-trigram cosine",
+            b["names"]["char3_cosine"]["test"],
+            "ties: expected rank",
+        ),
+    ]
+    drin = res.get("drin", {})
+    if "test" in drin:
+        lines.append(_row("DRIN over the retrieved top 100", drin["test"]))
+    else:
+        lines.append(
+            f"| DRIN over the retrieved top 100 | skipped: {drin.get('skipped', '')} |" + " |" * 8
+        )
+    mach = res["machine"]
+    lines += [
+        "",
+        f"Two-stage fidelity: **{100 * ts['fidelity']:.2f}%** of test mentions have their "
+        f"full-KB MIMIC top-1 inside the FAISS top 100 ({ts['fidelity_misses']} outside); "
+        f"the two-stage top-1 equals the full-KB top-1 for {100 * ts['same_top1_as_full_kb']:.2f}%.",
+        "",
+        "Training: " + _train_line(tr),
+        "",
+        "Stage wall times (s): "
+        + ", ".join(
+            f"{k} {v['seconds']:.0f}" + (" (reused)" if v["reused"] else "")
+            for k, v in res["stages"].items()
+        )
+        + f". This run: {res['wall_seconds'] / 60:.1f} min wall; stages as computed: "
+        f"{res['stage_seconds_total'] / 60:.1f} min.",
+        "",
+        f"Machine: {mach['cpu']}, {mach['cores']} cores (torch {mach['torch_threads']} "
+        f"threads); torch {mach['torch']}, faiss {mach['faiss']}; commit {mach['commit']}; "
+        f"{mach['date']}.",
+        "",
+    ]
+    lines += _render_errors(res["errors"])
+    return "\n".join(lines) + "\n"
+
+
+def _train_line(tr: dict[str, Any]) -> str:
+    dev = tr["best_dev"] or {}
+    return (
+        f"{tr['epochs_run']} epochs run ({'early stop' if tr['stopped_early'] else 'no early stop'}),"
+        f" {tr['train_seconds'] / 60:.1f} min; best dev (top-100 reranked) H@1 "
+        f"{100 * dev.get('H@1', math.nan):.2f}, MRR {100 * dev.get('MRR', math.nan):.2f} "
+        f"at epoch {tr['best_epoch']}."
+    )
+
+
+def _render_errors(err: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Errors of full-KB MIMIC on test: {err['errors']:,} of {err['test_mentions']:,} "
+        "mentions with the gold not at rank 1. Each error is counted once under the first "
+        "category that applies (in this order), and under every category in the last column.",
+        "",
+        "| category | errors (first match) | errors (any) | definition |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k in (*err["primary_order"], "other"):
+        lines.append(
+            f"| {k} | {err['primary_counts'][k]} | {err['flag_counts'].get(k, '')} | "
+            f"{err['definitions'].get(k, 'none of the above')} |"
+        )
+    for k in err["definitions"]:
+        if k not in err["primary_order"]:
+            lines.append(f"| {k} | - | {err['flag_counts'][k]} | {err['definitions'][k]} |")
+    lines.append("")
+    for k, exs in err["examples"].items():
+        lines.append(f"Examples, {k}:")
+        for e in exs:
+            lines.append(
+                f'- "{e["mention"]}" in "{e["sentence"]}": gold {e["gold"]} (rank '
+                f"{e['gold_rank']}), top-1 {e['top1']}"
+            )
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
