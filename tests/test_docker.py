@@ -67,7 +67,8 @@ def test_compose_and_prometheus() -> None:
     assert api["environment"]["MEL_REDIS_URL"].startswith("redis://redis:6379")
     assert "redis" in api["depends_on"]
     mounts = {v.split(":")[1] for v in api["volumes"]}
-    assert {api["environment"]["MEL_MODEL_PATH"], api["environment"]["MEL_INDEX_PATH"]} <= mounts
+    paths = ("MEL_MODEL_PATH", "MEL_INDEX_PATH", "MEL_DRIN_MODEL_PATH")
+    assert {api["environment"][k] for k in paths} <= mounts
     prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     job = prom["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
