@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import numpy as np
 import torch
 
 from models.data.schema import load_dataset
@@ -168,7 +169,7 @@ def table(out: dict[str, Any]) -> str:
     lines += [
         "",
         f"Largest |score| of the reference block: {out['rows'][0]['max_abs_score']:.1f} "
-        "(float32 spacing there: ~1e-5).",
+        f"(float32 spacing there: {float(np.spacing(np.float32(out['rows'][0]['max_abs_score']))):.1e}).",
         "",
         f"Whole test split ({out['test_mentions']:,} mentions): per-pair {proj['per-pair']:.0f} s, "
         f"gemm {proj['gemm (defaults)']:.0f} s (projected from the rows above).",
