@@ -54,7 +54,7 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.evaluate import candidate_ranks, entity_records
+from models.evaluate import candidate_ranks, emit_json, entity_records
 from models.features import DatasetFeatures, FeatureTable, dataset_features
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
@@ -486,11 +486,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             a.candidates,
             " ".join(f"{k}={100 * v:.2f}" for k, v in metrics[name].items()),
         )
-    text = json.dumps(metrics, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-    print(text)
+    emit_json(metrics, a.out)
     return 0
 
 

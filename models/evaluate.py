@@ -383,6 +383,15 @@ def evaluate_split(
     return out
 
 
+def emit_json(metrics: dict[str, Any], out: str | None) -> None:
+    """Print a CLI's metrics JSON and write it to ``out`` when given (the eval CLIs' output)."""
+    text = json.dumps(metrics, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
+
+
 def format_metrics(m: dict[str, Any]) -> str:
     keys = [k for k in m if k.startswith("H@")] + ["MRR"]
     return " ".join(f"{k}={100 * m[k]:.2f}" for k in keys) + f" MR={m['MR']:.2f}"
@@ -426,11 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics["model"] = str(a.model)
     metrics["fingerprint"] = model.fingerprint()
     logger.info("%s: %s", a.split, format_metrics(metrics))
-    text = json.dumps(metrics, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-    print(text)
+    emit_json(metrics, a.out)
     return 0
 
 
