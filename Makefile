@@ -21,8 +21,9 @@ PORT ?= 8000
 # The demo recipe: frozen pretrained backbone, fresh MIMIC layers. The released lr 1e-5 is
 # tuned for fine-tuning CLIP end to end; fresh interaction layers need a larger step.
 DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 128
-# DRIN over the demo model's retrieved top-20 (the released lr / batch / margin; fewer epochs).
-DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 6 --patience 2
+# DRIN over the demo model's retrieved top-20: the released recipe (lr, batch, margin, 30 epochs,
+# no early stop); the best dev epoch is kept.
+DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 30 --patience 30
 DATA ?= ../shared/data/wikimel
 # Extra bench/wikimel.py flags, e.g. WIKIMEL_ARGS="--fresh" or "--ablations cmfu".
 WIKIMEL_ARGS ?=

@@ -371,3 +371,26 @@ def test_nil_mentions_when_asked(tmp_path: Path) -> None:
 def test_config_is_validated(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         DemoWorldConfig(**bad)
+
+
+def test_image_blind_ceiling_guesses_among_what_the_words_leave_open(
+    world: tuple[Path, dict[str, Any]], files: dict[str, Any]
+) -> None:
+    """The ceiling of a reranker blind to each candidate's own image (DRIN's, see
+    tests/test_drin.py) agrees with the words-only derivation from the written files."""
+    root, _ = world
+    kb_ids = [e["id"] for e in files["kb"]]
+    ceiling = demo_world.image_blind_top1(root, {m["id"]: kb_ids for m in files["mentions"]})
+    assert set(ceiling) == {m["id"] for m in files["mentions"]}
+    for m in files["mentions"]:
+        assert ceiling[m["id"]] == pytest.approx(1 / len(_consistent(files, m))), m
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for mid, v in ceiling.items():
+        by_kind[files["truth_m"][mid]["kind"]].append(v)
+    assert min(by_kind["text_resolves"] + by_kind["unambiguous"]) == 1.0
+    assert max(by_kind["image_resolves"]) <= 0.5
+    # A list without the gold scores 0; a list of the gold alone scores 1.
+    m = next(m for m in files["mentions"] if files["truth_m"][m["id"]]["kind"] == "image_resolves")
+    others = [e for e in kb_ids if e != m["entity_id"]]
+    assert demo_world.image_blind_top1(root, {m["id"]: others}) == {m["id"]: 0.0}
+    assert demo_world.image_blind_top1(root, {m["id"]: [m["entity_id"]]}) == {m["id"]: 1.0}

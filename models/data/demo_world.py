@@ -1160,4 +1160,42 @@ def _write_truth(root: Path, people: Sequence[_Person], plans: Sequence[_Mention
     tmp.replace(root / TRUTH_MENTIONS_FILE)
 
 
-__all__ = ["DemoWorldConfig", "generate_demo_world"]
+def image_blind_top1(root: Path, candidates: dict[str, Sequence[str]]) -> dict[str, float]:
+    """Expected Top-1 of an ideal reader of the words that never sees a candidate's own image.
+
+    ``candidates`` maps a mention id to its candidate entity ids (say, a retrieved list). The
+    words of a mention leave open the candidates that carry its surface (the gold's name group,
+    or every entity with the gold's surname for a surname-only mention) and agree with the gold
+    on every context attribute the sentence names. A reranker that reads all of that perfectly
+    but has no way to compare each candidate's image with the mention's can only guess among
+    them: ``1 / |open and listed|`` when the gold is listed, else 0. This is the ceiling of the
+    released DRIN graph on this world up to what it memorises from training mentions, since
+    its score never depends on the candidate's own image (``tests/test_drin.py``). Needs the
+    truth sidecars; mentions without a gold are left out.
+    """
+    ents = {e["id"]: e for e in _read_jsonl(root / TRUTH_ENTITIES_FILE)}
+    truth = {t["id"]: t for t in _read_jsonl(root / TRUTH_MENTIONS_FILE)}
+    gold_of = {m["id"]: m.get("entity_id") for m in _read_jsonl(root / MENTIONS_FILE)}
+    out: dict[str, float] = {}
+    for mid, listed in candidates.items():
+        gold_id = gold_of.get(mid)
+        if gold_id is None:
+            continue
+        t, gold = truth[mid], ents[gold_id]
+        same = "surname" if t["partial_name"] else "group"
+        open_ = [
+            c
+            for c in dict.fromkeys(listed)
+            if ents[c][same] == gold[same]
+            and all(ents[c][f] == gold[f] for f in t["context_fields"])
+        ]
+        out[mid] = 1.0 / len(open_) if gold_id in open_ else 0.0
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+__all__ = ["DemoWorldConfig", "generate_demo_world", "image_blind_top1"]
