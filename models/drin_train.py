@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ from models.evaluate import candidate_ranks, emit_json, entity_records
 from models.features import DatasetFeatures, FeatureTable, dataset_features
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
+from models.train import reproducible
 
 logger = logging.getLogger(__name__)
 
@@ -300,12 +300,15 @@ def fit_alignment(drin: DrinReranker, data: DrinData, train: SplitData, ridge: f
 def train_drin(cfg: DrinTrainConfig, data: DrinData | None = None) -> dict[str, Any]:
     """Train DRIN; ``data`` (built for ``cfg.data`` / ``cfg.model``) may be passed to reuse it
     for evaluation afterwards (benchmarks)."""
+    with reproducible(cfg.seed) as gen:
+        return _train_drin(cfg, data, gen)
+
+
+def _train_drin(
+    cfg: DrinTrainConfig, data: DrinData | None, gen: torch.Generator
+) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     t_start = time.perf_counter()
     if data is None:
         ds = load_dataset(cfg.data)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import drin_train
 from models.drin_features import (
     EPS,
     MIN_ALIGNMENT_PAIRS,
@@ -196,8 +197,17 @@ def test_candidate_ranks_and_metrics() -> None:
 
 
 def test_train_and_eval_drin_end_to_end(
-    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # DRIN trains under torch's deterministic kernels (models.train.reproducible), then restores
+    deterministic_during: list[bool] = []
+    real_fit = drin_train.fit_alignment
+
+    def spy_fit(*args: object, **kw: object) -> int:
+        deterministic_during.append(torch.are_deterministic_algorithms_enabled())
+        return real_fit(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(drin_train, "fit_alignment", spy_fit)
     cache = tmp_path / "cache"
     mimic = tmp_path / "mimic"
     train(
@@ -235,6 +245,7 @@ def test_train_and_eval_drin_end_to_end(
         )
     )
     assert summary["epochs_run"] == 3
+    assert deterministic_during == [True] and not torch.are_deterministic_algorithms_enabled()
     hist = json.loads((out / "history.json").read_text())
     assert len(hist) == 3 and all("Top-1" in h["val"] for h in hist)
     drin = DrinReranker.from_pretrained(out / "best")

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import train as train_module
 from models.data.schema import load_dataset
 from models.evaluate import evaluate_split
 from models.evaluate import main as eval_main
 from models.features import dataset_features
 from models.model import LinkingModel
-from models.train import NO_DECAY, TrainConfig, param_groups, train
+from models.train import NO_DECAY, TrainConfig, param_groups, reproducible, train
 
 
 def _cfg(world: Path, clip: Path, out: Path, **kw: object) -> TrainConfig:
@@ -200,3 +201,32 @@ def test_hard_negatives_train_and_resume(
     assert negs.shape == (len(train_m), 4)
     assert not (negs == gold.unsqueeze(1)).any()
     assert all(len(set(r.tolist())) == 4 for r in negs)
+
+
+def test_training_runs_torch_deterministic_kernels_then_restores(
+    tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two CPU threads made real runs differ in the last bits; the flag is on while training."""
+    seen: list[bool] = []
+    real_build = train_module.build_model
+
+    def spy_build(cfg: TrainConfig) -> LinkingModel:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_build(cfg)
+
+    monkeypatch.setattr(train_module, "build_model", spy_build)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(_cfg(tiny_world, tiny_clip_dir, tmp_path / "a", epochs=1))
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_reproducible_seeds_and_restores_even_on_error() -> None:
+    with reproducible(5) as gen:
+        a = torch.rand(3, generator=gen), torch.rand(3)
+    with pytest.raises(RuntimeError, match="boom"), reproducible(5) as gen:
+        assert torch.are_deterministic_algorithms_enabled()
+        b = torch.rand(3, generator=gen), torch.rand(3)
+        raise RuntimeError("boom")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.are_deterministic_algorithms_enabled()
