@@ -24,7 +24,8 @@ import torch
 
 from models.data.schema import load_dataset
 from models.preprocess import load_image_or_none
-from service.linker import EncodedMentions, Linker, LinkParams, MentionInput
+from service.linker import Linker
+from service.primitives import EncodedMentions, LinkParams, MentionInput
 from service.settings import ServiceSettings
 
 RERANKERS = ("none", "mimic", "drin")
@@ -90,7 +91,7 @@ def main() -> int:
     assert linker.drin is not None
     for b in (1, 32):
         feats = enc.select(range(b))
-        cand = linker.searcher.retrieve(feats.mimic, 100)
+        cand = linker.retrieve(feats, 100)
         for k in (10, 100):
             ents = linker.searcher.drin_parts(cand.rows[:, :k])
             assert feats.drin is not None

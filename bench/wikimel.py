@@ -498,12 +498,16 @@ def stage_index(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
 @torch.inference_mode()
 def stage_two_stage(a: argparse.Namespace, folder: Path, full: Path) -> dict[str, Any]:
     """The server's path: encode the mention (``model.encoder.encode``), FAISS top 100
-    (``IndexSearcher.retrieve``), MIMIC rerank of the stored records (``.rerank``)."""
+    (``IndexSearcher.search`` of the retrieval queries), MIMIC rerank of the stored records
+    (the server's ``MimicReranker``)."""
     from index.search import IndexSearcher
+    from service.primitives import EncodedMentions
+    from service.rerankers import MimicReranker
 
     ds = load_dataset(a.work / "data")
     model = LinkingModel.from_pretrained(folder / "best")
-    searcher = IndexSearcher(a.work / "index", model)
+    searcher = IndexSearcher(a.work / "index", model.fingerprint())
+    mimic = MimicReranker(model, searcher)
     try:
         ids = [searcher.entity(r)["id"] for r in range(len(searcher))]
         if ids != [e.id for e in ds.entities]:
@@ -522,9 +526,10 @@ def stage_two_stage(a: argparse.Namespace, folder: Path, full: Path) -> dict[str
                 [load_image_or_none(ds.resolve(m.image)) if m.image else None for m in batch],
             )
             t1 = time.perf_counter()
-            cand = searcher.retrieve(feats, k)
+            queries = model.matcher.retrieval_queries(feats).float().cpu().numpy()
+            cand = searcher.search(queries, k)
             t2 = time.perf_counter()
-            sc = searcher.rerank(feats, cand).score
+            sc = torch.from_numpy(mimic.rerank(EncodedMentions(feats), cand).scores)
             t3 = time.perf_counter()
             t_enc, t_ret, t_rr = t_enc + t1 - t0, t_ret + t2 - t1, t_rr + t3 - t2
             cand_rows[s : s + len(batch)] = torch.from_numpy(cand.rows)

@@ -1,7 +1,8 @@
-"""Open an index folder with its model: retrieve candidates, fetch their reranking records.
+"""Open an index folder: nearest-neighbour search over FAISS and reads of the entity store.
 
-This is the serving-side reader (no training code): the server builds one ``IndexSearcher``
-at start-up and calls it per request batch.
+A pure reader (no model work, no training code): the server builds one ``IndexSearcher`` at
+start-up; the linker turns mentions into query vectors and hands them here, then reads the
+candidates' stored records for its reranker.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from index.ann import search, set_search_params, to_search_device
 from index.store import FAISS_FILE, EntityStore, Manifest
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import DrinEntityParts
-from models.mimic import MimicEntityRecord, MimicFeatures, MimicScores
-from models.model import LinkingModel
+from models.mimic import MimicEntityRecord
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,25 @@ class Candidates:
     rows: np.ndarray
     retrieval: np.ndarray
 
+    def take(self, idx: list[int], k: int) -> Candidates:
+        """The first ``k`` candidates of the mentions ``idx``: (len(idx), k)."""
+        return Candidates(rows=self.rows[idx, :k], retrieval=self.retrieval[idx, :k])
+
 
 class IndexSearcher:
+    """FAISS + entity store of one index folder, checked against the serving model."""
+
     def __init__(
         self,
         folder: str | os.PathLike[str],
-        model: LinkingModel,
+        model_fingerprint: str,
         use_gpu: bool = False,
         ef_search: int | None = None,
         nprobe: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
-        self.manifest.check_model(model.fingerprint())
-        self.model = model
+        self.manifest.check_model(model_fingerprint)
         self.store = EntityStore(self.folder, self.manifest)
         index = faiss.read_index(str(self.folder / FAISS_FILE))
         if index.ntotal != self.manifest.entity_count:
@@ -57,10 +62,9 @@ class IndexSearcher:
     def __len__(self) -> int:
         return len(self.store)
 
-    @torch.inference_mode()
-    def retrieve(self, mentions: MimicFeatures, k: int) -> Candidates:
-        queries = self.model.matcher.retrieval_queries(mentions).float().cpu().numpy()
-        scores, rows = search(self.index, queries, k)
+    def search(self, queries: np.ndarray, k: int) -> Candidates:
+        """Top ``k`` rows by inner product for float32 queries ``(B, dim)``."""
+        scores, rows = search(self.index, np.ascontiguousarray(queries, dtype=np.float32), k)
         return Candidates(rows=rows, retrieval=scores)
 
     def _fields(self, rows: np.ndarray, names: tuple[str, ...]) -> list[torch.Tensor]:
@@ -87,13 +91,6 @@ class IndexSearcher:
         if not self.has_drin:
             raise ValueError(f"{self.folder} was built without DRIN fields (--no-drin)")
         return DrinEntityParts(*self._fields(rows, DRIN_FIELDS))
-
-    @torch.inference_mode()
-    def rerank(
-        self, mentions: MimicFeatures, cand: Candidates, units: tuple[str, ...] | None = None
-    ) -> MimicScores:
-        """MIMIC scores (B, K) of each mention against its own retrieved candidates."""
-        return self.model.matcher.score_precomputed(mentions, self.records(cand.rows), units)
 
     def entity(self, row: int) -> dict[str, Any]:
         return self.store.entity(row)

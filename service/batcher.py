@@ -1,10 +1,11 @@
 """Dynamic micro-batching: concurrent mentions are grouped and encoded together.
 
-Requests put jobs on a bounded queue (full -> :class:`QueueFull`, answered 429). One worker
-task takes up to ``max_batch_size`` jobs, waiting at most ``max_wait_ms`` for a batch to fill,
-looks up cached mention encodings, and runs the model work (encode the misses, retrieve,
-rerank) on a dedicated thread, never on the event loop. Each job's future gets its result.
-``stop()`` lets queued and in-flight jobs finish (graceful shutdown).
+Requests put :class:`~service.primitives.LinkJob` s on a bounded queue (full ->
+:class:`QueueFull`, answered 429). One worker task takes up to ``max_batch_size`` jobs, waiting
+at most ``max_wait_ms`` for a batch to fill, looks up cached mention encodings, and runs the
+model work (encode the misses, retrieve, rerank) on a dedicated thread, never on the event
+loop. Each job's future gets its typed result. ``stop()`` lets queued and in-flight jobs
+finish (graceful shutdown).
 """
 
 from __future__ import annotations
@@ -14,12 +15,20 @@ import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from service.cache import Cache
-from service.linker import EncodedMentions, Linker, LinkParams, MentionInput
 from service.metrics import Metrics
+from service.primitives import (
+    BatchTimes,
+    EncodedMentions,
+    LinkedMention,
+    LinkJob,
+    LinkParams,
+    LinkResult,
+    LinkTimes,
+    MentionInput,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +41,24 @@ class ShuttingDown(Exception):
     """The server is draining: no new work is accepted (HTTP 503)."""
 
 
-@dataclass
-class _Job:
-    item: MentionInput
-    params: LinkParams
-    future: asyncio.Future[dict[str, Any]]
-    enqueued: float = field(default_factory=time.perf_counter)
+class ModelWork(Protocol):
+    """What the batcher needs of the linker (a protocol, so tests can hand it a fake)."""
+
+    def encode(self, items: list[MentionInput]) -> EncodedMentions: ...
+
+    def pack(self, feats: EncodedMentions) -> list[bytes]: ...
+
+    def unpack(self, blobs: list[bytes]) -> EncodedMentions: ...
+
+    def link(
+        self, encoded: EncodedMentions, params: list[LinkParams]
+    ) -> tuple[list[LinkResult], LinkTimes]: ...
 
 
 class MicroBatcher:
     def __init__(
         self,
-        linker: Linker,
+        linker: ModelWork,
         cache: Cache | None,
         metrics: Metrics,
         max_batch_size: int,
@@ -53,7 +68,7 @@ class MicroBatcher:
     ) -> None:
         self.linker, self.cache, self.metrics = linker, cache, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[LinkJob] = asyncio.Queue(maxsize=queue_size)
         self.prefix = cache_prefix
         # One model thread: torch already parallelises inside ops; more threads would contend.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mel-model")
@@ -77,19 +92,19 @@ class MicroBatcher:
                 await self._task
         self.executor.shutdown(wait=True)
 
-    async def submit(self, item: MentionInput, params: LinkParams) -> dict[str, Any]:
+    async def submit(self, item: MentionInput, params: LinkParams) -> LinkedMention:
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        job = LinkJob(item, params, asyncio.get_running_loop().create_future())
         try:
-            self.queue.put_nowait(_Job(item, params, fut))
+            self.queue.put_nowait(job)
         except asyncio.QueueFull as exc:
             raise QueueFull(f"{self.queue.maxsize} mentions already queued") from exc
         self.metrics.queue_depth.set(self.queue.qsize())
         # shield: a caller that times out must not cancel a job its batch-mates depend on
-        return await asyncio.shield(fut)
+        return await asyncio.shield(job.future)
 
-    async def _collect(self) -> list[_Job]:
+    async def _collect(self) -> list[LinkJob]:
         batch = [await self.queue.get()]
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
@@ -125,41 +140,35 @@ class MicroBatcher:
                     self.executor, self._work, batch, blobs
                 )
                 for job, res in zip(batch, results, strict=True):
-                    if not job.future.done():
-                        res["timings"] = {**times, "queue": job_wait(job, times)}
-                        job.future.set_result(res)
+                    job.complete(res, times)
                 if self.cache and new_blobs:
                     await self.cache.set_many([(keys[i], b) for i, b in new_blobs])
             except Exception as exc:
                 logger.exception("model batch of %d failed", len(batch))
                 self.metrics.errors.labels(type="model").inc(len(batch))
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    job.fail(exc)
             finally:
                 self.in_flight = 0
 
     def _work(
-        self,
-        batch: list[_Job],
-        blobs: list[bytes | None],
-    ) -> tuple[list[dict[str, Any]], list[tuple[int, bytes]], dict[str, float]]:
+        self, batch: list[LinkJob], blobs: list[bytes | None]
+    ) -> tuple[list[LinkResult], list[tuple[int, bytes]], BatchTimes]:
         """Model thread: encode cache misses, merge with hits, retrieve, rerank."""
         t0 = time.perf_counter()
         miss = [i for i, b in enumerate(blobs) if b is None]
-        hit = [i for i, b in enumerate(blobs) if b is not None]
+        hits = [(i, b) for i, b in enumerate(blobs) if b is not None]
         groups: list[EncodedMentions] = []
         order: list[int] = []
         new_blobs: list[tuple[int, bytes]] = []
         if miss:
             f = self.linker.encode([batch[i].item for i in miss])
-            for i, blob in zip(miss, self.linker.pack(f), strict=True):
-                new_blobs.append((i, blob))
+            new_blobs = list(zip(miss, self.linker.pack(f), strict=True))
             groups.append(f)
             order += miss
-        if hit:
-            groups.append(self.linker.unpack([blobs[i] for i in hit]))  # type: ignore[misc]
-            order += hit
+        if hits:
+            groups.append(self.linker.unpack([b for _, b in hits]))
+            order += [i for i, _ in hits]
         merged = EncodedMentions.cat(groups) if len(groups) > 1 else groups[0]
         feats = merged.select(sorted(range(len(order)), key=order.__getitem__))
         t_enc = time.perf_counter() - t0
@@ -168,24 +177,18 @@ class MicroBatcher:
         m.labels(stage="encode").observe(t_enc)
         m.labels(stage="retrieve").observe(st.retrieve)
         m.labels(stage="rerank").observe(st.rerank)
-        for reranker, secs in st.extra.items():
+        for reranker, secs in st.per_reranker.items():
             self.metrics.rerank_seconds.labels(reranker=reranker).observe(secs)
         for j in batch:
             self.metrics.mentions.labels(reranker=j.params.reranker).inc()
-        times = {
-            "encode_ms": 1000 * t_enc,
-            "retrieve_ms": 1000 * st.retrieve,
-            "rerank_ms": 1000 * st.rerank,
-            "batch_size": float(len(batch)),
-            "_done": time.perf_counter(),
-        }
+        times = BatchTimes(
+            encode_ms=1000 * t_enc,
+            retrieve_ms=1000 * st.retrieve,
+            rerank_ms=1000 * st.rerank,
+            batch_size=len(batch),
+            finished=time.perf_counter(),
+        )
         return results, new_blobs, times
 
 
-def job_wait(job: _Job, times: dict[str, float]) -> float:
-    """Milliseconds the job waited before its batch's model work started."""
-    work = times["encode_ms"] + times["retrieve_ms"] + times["rerank_ms"]
-    return max(0.0, 1000 * (times["_done"] - job.enqueued) - work)
-
-
-__all__ = ["MicroBatcher", "QueueFull", "ShuttingDown"]
+__all__ = ["MicroBatcher", "ModelWork", "QueueFull", "ShuttingDown"]

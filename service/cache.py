@@ -85,6 +85,7 @@ class RedisCache:
         timeout_s: float,
         retry_s: float,
         on_error: Callable[[str], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
@@ -104,6 +105,9 @@ class RedisCache:
         )
         self.down_until = 0.0
         self.on_error = on_error or (lambda kind: None)
+        # told True after every call Redis answered, False after every failure: the
+        # mel_redis_up gauge follows real traffic, not only /readyz
+        self.on_state = on_state or (lambda up: None)
         self._drop_pool = False
 
     @property
@@ -121,6 +125,7 @@ class RedisCache:
         self.down_until = time.monotonic() + self.retry_s
         self._drop_pool = True
         self.on_error(type(exc).__name__)
+        self.on_state(False)
 
     async def _reset_if_needed(self) -> None:
         if self._drop_pool:  # connections from before an outage are dead: start afresh
@@ -135,10 +140,12 @@ class RedisCache:
             return [None] * len(keys)
         await self._reset_if_needed()
         try:
-            return list(await self.client.mget(list(keys)))
+            values = list(await self.client.mget(list(keys)))
         except Exception as exc:  # any Redis failure is a miss, never a failed request
             self._fail(exc)
             return [None] * len(keys)
+        self.on_state(True)
+        return values
 
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         if not items or not self.available:
@@ -151,6 +158,8 @@ class RedisCache:
                 await pipe.execute()
         except Exception as exc:
             self._fail(exc)
+            return
+        self.on_state(True)
 
     async def ping(self) -> bool:
         await self._reset_if_needed()
@@ -159,7 +168,8 @@ class RedisCache:
         except Exception as exc:
             self._fail(exc)
             return False
-        self.down_until = 0.0
+        self.down_until = 0.0  # answered: stop bypassing it now, not after redis_retry_s
+        self.on_state(ok)
         return ok
 
     async def close(self) -> None:

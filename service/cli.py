@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -59,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.app import create_app
 
+    # uvicorn drains on SIGTERM, then re-raises the signal under the handler that was there
+    # before it started: with the default one the process dies with 143, which supervisors
+    # count as a crash. A no-op handler lets a clean drain end as exit code 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(
         create_app(settings),
         host=a.host,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from models.data.schema import load_dataset
 from models.preprocess import load_image_or_none
-from service.linker import Linker, LinkParams, MentionInput
+from service.linker import Linker
+from service.primitives import LinkParams, MentionInput
 from service.settings import ServiceSettings
 
 
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         img = load_image_or_none(ds.resolve(m.image))
         feats = linker.encode([MentionInput(m.mention, m.sentence, img)])
         res, _ = linker.link(feats, [LinkParams(top_k=3)])
-        if res[0]["candidates"] and res[0]["candidates"][0]["entity_id"] == m.entity_id:
+        if res[0].candidates and res[0].candidates[0].entity_id == m.entity_id:
             chosen = m
             break
     if chosen is None:

@@ -15,18 +15,18 @@ import hashlib
 import io
 import ipaddress
 import socket
+import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
 from models.preprocess import ImageDecodeError, decode_image
+from service.errors import ApiError
 
 
-class ImageInputError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+class ImageInputError(ApiError):
+    """An image the server will not take, with the HTTP status and code it is answered."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,17 @@ class ImageLimits:
 
 
 def decode_base64(payload: str, max_bytes: int) -> bytes:
-    """Plain base64 or a ``data:image/...;base64,`` URI -> bytes (size-checked before decoding)."""
+    """Plain base64 or a ``data:image/...;base64,`` URI -> bytes (size-checked before decoding).
+
+    ASCII whitespace is ignored, so MIME base64 wrapped at 76 columns (what the ``base64``
+    tool prints by default) decodes like the unwrapped form.
+    """
     data = payload.strip()
     if data.startswith("data:"):
         head, sep, data = data.partition(",")
         if not sep or ";base64" not in head:
             raise ImageInputError(400, "bad_image_encoding", "data URI must be ';base64,' encoded")
+    data = "".join(data.split())
     if len(data) * 3 // 4 > max_bytes + 3:
         raise ImageInputError(413, "image_too_large", f"image is larger than {max_bytes} bytes")
     try:
@@ -54,8 +59,27 @@ def decode_base64(payload: str, max_bytes: int) -> bytes:
     return raw
 
 
-def open_image(raw: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
-    """Decode bytes into a PIL image within the limits; returns (image, sha256 of the bytes)."""
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image's header says, read without decoding its pixels."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _too_many(pixels: str, limit: int) -> ImageInputError:
+    return ImageInputError(
+        422, "image_too_many_pixels", f"image has {pixels} pixels, more than {limit}"
+    )
+
+
+def probe_image(raw: bytes, limits: ImageLimits) -> ImageProbe:
+    """Check bytes, format and pixel count from the header alone (no pixel is decoded)."""
     if len(raw) > limits.max_bytes:
         raise ImageInputError(
             413, "image_too_large", f"image is larger than {limits.max_bytes} bytes"
@@ -63,20 +87,40 @@ def open_image(raw: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
     if not raw:
         raise ImageInputError(422, "bad_image", "image is empty")
     try:
-        fmt = Image.open(io.BytesIO(raw)).format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                fmt, (w, h) = img.format or "", img.size
+    except Image.DecompressionBombError as exc:
+        # Pillow's own guard (2x its MAX_IMAGE_PIXELS) fires before ours can read the size
+        raise _too_many("over Pillow's limit of", limits.max_pixels) from exc
     except Exception as exc:
-        raise ImageInputError(422, "bad_image", f"not a decodable image: {exc}") from exc
-    if (fmt or "").upper() not in limits.formats:
+        # not the exception's text: Pillow's names the buffer object by its heap address
+        raise ImageInputError(
+            422, "bad_image", "not a decodable image (unrecognised or corrupt data)"
+        ) from exc
+    if fmt.upper() not in limits.formats:
         raise ImageInputError(
             415,
             "unsupported_image_format",
-            f"image format {fmt} not accepted (accepted: {', '.join(limits.formats)})",
+            f"image format {fmt or 'unknown'} not accepted (accepted: {', '.join(limits.formats)})",
         )
+    if w * h > limits.max_pixels:
+        raise _too_many(f"{w}x{h}", limits.max_pixels)
+    return ImageProbe(fmt.upper(), w, h)
+
+
+def open_image(raw: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
+    """Decode bytes into a PIL image within the limits; returns (image, sha256 of the bytes)."""
+    probe_image(raw, limits)
     try:
         img = decode_image(raw, max_pixels=limits.max_pixels)
     except ImageDecodeError as exc:
-        code = "image_too_many_pixels" if "pixels" in str(exc) else "bad_image"
-        raise ImageInputError(422, code, str(exc)) from exc
+        if "pixels" in str(exc):
+            raise _too_many("too many", limits.max_pixels) from exc
+        raise ImageInputError(
+            422, "bad_image", "not a decodable image (truncated or corrupt data)"
+        ) from exc
     return img, hashlib.sha256(raw).hexdigest()
 
 
@@ -184,4 +228,12 @@ async def _fetch(url: str, max_bytes: int, max_redirects: int, allow_private: bo
     raise ImageInputError(403, "image_url_forbidden", f"more than {max_redirects} redirects")
 
 
-__all__ = ["ImageInputError", "ImageLimits", "decode_base64", "fetch_image_url", "open_image"]
+__all__ = [
+    "ImageInputError",
+    "ImageLimits",
+    "ImageProbe",
+    "decode_base64",
+    "fetch_image_url",
+    "open_image",
+    "probe_image",
+]

@@ -1,6 +1,8 @@
-"""The linker: model + index loaded once; encode -> retrieve -> rerank for a batch of mentions.
+"""The linker: model, index and rerankers loaded once; encode -> retrieve -> rerank.
 
 Pure synchronous model work (no HTTP, no asyncio): the batcher runs it on a worker thread.
+Retrieval is the model's query vector searched in the index; reranking is whichever
+:class:`~service.rerankers.Reranker` each mention asked for, looked up by name.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,91 +18,29 @@ import torch
 from PIL import Image
 
 from index.search import Candidates, IndexSearcher
-from models.drin import EDGE_TYPES
+from models.device import resolve_device
 from models.drin_features import (
+    MENTION_REGIONS,
     DrinMentionParts,
-    DrinReranker,
     check_compatible,
     mention_parts,
     span_token_mask,
 )
+from models.drin_features import DrinReranker as DrinModel
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
-from models.preprocess import mention_text
+from service.primitives import (
+    CandidateResult,
+    EncodedMentions,
+    LinkParams,
+    LinkResult,
+    LinkTimes,
+    MentionInput,
+)
+from service.rerankers import Reranker, RerankOutput, load_rerankers
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
-
-RERANKERS = ("mimic", "drin", "none")
-
-
-@dataclass(frozen=True)
-class MentionInput:
-    """One decoded mention. ``image_sha`` identifies the image bytes (cache keys)."""
-
-    mention: str
-    sentence: str
-    image: Image.Image | None = None
-    image_sha: str | None = None
-    span: tuple[int, int] | None = None  # char offsets of the mention in the sentence (DRIN)
-
-    def text(self) -> str:
-        return mention_text(self.mention, self.sentence)
-
-    def encoding_key(self) -> str:
-        h = hashlib.sha256()
-        span = f"{self.span[0]}:{self.span[1]}" if self.span else "-"
-        for part in (self.mention, self.sentence, self.image_sha or "-", span):
-            h.update(part.encode("utf-8"))
-            h.update(b"\x00")
-        return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class LinkParams:
-    top_k: int = 10
-    candidates_k: int = 100
-    reranker: str = "mimic"
-    explain: bool = False
-
-
-@dataclass(frozen=True)
-class EncodedMentions:
-    """What a request's mentions are encoded into once (and cached): MIMIC's features, plus
-    DRIN's mention parts when the server has a DRIN reranker."""
-
-    mimic: MimicFeatures
-    drin: DrinMentionParts | None = None
-
-    def __len__(self) -> int:
-        return len(self.mimic)
-
-    def select(self, idx: Sequence[int]) -> EncodedMentions:
-        sel = torch.tensor(list(idx), dtype=torch.long, device=self.mimic.text_cls.device)
-        return EncodedMentions(
-            self.mimic.map(lambda t: t[sel]),
-            self.drin.map(lambda t: t[sel]) if self.drin is not None else None,
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[EncodedMentions]) -> EncodedMentions:
-        def cat_fields(objs: Sequence[Any]) -> list[torch.Tensor]:
-            names = list(objs[0].__dataclass_fields__)
-            return [torch.cat([getattr(o, n) for o in objs]) for n in names]
-
-        drin = [p.drin for p in parts]
-        return EncodedMentions(
-            MimicFeatures(*cat_fields([p.mimic for p in parts])),
-            DrinMentionParts(*cat_fields(drin)) if all(d is not None for d in drin) else None,
-        )
-
-
-@dataclass
-class StageTimes:
-    encode: float = 0.0
-    retrieve: float = 0.0
-    rerank: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Linker:
@@ -109,18 +48,13 @@ class Linker:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        dev = settings.device
-        self.device = torch.device(
-            "cuda"
-            if dev == "auto" and torch.cuda.is_available()
-            else ("cpu" if dev == "auto" else dev)
-        )
+        self.device = resolve_device(settings.device)
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()
         self.searcher = IndexSearcher(
             settings.index_path,
-            self.model,
+            self.fingerprint,
             use_gpu=settings.use_faiss_gpu,
             ef_search=settings.hnsw_ef_search,
             nprobe=settings.ivf_nprobe,
@@ -129,19 +63,13 @@ class Linker:
         self.index_version = hashlib.sha256(
             f"{m.model_fingerprint}:{m.entity_count}:{m.built_at}:{len(m.history)}".encode()
         ).hexdigest()[:16]
-        self.dims = self.model.config
-        self.drin: DrinReranker | None = None
+        self.drin: DrinModel | None = None
         self.drin_fingerprint: str | None = None
         if settings.drin_model_path:
-            self.drin = DrinReranker.from_pretrained(settings.drin_model_path).to(self.device)
+            self.drin = DrinModel.from_pretrained(settings.drin_model_path).to(self.device)
             check_compatible(self.drin, self.model)
-            if not self.searcher.has_drin:
-                raise ValueError(
-                    f"a DRIN model is configured but the index {settings.index_path} was built "
-                    f"with --no-drin (it holds no DRIN entity parts)"
-                )
             self.drin_fingerprint = self.drin.fingerprint()
-        self.rerankers = tuple(r for r in RERANKERS if r != "drin" or self.drin is not None)
+        self.rerankers: dict[str, Reranker] = load_rerankers(self.model, self.searcher, self.drin)
         logger.info(
             "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s",
             time.perf_counter() - t0,
@@ -152,12 +80,12 @@ class Linker:
             self.device,
         )
 
-    # ------------------------------------------------------------------ encoding
     @property
     def cache_version(self) -> str:
         """Identity of everything a cached encoding or result depends on."""
         return f"{self.fingerprint}:{self.drin_fingerprint or '-'}:{self.index_version}"
 
+    # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
     def encode(self, items: Sequence[MentionInput]) -> EncodedMentions:
         enc = self.model.encoder
@@ -176,53 +104,47 @@ class Linker:
         has_image = torch.tensor([it.image is not None for it in items], device=self.device)
         return EncodedMentions(mimic, mention_parts(backbone, text, image, mask, has_image))
 
-    def _layout(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(group, field, per-mention shape) of a cache blob, in order."""
+    def _layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(field, per-mention shape) of a cache blob, in order: MIMIC's, then DRIN's."""
         cfg = self.model.config
         L, dt = cfg.encoder.text_max_length, cfg.mimic.dt
         P, dv = cfg.encoder.num_image_tokens, cfg.encoder.dv
-        out = [
-            ("mimic", "text_cls", (dt,)),
-            ("mimic", "text_tokens", (L, dt)),
-            ("mimic", "image_cls", (dv,)),
-            ("mimic", "image_tokens", (P, dv)),
+        out: list[tuple[str, tuple[int, ...]]] = [
+            ("text_cls", (dt,)),
+            ("text_tokens", (L, dt)),
+            ("image_cls", (dv,)),
+            ("image_tokens", (P, dv)),
         ]
         if self.drin is not None:
             d = self.drin.config
-            R = self.drin_regions
+            R = min(MENTION_REGIONS, cfg.encoder.num_image_tokens)
             out += [
-                ("drin", "span_text", (d.drin.text_dim,)),
-                ("drin", "text", (d.drin.text_dim,)),
-                ("drin", "image", (d.drin.image_dim,)),
-                ("drin", "regions", (R, d.region_dim)),
-                ("drin", "region_scores", (R,)),
+                ("span_text", (d.drin.text_dim,)),
+                ("text", (d.drin.text_dim,)),
+                ("image", (d.drin.image_dim,)),
+                ("regions", (R, d.region_dim)),
+                ("region_scores", (R,)),
             ]
         return out
-
-    @property
-    def drin_regions(self) -> int:
-        from models.drin_features import MENTION_REGIONS
-
-        return min(MENTION_REGIONS, self.model.config.encoder.num_image_tokens)
 
     def pack(self, feats: EncodedMentions) -> list[bytes]:
         """One float16 blob per mention (the encoding cache's value)."""
         n = len(feats)
-        parts = [
-            getattr(getattr(feats, group), name).reshape(n, -1) for group, name, _ in self._layout()
-        ]
+        tensors = {**vars(feats.mimic), **(vars(feats.drin) if feats.drin is not None else {})}
+        parts = [tensors[name].reshape(n, -1) for name, _ in self._layout()]
         flat = torch.cat(parts, dim=1).to(torch.float16).cpu().numpy()
         return [row.tobytes() for row in flat]
 
     def unpack(self, blobs: Sequence[bytes]) -> EncodedMentions:
+        """The inverse of :meth:`pack` (to float16 precision), on the serving device."""
         layout = self._layout()
         arr = np.stack([np.frombuffer(b, dtype=np.float16) for b in blobs]).astype(np.float32)
         t = torch.from_numpy(arr).to(self.device)
         n = len(blobs)
-        sizes = [int(np.prod(shape)) for _, _, shape in layout]
+        sizes = [int(np.prod(shape)) for _, shape in layout]
         pieces = {
             name: x.reshape(n, *shape)
-            for (_, name, shape), x in zip(layout, torch.split(t, sizes, dim=1), strict=True)
+            for (name, shape), x in zip(layout, torch.split(t, sizes, dim=1), strict=True)
         }
         mimic = MimicFeatures(*(pieces[f] for f in MimicFeatures.__dataclass_fields__))
         drin = None
@@ -232,105 +154,66 @@ class Linker:
 
     # ------------------------------------------------------------------ link
     @torch.inference_mode()
+    def retrieve(self, encoded: EncodedMentions, k: int) -> Candidates:
+        """The top ``k`` entities of each mention by the model's retrieval vectors."""
+        queries = self.model.matcher.retrieval_queries(encoded.mimic)
+        return self.searcher.search(queries.float().cpu().numpy(), k)
+
     def link(
-        self,
-        encoded: EncodedMentions,
-        params: Sequence[LinkParams],
-    ) -> tuple[list[dict[str, Any]], StageTimes]:
-        """Retrieve + rerank for B encoded mentions; one result dict per mention."""
-        times = StageTimes()
+        self, encoded: EncodedMentions, params: Sequence[LinkParams]
+    ) -> tuple[list[LinkResult], LinkTimes]:
+        """Retrieve + rerank for B encoded mentions; one result per mention, in order."""
         t0 = time.perf_counter()
-        feats = encoded.mimic
-        k_max = max(p.candidates_k for p in params)
-        cand = self.searcher.retrieve(feats, k_max)
-        times.retrieve = time.perf_counter() - t0
-        results: list[dict[str, Any]] = [{} for _ in params]
+        cand = self.retrieve(encoded, max(p.candidates_k for p in params))
+        retrieve = time.perf_counter() - t0
         groups: dict[tuple[str, int], list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.reranker, p.candidates_k), []).append(i)
+        results: list[LinkResult | None] = [None] * len(params)
+        per: dict[str, float] = {}
         t1 = time.perf_counter()
-        for (reranker, k), idx in groups.items():
+        for (name, k), idx in groups.items():
             tg = time.perf_counter()
-            rows = cand.rows[idx, :k]
-            retr = cand.retrieval[idx, :k]
-            sub = Candidates(rows=rows, retrieval=retr)
-            units: dict[str, np.ndarray]  # explain: per-unit scores or per-edge weights
-            if reranker == "drin":
-                final, units = self._drin(encoded.select(idx), rows)
-            elif reranker == "mimic":
-                sel = torch.tensor(idx, device=self.device)
-                scores = self.searcher.rerank(feats.map(lambda t, sel=sel: t[sel]), sub)
-                final = scores.score.float().cpu().numpy()
-                units = {
-                    u: getattr(scores, u).float().cpu().numpy() for u in ("tglu", "vdlu", "cmfu")
-                }
-            else:
-                final, units = retr, {}
+            sub = cand.take(idx, k)
+            out = self.rerankers[name].rerank(encoded.select(idx), sub)
             for j, i in enumerate(idx):
-                per = {u: v[j] for u, v in units.items()}
-                results[i] = self._assemble(rows[j], retr[j], final[j], per, params[i])
-            times.extra[reranker] = times.extra.get(reranker, 0.0) + time.perf_counter() - tg
-        times.rerank = time.perf_counter() - t1
-        return results, times
+                results[i] = self._assemble(sub, j, out, params[i])
+            per[name] = per.get(name, 0.0) + time.perf_counter() - tg
+        times = LinkTimes(retrieve=retrieve, rerank=time.perf_counter() - t1, per_reranker=per)
+        return [r for r in results if r is not None], times
 
-    def _drin(
-        self, m: EncodedMentions, rows: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """DRIN over each mention's retrieved candidates: scores (B, K) and the initial /
-        final edge weights (B, K, 4) for ``explain``."""
-        assert self.drin is not None and m.drin is not None
-        ents = self.searcher.drin_parts(rows).map(lambda t: t.to(self.device))
-        valid = torch.from_numpy(rows >= 0).to(self.device)
-        # all candidates valid (the usual case): the released plain mean over candidates
-        out = self.drin(m.drin, ents, None if bool(valid.all()) else valid)
-        return out.scores.float().cpu().numpy(), {
-            "edges_initial": out.edges_initial.float().cpu().numpy(),
-            "edges_final": out.edges_final.float().cpu().numpy(),
-        }
-
-    def _assemble(
-        self,
-        rows: np.ndarray,
-        retr: np.ndarray,
-        final: np.ndarray,
-        units: dict[str, np.ndarray],
-        p: LinkParams,
-    ) -> dict[str, Any]:
+    def _assemble(self, cand: Candidates, j: int, out: RerankOutput, p: LinkParams) -> LinkResult:
+        """Mention ``j``'s top ``p.top_k`` candidates by score, with their metadata."""
+        rows, retr, final = cand.rows[j], cand.retrieval[j], out.scores[j]
         valid = rows >= 0
         order = np.argsort(-np.where(valid, final, -np.inf), kind="stable")[: p.top_k]
-        cands = []
-        for rank, j in enumerate(order, start=1):
-            if not valid[j]:
+        explain = out.explanation if p.explain else None
+        cands: list[CandidateResult] = []
+        for rank, k in enumerate(order, start=1):
+            if not valid[k]:
                 break
-            meta = self.searcher.entity(int(rows[j]))
-            c: dict[str, Any] = {
-                "entity_id": meta["id"],
-                "name": meta["name"],
-                "score": float(final[j]),
-                "retrieval_score": float(retr[j]),
-                "rank": rank,
-            }
-            if p.explain and units:
-                c["explain"] = {
-                    u: (
-                        float(v[j])
-                        if v.ndim == 1
-                        else {e: float(x) for e, x in zip(EDGE_TYPES, v[j], strict=True)}
-                    )
-                    for u, v in units.items()
-                }
-            cands.append(c)
-        best = cands[0]["score"] if cands else None
+            meta = self.searcher.entity(int(rows[k]))
+            cands.append(
+                CandidateResult(
+                    entity_id=meta["id"],
+                    name=meta["name"],
+                    score=float(final[k]),
+                    retrieval_score=float(retr[k]),
+                    rank=rank,
+                    explain=explain.of(j, int(k)) if explain is not None else None,
+                )
+            )
         thr = self.settings.nil_threshold
-        nil = best is None or (thr is not None and best < thr)
-        return {"candidates": cands, "nil": bool(nil)}
+        nil = not cands or (thr is not None and cands[0].score < thr)
+        return LinkResult(candidates=tuple(cands), nil=nil, reranker=p.reranker)
 
     def entity(self, entity_id: str) -> dict[str, Any] | None:
         row = self.searcher.store.row_of(entity_id)
         return None if row is None else {**self.searcher.entity(row), "row": row}
 
     def warmup(self) -> None:
-        """One full pass (with and without an image) so first requests pay no lazy setup."""
+        """One full pass (with and without an image) through every reranker, so first
+        requests pay no lazy setup."""
         img = Image.new("RGB", (64, 64), (128, 64, 32))
         feats = self.encode(
             [
@@ -338,14 +221,14 @@ class Linker:
                 MentionInput("warm up", "warm up the model"),
             ]
         )
-        params = [LinkParams(), LinkParams(reranker="none")]
-        if self.drin is not None:
-            feats = EncodedMentions.cat([feats, feats])
-            params += [LinkParams(reranker="drin"), LinkParams(reranker="drin")]
-        self.link(feats, params)
+        names = list(self.rerankers)
+        self.link(
+            EncodedMentions.cat([feats] * len(names)),
+            [LinkParams(reranker=n) for n in names for _ in range(2)],
+        )
 
     def close(self) -> None:
         self.searcher.close()
 
 
-__all__ = ["RERANKERS", "EncodedMentions", "LinkParams", "Linker", "MentionInput", "StageTimes"]
+__all__ = ["Linker"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 Reranker = Literal["mimic", "drin", "none"]
+
+# Request rules a validator below enforces, each answered 422 with its own error code.
+VALIDATION_CODES = frozenset({"empty_mention", "bad_span", "two_images"})
 
 
 class LinkRequest(BaseModel):
@@ -28,7 +32,11 @@ class LinkRequest(BaseModel):
         "vertex); when absent the first case-insensitive occurrence is used",
         examples=[[0, 6]],
     )
-    image: str | None = Field(None, description="base64 image or data:image/...;base64, URI")
+    image: str | None = Field(
+        None,
+        description="base64 image or data:image/...;base64, URI (line breaks, e.g. MIME's "
+        "76-column wrapping, are ignored)",
+    )
     image_url: str | None = Field(
         None, description="http(s) image URL (when the server allows URL fetching; off by default)"
     )
@@ -44,6 +52,25 @@ class LinkRequest(BaseModel):
         description="include why: MIMIC's per-unit scores (tglu/vdlu/cmfu), or DRIN's initial "
         "and final edge weights (tt/ti/it/ii) per candidate",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Rules that need more than one field (settings-dependent bounds are checked by
+        ``LinkService.params``, the other half of request validation)."""
+        if not self.mention.strip():
+            raise PydanticCustomError("empty_mention", "mention is blank")
+        if self.image is not None and self.image_url is not None:
+            raise PydanticCustomError("two_images", "give image or image_url, not both")
+        if self.span is not None:
+            a, b = self.span
+            if not 0 <= a < b <= len(self.sentence):
+                raise PydanticCustomError(
+                    "bad_span",
+                    "span must be [start, end) char offsets with 0 <= start < end <= "
+                    "len(sentence) = {n}",
+                    {"n": len(self.sentence)},
+                )
+        return self
 
 
 class BatchRequest(BaseModel):
@@ -82,7 +109,7 @@ class LinkResponse(BaseModel):
     reranker: str
     model_version: str
     index_version: str
-    timings: Timings
+    timings: Timings = Field(default_factory=Timings)
 
 
 class ErrorBody(BaseModel):
@@ -103,6 +130,24 @@ class BatchResponse(BaseModel):
     results: list[BatchItemResult]
 
 
+class RedisStatus(BaseModel):
+    configured: bool
+    up: bool | None = Field(None, description="answered a ping just now (when configured)")
+
+
+class Readiness(BaseModel):
+    """``/readyz``: 200 when ready, 503 with the same shape while loading or draining."""
+
+    ready: bool
+    redis: RedisStatus
+    model_version: str | None = None
+    index_version: str | None = None
+    entities: int | None = None
+    rerankers: list[str] | None = Field(None, description="rerankers this server offers")
+    drin_version: str | None = None
+    error: str | None = Field(None, description="why loading failed, if it did")
+
+
 class Entity(BaseModel):
     id: str
     name: str
@@ -112,6 +157,7 @@ class Entity(BaseModel):
 
 
 __all__ = [
+    "VALIDATION_CODES",
     "BatchItemResult",
     "BatchRequest",
     "BatchResponse",
@@ -121,6 +167,8 @@ __all__ = [
     "ErrorResponse",
     "LinkRequest",
     "LinkResponse",
+    "Readiness",
+    "RedisStatus",
     "Reranker",
     "Timings",
 ]

@@ -41,6 +41,12 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(
         25_000_000, description="decoded pixel limit: decompression-bomb guard (422 above)"
     )
+    max_request_pixels: int = Field(
+        50_000_000,
+        description="decoded pixels over all images of one request, a batch's items "
+        "together (413 pixel_budget_exceeded above): bounds the memory and CPU one call "
+        "can take",
+    )
     image_formats: list[str] = Field(
         ["JPEG", "PNG", "WEBP", "GIF", "BMP"], description="accepted image formats"
     )
@@ -70,6 +76,11 @@ class ServiceSettings(BaseSettings):
         0.05, description="Redis socket timeout: a slow Redis is bypassed, never waited for"
     )
     redis_retry_s: float = Field(2.0, description="after a Redis error, bypass it this long")
+    redis_health_interval_s: float = Field(
+        5.0,
+        description="ping Redis this often so mel_redis_up and the breaker follow it "
+        "between requests",
+    )
 
     # ---- auth
     api_keys: list[str] = Field([], description="accepted X-API-Key values; empty = no auth")

@@ -111,7 +111,7 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
     assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32 + 32 + 24 + 1)
     assert not (single / "chunks").exists()  # chunks removed after finalize
     model = LinkingModel.from_pretrained(model_dir)
-    s = IndexSearcher(single, model)
+    s = IndexSearcher(single, model.fingerprint())
     assert s.store.row_of("Q17") == 17 and s.store.row_of("nope") is None
     assert s.entity(17)["name"] == "Entity 17"
     # an "easy" mention: the entity's own text and image -> it retrieves itself
@@ -120,9 +120,9 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
     imgs = [Image.open(kb.parent / e["images"][0]) if e["images"] else None for e in ents]
     with torch.inference_mode():
         feats = model.encoder.encode([entity_text(e["name"], e["attributes"]) for e in ents], imgs)
-        cand = s.retrieve(feats, k=5)
+        cand = s.search(model.matcher.retrieval_queries(feats).numpy(), k=5)
         assert cand.rows[:, 0].tolist() == rows
-        scores = s.rerank(feats, cand)
+        scores = model.matcher.score_precomputed(feats, s.records(cand.rows))
         assert scores.score.shape == (4, 5)
         # the store's fp16 records rerank like the fp32 direct computation
         direct = model.matcher.score(
@@ -161,7 +161,7 @@ def test_build_without_drin_fields(kb: Path, model_dir: Path, tmp_path: Path) ->
     assert isinstance(m, Manifest)
     assert not any(f.startswith("drin_") for f in m.store_fields)
     assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4)
-    s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir))
+    s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir).fingerprint())
     assert not s.has_drin
     with pytest.raises(ValueError, match="without DRIN"):
         s.drin_parts(np.array([[0]]))
@@ -278,7 +278,7 @@ def test_manifest_mismatch_is_refused(single: Path, tiny_clip_dir: Path) -> None
     torch.manual_seed(99)
     other = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
-        IndexSearcher(single, other)
+        IndexSearcher(single, other.fingerprint())
 
 
 def test_hnsw_and_ivf_indexes(kb: Path, model_dir: Path, tmp_path: Path, single: Path) -> None:
@@ -289,7 +289,7 @@ def test_hnsw_and_ivf_indexes(kb: Path, model_dir: Path, tmp_path: Path, single:
     for factory in ("HNSW32", "IVF4,Flat"):
         out = tmp_path / factory.replace(",", "_")
         build(_cfg(kb, model_dir, out, factory=factory))
-        s = IndexSearcher(out, model, ef_search=64, nprobe=4)
+        s = IndexSearcher(out, model.fingerprint(), ef_search=64, nprobe=4)
         assert s.manifest.factory == factory and s.index.ntotal == 40
         # tiny index + exhaustive settings: the same neighbours as the exact index
         assert np.array_equal(s.index.search(q, 5)[1], exact)
@@ -307,7 +307,7 @@ def test_rebuild_reuses_a_finished_index(
 def test_copy_of_folder_loads_elsewhere(single: Path, model_dir: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     shutil.copytree(single, moved)
-    s = IndexSearcher(moved, LinkingModel.from_pretrained(model_dir))
+    s = IndexSearcher(moved, LinkingModel.from_pretrained(model_dir).fingerprint())
     assert len(s) == 40
     s.close()
 

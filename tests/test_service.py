@@ -499,13 +499,14 @@ def _direct_drin(
     """DRIN computed directly from the components, for the server's own candidates."""
     model = LinkingModel.from_pretrained(artifacts[0])
     drin = DrinReranker.from_pretrained(folder)
-    searcher = IndexSearcher(artifacts[1], model)
+    searcher = IndexSearcher(artifacts[1], model.fingerprint())
     img = Image.open(io.BytesIO(image)).convert("RGB") if image else None
     with torch.inference_mode():
         enc = model.encoder
         text = enc.text_features([f"{mention} [SEP] {sentence}"])
         feats = enc.image_features([img])
-        cand = searcher.retrieve(enc.project(text, feats), 16)
+        queries = model.matcher.retrieval_queries(enc.project(text, feats))
+        cand = searcher.search(queries.numpy(), 16)
         mask = span_token_mask(enc.backbone.tokenizer, [mention], [sentence], [None])
         m = mention_parts(enc.backbone, text, feats, mask, torch.tensor([img is not None]))
         out = drin(m, searcher.drin_parts(cand.rows))
