@@ -134,6 +134,7 @@ def server(artifacts: tuple[Path, Path]) -> Iterator[str]:
             max_image_bytes=200_000,
             max_image_pixels=1_000_000,
             max_body_bytes=2_000_000,
+            max_request_pixels=1_500_000,
             nil_threshold=1e9,
         )
     ) as (base, _):
@@ -464,9 +465,10 @@ def test_graceful_shutdown_finishes_in_flight_requests(artifacts: tuple[Path, Pa
 
 def test_service_does_not_import_training_code() -> None:
     code = (
-        "import sys, service.app, service.linker, service.cli; "
+        "import sys, service.app, service.linker, service.cli, service.pipeline; "
         "bad = [m for m in sys.modules if m in ('models.train', 'models.evaluate', "
-        "'models.features', 'models.data.demo_world', 'models.data.converters')]; "
+        "'models.drin_train', 'models.features', 'models.data.demo_world', "
+        "'models.data.converters', 'models.data_cli')]; "
         "print(json.dumps(bad))"
     )
     out = subprocess.run(
@@ -623,3 +625,272 @@ def test_drin_model_needs_drin_fields_in_the_index(
     )
     with pytest.raises(ValueError, match="no-drin"):
         Linker(settings)
+
+
+# ---------------------------------------------------------------------- probe defects
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height 1-bit pixels (no pixel data follows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_chunked_body_over_the_limit_is_413(server: str) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"mention": "a", "sentence": "'
+        for _ in range(30):
+            yield b"x" * 100_000  # 3 MB in all, over max_body_bytes = 2 MB
+        yield b'"}'
+
+    r = httpx.post(
+        f"{server}/v1/link",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+    def small() -> Iterator[bytes]:  # a chunked body under the limit goes through unchanged
+        yield b'{"mention": "Jo Ames", '
+        yield b'"sentence": "the painter", "top_k": 2}'
+
+    ok = httpx.post(
+        f"{server}/v1/link", content=small(), headers={"content-type": "application/json"}
+    )
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["candidates"]) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"mention": "\xff\xfe", "sentence": "s"}',  # invalid UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested past the JSON parser's depth
+    ],
+    ids=["invalid-utf8", "deep-json"],
+)
+def test_unparseable_json_is_422(server: str, body: bytes) -> None:
+    r = httpx.post(f"{server}/v1/link", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_body"
+
+
+def test_image_errors_are_clear(server: str) -> None:
+    link = f"{server}/v1/link"
+    # bytes that are no image: the message names no Python object or heap address
+    r = httpx.post(link, json={"mention": "a", "sentence": "a", "image": "aGVsbG8gd29ybGQ="})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "bad_image"
+    assert "0x" not in r.text and "BytesIO" not in r.text
+    # a bomb past Pillow's own limit (2 x 89.5 M pixels) is a pixel error, not a bad image
+    bomb = _png_header(20_000, 10_000)
+    r = httpx.post(link, json={"mention": "a", "sentence": "a", "image": _b64(bomb)})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "image_too_many_pixels"
+    # base64 wrapped at 76 columns (the base64 tool's default) is standard MIME base64
+    wrapped = base64.encodebytes(_png((200, 10, 10), (64, 64))).decode()
+    assert "\n" in wrapped.strip()
+    r = httpx.post(link, json={"mention": "Jo Ames", "sentence": "s", "image": wrapped})
+    assert r.status_code == 200, r.text
+
+
+def test_pixel_budget_covers_a_batchs_images(server: str) -> None:
+    mega = _b64(_png((5, 5, 5), (1000, 1000)))  # 1 M pixels: within max_image_pixels
+    item = {"mention": "Jo Ames", "sentence": "s", "image": mega, "top_k": 1}
+    assert httpx.post(f"{server}/v1/link", json=item, timeout=30).status_code == 200
+    # two such images: 2 M pixels over the request budget of 1.5 M, refused before decoding
+    r = httpx.post(f"{server}/v1/link/batch", json={"items": [item, item]}, timeout=30)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "pixel_budget_exceeded"
+    # a bad item does not count against the budget and still fails alone
+    bad = {**item, "image": "%%%"}
+    r = httpx.post(f"{server}/v1/link/batch", json={"items": [item, bad]}, timeout=30)
+    assert r.status_code == 200
+    assert [("result" if x["result"] else x["error"]["code"]) for x in r.json()["results"]] == [
+        "result",
+        "bad_image_encoding",
+    ]
+
+
+def test_cached_batch_items_and_not_found_codes(server: str) -> None:
+    item = {"mention": "Jo Dunn", "sentence": "cached twice", "top_k": 1}
+    first = httpx.post(f"{server}/v1/link/batch", json={"items": [item]}, timeout=30).json()
+    again = httpx.post(f"{server}/v1/link/batch", json={"items": [item]}, timeout=30).json()
+    assert again["results"][0]["result"]["timings"]["cached"] is True
+    assert (
+        again["results"][0]["result"]["candidates"] == first["results"][0]["result"]["candidates"]
+    )
+    r = httpx.get(f"{server}/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(f"{server}/v1/link")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]
+
+
+def test_openapi_documents_every_status_a_route_answers(server: str) -> None:
+    paths = httpx.get(f"{server}/openapi.json").json()["paths"]
+
+    def statuses(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    assert {"200", "400", "401", "403", "413", "415", "422", "429", "503", "504"} <= statuses(
+        "/v1/link", "post"
+    )
+    assert {"200", "401", "413", "415", "422", "429", "503", "504"} <= statuses(
+        "/v1/link/form", "post"
+    )
+    assert {"200", "401", "413", "422", "503"} <= statuses("/v1/link/batch", "post")
+    assert {"200", "401", "404", "503"} <= statuses("/v1/entities/{entity_id}", "get")
+    assert {"200", "503"} <= statuses("/readyz", "get")
+
+
+class _SlowLinker(Linker):
+    delay_s = 0.6
+
+    def link(self, feats: Any, params: Any) -> Any:
+        time.sleep(self.delay_s)
+        return super().link(feats, params)
+
+
+def test_full_queue_is_429_and_a_late_answer_is_504(artifacts: tuple[Path, Path]) -> None:
+    settings = _settings(artifacts, queue_size=1, max_batch_size=1, warmup=False)
+    with serve(settings, _SlowLinker) as (base, _):
+        codes: list[tuple[int, str | None, str | None]] = []
+
+        def call(i: int) -> None:
+            r = httpx.post(
+                f"{base}/v1/link", json={"mention": "Jo Ames", "sentence": f"q{i}"}, timeout=30
+            )
+            err = r.json().get("error")
+            codes.append(
+                (r.status_code, err["code"] if err else None, r.headers.get("retry-after"))
+            )
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # one in the model, one queued; the rest found the queue full (and when to retry)
+        assert len(codes) == 6 and set(codes) <= {(200, None, None), (429, "overloaded", "1")}
+        assert (429, "overloaded", "1") in codes and (200, None, None) in codes
+    with serve(_settings(artifacts, request_timeout_s=0.2, warmup=False), _SlowLinker) as (
+        base,
+        _,
+    ):
+        r = httpx.post(f"{base}/v1/link", json={"mention": "Jo Ames", "sentence": "late"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_nil_flips_at_the_threshold(artifacts: tuple[Path, Path]) -> None:
+    linker = Linker(_settings(artifacts))
+    from service.primitives import LinkParams, MentionInput
+
+    feats = linker.encode([MentionInput("Jo Bell", "Jo Bell the pilot")])
+    best = linker.link(feats, [LinkParams(top_k=1)])[0][0].candidates[0].score
+    for thr, nil in ((best - 1e-3, False), (best, False), (best + 1e-3, True), (None, False)):
+        linker.settings = _settings(artifacts, nil_threshold=thr)
+        assert linker.link(feats, [LinkParams(top_k=1)])[0][0].nil is nil, thr
+    linker.close()
+
+
+def test_encoding_cache_blob_round_trip(
+    artifacts: tuple[Path, Path], drin_server: tuple[str, Path]
+) -> None:
+    from service.primitives import MentionInput
+
+    for drin in (None, str(drin_server[1])):
+        linker = Linker(_settings(artifacts, drin_model_path=drin))
+        items = [
+            MentionInput("Jo Bell", "Jo Bell the pilot", Image.new("RGB", (20, 20), (9, 90, 200))),
+            MentionInput("Jo Cole", "I met Jo Cole.", None, None, (6, 13)),
+        ]
+        feats = linker.encode(items)
+        blobs = linker.pack(feats)
+        assert len(blobs) == 2 and len({len(b) for b in blobs}) == 1
+        back = linker.unpack(blobs)
+        assert (back.drin is None) == (drin is None)
+        groups = [(feats.mimic, back.mimic)] + ([(feats.drin, back.drin)] if drin else [])
+        for a, b in groups:
+            for name in a.__dataclass_fields__:
+                x, y = getattr(a, name), getattr(b, name)
+                assert x.shape == y.shape, name
+                # float16 storage: relative error under 2^-10 of each value's magnitude
+                assert torch.allclose(x, y, rtol=2e-3, atol=1e-4), name
+        linker.close()
+
+
+def test_sigterm_drain_exits_zero(artifacts: tuple[Path, Path]) -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
+            "--model",
+            str(artifacts[0]),
+            "--index",
+            str(artifacts[1]),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env={**__import__("os").environ, "MEL_DEVICE": "cpu", "MEL_USE_FAISS_GPU": "false"},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        body = {"mention": "Jo Ames", "sentence": "before the drain"}
+        assert httpx.post(f"{base}/v1/link", json=body, timeout=30).status_code == 200
+        proc.send_signal(__import__("signal").SIGTERM)
+        assert proc.wait(30) == 0  # a clean drain is a clean exit, not 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_redis_gauge_follows_redis_without_readyz(
+    artifacts: tuple[Path, Path], redis_server: dict[str, Any]
+) -> None:
+    url = f"redis://127.0.0.1:{redis_server['port']}/0"
+    settings = _settings(artifacts, redis_url=url, redis_retry_s=0.2, redis_health_interval_s=0.2)
+
+    def gauge(base: str) -> float:
+        for line in httpx.get(f"{base}/metrics").text.splitlines():
+            if line.startswith("mel_redis_up "):
+                return float(line.split()[1])
+        raise AssertionError("no mel_redis_up")
+
+    def wait_for(base: str, value: float) -> None:
+        deadline = time.monotonic() + 10
+        while gauge(base) != value:
+            assert time.monotonic() < deadline, f"mel_redis_up never read {value}"
+            time.sleep(0.05)
+
+    with serve(settings, wait_ready=True) as (base, _):
+        assert gauge(base) == 1
+        redis_server["stop"]()
+        wait_for(base, 0)  # no request, no /readyz: the health ping noticed
+        redis_server["start"]()
+        wait_for(base, 1)
+        body = {"mention": "Jo Ames", "sentence": "gauge"}
+        assert httpx.post(f"{base}/v1/link", json=body, timeout=30).status_code == 200
+        assert httpx.post(f"{base}/v1/link", json=body, timeout=30).json()["timings"]["cached"]

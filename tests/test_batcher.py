@@ -1,0 +1,203 @@
+"""The micro-batcher and the caches, without HTTP or a model: a fake linker records calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from models.mimic import MimicFeatures
+from service.batcher import MicroBatcher, QueueFull, ShuttingDown
+from service.cache import LruCache, RedisCache
+from service.metrics import Metrics
+from service.primitives import (
+    CandidateResult,
+    EncodedMentions,
+    LinkParams,
+    LinkResult,
+    LinkTimes,
+    MentionInput,
+)
+
+
+def _feats(values: list[float]) -> EncodedMentions:
+    t = torch.tensor(values).reshape(-1, 1)
+    return EncodedMentions(MimicFeatures(t, t.unsqueeze(1), t, t.unsqueeze(1)))
+
+
+class FakeLinker:
+    """Encodes a mention as float(len(mention)); links it to an entity named after that."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.delay_s, self.fail = delay_s, fail
+        self.encoded: list[list[str]] = []
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def encode(self, items: list[MentionInput]) -> EncodedMentions:
+        self.encoded.append([it.mention for it in items])
+        return _feats([float(len(it.mention)) for it in items])
+
+    def pack(self, feats: EncodedMentions) -> list[bytes]:
+        return [str(float(v)).encode() for v in feats.mimic.text_cls[:, 0]]
+
+    def unpack(self, blobs: list[bytes]) -> EncodedMentions:
+        return _feats([float(b.decode()) for b in blobs])
+
+    def link(
+        self, encoded: EncodedMentions, params: list[LinkParams]
+    ) -> tuple[list[LinkResult], LinkTimes]:
+        self.gate.wait(10)
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("model exploded")
+        self.batches.append(len(params))
+        out = []
+        for v, p in zip(encoded.mimic.text_cls[:, 0].tolist(), params, strict=True):
+            c = CandidateResult(f"E{int(v)}", f"len {int(v)}", v, v, 1)
+            out.append(LinkResult((c,), nil=False, reranker=p.reranker))
+        return out, LinkTimes(0.001, 0.002, {"mimic": 0.002})
+
+
+def _batcher(linker: FakeLinker, **kw: object) -> MicroBatcher:
+    args: dict[str, object] = {
+        "cache": None,
+        "max_batch_size": 4,
+        "max_wait_ms": 50.0,
+        "queue_size": 64,
+        "cache_prefix": "t",
+    }
+    args.update(kw)
+    return MicroBatcher(linker, metrics=Metrics(), **args)  # type: ignore[arg-type]
+
+
+def test_concurrent_mentions_are_batched_and_answered_in_order() -> None:
+    async def run() -> None:
+        linker = FakeLinker()
+        b = _batcher(linker)
+        await b.start()
+        words = ["a" * n for n in range(1, 11)]
+        out = await asyncio.gather(*(b.submit(MentionInput(w, "s"), LinkParams()) for w in words))
+        await b.stop()
+        assert [o.result.candidates[0].entity_id for o in out] == [f"E{n}" for n in range(1, 11)]
+        assert all(1 <= n <= 4 for n in linker.batches) and sum(linker.batches) == 10
+        assert len(linker.batches) == 3  # 10 mentions in batches of at most 4
+        assert out[0].times.batch_size == 4 and out[-1].times.batch_size == 2
+        assert all(o.queue_ms >= 0 for o in out)
+        assert out[0].times.retrieve_ms == pytest.approx(1.0)
+
+    asyncio.run(run())
+
+
+def test_encoding_cache_hits_skip_the_encoder() -> None:
+    async def run() -> None:
+        linker = FakeLinker()
+        cache = LruCache(100, 60)
+        b = _batcher(linker, cache=cache)
+        await b.start()
+        first = await b.submit(MentionInput("abc", "s"), LinkParams())
+        again = await asyncio.gather(
+            b.submit(MentionInput("abc", "s"), LinkParams()),  # hit
+            b.submit(MentionInput("abcdefg", "s"), LinkParams()),  # miss
+        )
+        await b.stop()
+        assert linker.encoded == [["abc"], ["abcdefg"]]  # the hit was never re-encoded
+        assert again[0].result == first.result
+        assert again[1].result.candidates[0].entity_id == "E7"
+
+    asyncio.run(run())
+
+
+def test_full_queue_and_shutdown_are_typed_errors() -> None:
+    async def run() -> None:
+        linker = FakeLinker()
+        linker.gate.clear()  # the model thread blocks until released
+        b = _batcher(linker, queue_size=1, max_batch_size=1, max_wait_ms=0.0)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
+        await asyncio.sleep(0.05)  # taken by the worker, blocked in link()
+        second = asyncio.ensure_future(b.submit(MentionInput("bb", "s"), LinkParams()))
+        await asyncio.sleep(0.01)  # queued: the queue holds one
+        with pytest.raises(QueueFull):
+            await b.submit(MentionInput("ccc", "s"), LinkParams())
+        linker.gate.set()
+        done = await asyncio.gather(first, second)
+        assert [d.result.candidates[0].entity_id for d in done] == ["E1", "E2"]
+        await b.stop()
+        with pytest.raises(ShuttingDown):
+            await b.submit(MentionInput("d", "s"), LinkParams())
+
+    asyncio.run(run())
+
+
+def test_a_failed_batch_fails_each_of_its_jobs_and_the_worker_goes_on() -> None:
+    async def run() -> None:
+        linker = FakeLinker(fail=True)
+        b = _batcher(linker)
+        await b.start()
+        res = await asyncio.gather(
+            *(b.submit(MentionInput(w, "s"), LinkParams()) for w in ("a", "bb")),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, RuntimeError) for r in res)
+        linker.fail = False
+        ok = await b.submit(MentionInput("abc", "s"), LinkParams())
+        assert ok.result.candidates[0].entity_id == "E3"
+        await b.stop()
+
+    asyncio.run(run())
+
+
+def test_stop_lets_queued_jobs_finish() -> None:
+    async def run() -> None:
+        linker = FakeLinker(delay_s=0.05)
+        b = _batcher(linker, max_batch_size=1)
+        await b.start()
+        jobs = [
+            asyncio.ensure_future(b.submit(MentionInput("a" * n, "s"), LinkParams()))
+            for n in (1, 2, 3)
+        ]
+        await asyncio.sleep(0.01)
+        await b.stop(timeout_s=10)
+        assert [j.result().result.candidates[0].entity_id for j in jobs] == ["E1", "E2", "E3"]
+
+    asyncio.run(run())
+
+
+def test_lru_cache_evicts_and_expires() -> None:
+    now = [0.0]
+    c = LruCache(2, ttl_s=10, clock=lambda: now[0])
+
+    async def run() -> None:
+        await c.set_many([("a", b"1"), ("b", b"2")])
+        assert await c.get_many(["a"]) == [b"1"]  # a is now the most recent
+        await c.set_many([("c", b"3")])
+        assert await c.get_many(["a", "b", "c"]) == [b"1", None, b"3"]
+        now[0] = 11.0
+        assert await c.get_many(["a", "c"]) == [None, None]
+
+    asyncio.run(run())
+
+
+def test_redis_cache_reports_its_state_and_never_raises() -> None:
+    states: list[bool] = []
+    errors: list[str] = []
+
+    async def run() -> None:
+        # nothing listens on port 9 of loopback: every call fails fast and is a miss
+        c = RedisCache(
+            "redis://127.0.0.1:9/0", 60, 0.2, 5.0, on_error=errors.append, on_state=states.append
+        )
+        assert await c.get_many(["k"]) == [None]
+        assert not c.available  # the breaker is open: no second connection attempt
+        assert await c.get_many(["k"]) == [None]
+        await c.set_many([("k", b"v")])
+        assert await c.ping() is False
+        await c.close()
+
+    asyncio.run(run())
+    assert states == [False, False] and len(errors) == 2
