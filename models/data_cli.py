@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from models.data.schema import load_dataset
+from models.data.schema import RecordReport, load_dataset
 
 logger = logging.getLogger("mel-data")
 
@@ -58,7 +58,11 @@ def _cmd_convert_melbench(args: argparse.Namespace) -> int:
 def _cmd_summary(args: argparse.Namespace) -> int:
     ds = load_dataset(Path(args.root))
     out = ds.summary()
-    out["report"] = ds.report.to_json()
+    out["report"] = ds.all_problems().to_json()
+    out["found"] = {
+        "converting": RecordReport.from_json(ds.meta.get("report")).total,
+        "loading": ds.report.total,
+    }
     print(json.dumps(out, indent=1))
     return 0
 

@@ -113,6 +113,15 @@ class RecordReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any] | None) -> RecordReport:
+        """The inverse of :meth:`to_json` (``meta.json``'s ``report``); None -> empty."""
+        doc = doc or {}
+        return cls(
+            counts=Counter({str(k): int(v) for k, v in (doc.get("counts") or {}).items()}),
+            examples={str(k): list(v) for k, v in (doc.get("examples") or {}).items()},
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "total": self.total,
@@ -348,8 +357,15 @@ class MelDataset:
             "mentions_with_image": sum(1 for m in ms if m.image),
             "nil_mentions": sum(1 for m in ms if m.entity_id is None),
             "splits": {k: len(v) for k, v in self.splits.items()},
-            "bad_records": self.report.total,
+            # the converter's problems (meta.json) and the loader's own, together
+            "bad_records": self.all_problems().total,
         }
+
+    def all_problems(self) -> RecordReport:
+        """Bad records found when the folder was written (``meta.json``) and when loaded."""
+        out = RecordReport.from_json(self.meta.get("report"))
+        out.merge(self.report)
+        return out
 
 
 def load_dataset(root: str | os.PathLike[str], check_images: bool = True) -> MelDataset:
