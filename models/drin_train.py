@@ -53,15 +53,14 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.evaluate import candidate_ranks, emit_json, entity_records
+from models.evaluate import emit_json, entity_records
 from models.features import DatasetFeatures, FeatureTable, dataset_features
+from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
 from models.train import reproducible
 
 logger = logging.getLogger(__name__)
-
-HITS = (1, 5, 10, 20)
 
 
 # ---------------------------------------------------------------------- parts of a dataset
@@ -188,13 +187,9 @@ def insert_gold(candidates: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Ten
 
 
 # ---------------------------------------------------------------------- metrics
-def candidate_metrics(ranks: torch.Tensor, k: int) -> dict[str, float]:
-    found = ranks > 0
-    out = {f"Top-{h}": float(((ranks <= h) & found).float().mean()) for h in HITS if h <= k}
-    rr = torch.where(found, 1.0 / ranks.clamp_min(1).float(), torch.zeros(len(ranks)))
-    out["MRR"] = float(rr.mean())
-    out[f"recall@{k}"] = float(found.float().mean())
-    return out
+# bench/drin_quality.py imports ``candidate_metrics`` (the DRIN columns) and
+# ``candidate_ranks`` from here; both live in models/metrics.py.
+candidate_metrics = drin_candidate_metrics
 
 
 @torch.inference_mode()
@@ -238,8 +233,8 @@ def evaluate_drin(
     out: dict[str, Any] = {
         "candidates": k,
         "mentions": len(split),
-        "drin": candidate_metrics(candidate_ranks(d_scores, split.candidates, split.gold), k),
-        "retrieval": candidate_metrics(
+        "drin": drin_candidate_metrics(candidate_ranks(d_scores, split.candidates, split.gold), k),
+        "retrieval": drin_candidate_metrics(
             candidate_ranks(split.retrieval, split.candidates, split.gold), k
         ),
         "drin_seconds": round(d_secs, 2),
@@ -252,7 +247,9 @@ def evaluate_drin(
     }
     if with_mimic:
         m_scores = mimic_scores(data, split)
-        out["mimic"] = candidate_metrics(candidate_ranks(m_scores, split.candidates, split.gold), k)
+        out["mimic"] = drin_candidate_metrics(
+            candidate_ranks(m_scores, split.candidates, split.gold), k
+        )
     return out
 
 

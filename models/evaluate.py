@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.data.schema import MelDataset, load_dataset
 from models.encoders import MimicEncoder
 from models.features import DatasetFeatures, FeatureTable, dataset_features
-from models.metrics import gold_ranks, ranking_metrics
+from models.metrics import candidate_metrics, candidate_ranks, gold_ranks, ranking_metrics
 from models.mimic import (
     UNITS,
     MimicEntityRecord,
@@ -40,6 +40,10 @@ from models.mimic import (
 from models.model import LinkingModel
 
 logger = logging.getLogger(__name__)
+
+# candidate_metrics and candidate_ranks live in models/metrics.py; bench/wikimel.py imports
+# them from here.
+__all__ = ["candidate_metrics", "candidate_ranks"]
 
 # Upper bound on TGLU attention elements (B x K x L x L) materialised at once (~128 MB fp32)
 # by the per-pair path (``MimicMatcher.score_precomputed``); bench/demo_quality.py uses it too.
@@ -249,42 +253,6 @@ def score_all_units(
         sc = score_block(model.matcher, m, records, units, groups=groups)
         for f in ("score", "tglu", "vdlu", "cmfu"):
             getattr(out, f)[s : s + len(r)] = getattr(sc, f)
-    return out
-
-
-def candidate_ranks(scores: Tensor, rows: Tensor, gold: Tensor) -> Tensor:
-    """Rank (from 1) of ``gold[b]`` among its candidates ``rows[b]`` by ``scores`` (B, K).
-
-    0 = the gold is not among the candidates (a miss). Ties go to the earlier candidate (the
-    stable descending order of :func:`models.metrics.gold_ranks`, over candidate positions).
-    """
-    hit = rows == gold.unsqueeze(1)  # (B, K)
-    found = hit.any(dim=1)
-    pos = hit.float().argmax(dim=1)
-    g = scores.gather(1, pos.unsqueeze(1))
-    cols = torch.arange(scores.shape[1]).unsqueeze(0)
-    higher = (scores > g).sum(dim=1)
-    tied_before = ((scores == g) & (cols < pos.unsqueeze(1))).sum(dim=1)
-    return torch.where(found, higher + tied_before + 1, torch.zeros_like(higher))
-
-
-def candidate_metrics(ranks: Tensor, k: int) -> dict[str, float]:
-    """Metrics of a retrieve-then-rerank ranking from :func:`candidate_ranks` (0 = miss).
-
-    A miss counts as a miss at every H@j and as 0 in MRR (its true rank is unknown, beyond
-    ``k``); MR counts it as ``k + 1``, a lower bound. ``recall@candidates`` = share retrieved.
-    """
-    miss = ranks == 0
-    out = ranking_metrics(torch.where(miss, torch.full_like(ranks, k + 1), ranks))
-    out.update(
-        {
-            h: float(((ranks >= 1) & (ranks <= int(h[2:]))).double().mean())
-            for h in out
-            if h.startswith("H@")
-        }
-    )
-    out["MRR"] = float(torch.where(miss, 0.0, 1.0 / ranks.clamp_min(1).double()).mean())
-    out["recall@candidates"] = float((~miss).double().mean())
     return out
 
 

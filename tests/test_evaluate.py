@@ -9,7 +9,6 @@ import torch
 
 from models.data.schema import load_dataset
 from models.evaluate import (
-    candidate_ranks,
     entity_records,
     evaluate_split,
     score_all,
@@ -18,7 +17,7 @@ from models.evaluate import (
     vdlu_groups,
 )
 from models.features import dataset_features
-from models.metrics import gold_ranks
+from models.metrics import candidate_ranks, gold_ranks
 from models.mimic import MimicConfig, MimicFeatures, MimicMatcher, in_batch_loss
 from models.model import LinkingModel
 from tests.reference_mimic import randomise_layernorms
