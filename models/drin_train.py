@@ -53,11 +53,12 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.evaluate import emit_json, entity_records
+from models.evaluate import emit_json
 from models.features import DatasetFeatures, FeatureTable, dataset_features
 from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
+from models.scoring import entity_records
 from models.train import reproducible
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ outside them is a miss): seconds rather than minutes per validation on an 18k-en
 drawn from its top ``--hard-negative-pool`` entities by the current retrieval vector (gold
 excluded; re-mined before every epoch): columns after the B in-batch ones in every CE term.
 
-Scores in training go through ``models.evaluate.score_block`` (TGLU as large matrix products),
+Scores in training go through ``models.scoring.score_block`` (TGLU as large matrix products),
 equal to ``MimicMatcher.score`` within float rounding, values and gradients (tested), ~3x faster.
 
 Modes: ``--mode frozen`` (default) encodes the dataset once with the frozen backbone (cached,
@@ -49,13 +49,7 @@ from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
 from models.encoders import ClipBackbone, MiniLmEffNetBackbone
-from models.evaluate import (
-    entity_records,
-    evaluate_split,
-    format_metrics,
-    project_rows,
-    score_block,
-)
+from models.evaluate import evaluate_split, format_metrics
 from models.features import (
     DatasetFeatures,
     dataset_features,
@@ -66,6 +60,7 @@ from models.features import (
 from models.mimic import UNITS, MimicFeatures, MimicScores, in_batch_loss
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none, mention_text
+from models.scoring import entity_records, project_rows, score_block
 
 logger = logging.getLogger(__name__)
 
