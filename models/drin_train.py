@@ -55,11 +55,11 @@ from models.drin_features import (
 )
 from models.evaluate import emit_json
 from models.features import DatasetFeatures, FeatureTable, dataset_features
+from models.fit import FitState, Validation, fit, reproducible
 from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
 from models.scoring import entity_records
-from models.train import reproducible
 
 logger = logging.getLogger(__name__)
 
@@ -331,16 +331,14 @@ def _train_drin(
     for p in drin.align.parameters():
         p.requires_grad_(False)  # fitted in closed form, fixed like the released CLIP edges
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] = (-1.0, -1.0)
-    bad = 0
     meta = {
         "mimic_model": str(cfg.model),
         "mimic_fingerprint": model.fingerprint(),
         "backbone_weights": model.encoder.backbone.weights_fingerprint(),
         "train_config": asdict(cfg),
     }
-    for epoch in range(cfg.epochs):
+
+    def train_epoch(epoch: int) -> float:
         drin.train()
         perm = torch.randperm(len(train), generator=gen)
         losses = []
@@ -359,38 +357,37 @@ def _train_drin(
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+        return float(np.mean(losses))
+
+    def validate(epoch: int) -> Validation:
         metrics = evaluate_drin(drin, data, val, with_mimic=False)
-        rec = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "val": metrics["drin"],
-            "seconds": round(time.perf_counter() - t_start, 1),
-        }
-        history.append(rec)
-        key = (metrics["drin"]["Top-1"], metrics["drin"]["MRR"])
-        logger.info(
-            "drin epoch %d loss %.4f | %s Top-1 %.2f MRR %.2f (retrieval Top-1 %.2f)",
-            epoch + 1,
-            rec["loss"],
-            cfg.val_split,
-            100 * key[0],
-            100 * key[1],
-            100 * metrics["retrieval"]["Top-1"],
+        d, r = metrics["drin"], metrics["retrieval"]
+        summary = (
+            f"{cfg.val_split} Top-1 {100 * d['Top-1']:.2f} MRR {100 * d['MRR']:.2f} "
+            f"(retrieval Top-1 {100 * r['Top-1']:.2f})"
         )
-        if key > best:
-            best, bad = key, 0
-            drin.save_pretrained(out / "best", meta={**meta, "epoch": epoch + 1, "val": metrics})
-        else:
-            bad += 1
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        if bad >= cfg.patience:
-            logger.info("early stop: %d epochs without a better %s Top-1", bad, cfg.val_split)
-            break
+        return Validation((d["Top-1"], d["MRR"]), metrics, d, summary)
+
+    def save_best(epoch: int, val: Validation) -> None:
+        drin.save_pretrained(out / "best", meta={**meta, "epoch": epoch + 1, "val": val.metrics})
+
+    state = fit(
+        FitState(best=(-1.0, -1.0)),  # best dev (Top-1, MRR)
+        cfg.epochs,
+        train_epoch,
+        validate,
+        save_best,
+        patience=cfg.patience,
+        criterion=f"{cfg.val_split} Top-1",
+        history_file=out / "history.json",
+        started=t_start,
+        label="drin epoch",
+    )
     drin.save_pretrained(out / "last", meta=meta)
     return {
-        "best_val_top1": best[0],
-        "best_val_mrr": best[1],
-        "epochs_run": len(history),
+        "best_val_top1": state.best[0],
+        "best_val_mrr": state.best[1],
+        "epochs_run": len(state.history),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 

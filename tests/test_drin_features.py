@@ -193,7 +193,7 @@ def test_candidate_ranks_and_metrics() -> None:
 def test_train_and_eval_drin_end_to_end(
     tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # DRIN trains under torch's deterministic kernels (models.train.reproducible), then restores
+    # DRIN trains under torch's deterministic kernels (models.fit.reproducible), then restores
     deterministic_during: list[bool] = []
     real_fit = drin_train.fit_alignment
 
