@@ -39,7 +39,6 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
 from models.drin import margin_ranking_loss
@@ -55,7 +54,7 @@ from models.drin_features import (
 )
 from models.evaluate import emit_json
 from models.features import DatasetFeatures, FeatureTable, dataset_features
-from models.fit import FitState, Validation, fit, reproducible
+from models.fit import FitState, Validation, fit, optimizer_step, reproducible, shuffled_batches
 from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
@@ -340,23 +339,12 @@ def _train_drin(
 
     def train_epoch(epoch: int) -> float:
         drin.train()
-        perm = torch.randperm(len(train), generator=gen)
-        losses = []
-        bar = tqdm(
-            range(0, len(perm), cfg.batch_size),
-            desc=f"drin epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            leave=False,
-        )
-        for s in bar:
-            idx = perm[s : s + cfg.batch_size]
+        losses: list[float] = []
+        desc = f"drin epoch {epoch + 1}/{cfg.epochs}"
+        for idx in shuffled_batches(len(train), cfg.batch_size, gen, desc, cfg.progress, losses):
             outp = drin(train.parts.map(lambda t, idx=idx: t[idx]), data.gather(cand[idx]))
             loss = margin_ranking_loss(outp.scores, gold_col[idx], cfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(opt, loss))
         return float(np.mean(losses))
 
     def validate(epoch: int) -> Validation:

@@ -3,8 +3,9 @@
 :func:`fit` owns what the two recipes share: epochs, validation every ``val_every`` epochs
 (and after the last), keeping the best validation score (a checkpoint callback), early stop
 after ``patience`` validations without a better one, and the per-epoch history
-(``history.json``). A trainer supplies one epoch of training, one validation and what to save;
-:class:`FitState` is what it persists to resume.
+(``history.json``). A trainer supplies one epoch of training (over :func:`shuffled_batches`,
+with :func:`optimizer_step`), one validation and what to save; :class:`FitState` is what it
+persists to resume.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,33 @@ def reproducible(seed: int) -> Iterator[torch.Generator]:
         yield torch.Generator().manual_seed(seed)
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+def shuffled_batches(
+    n: int,
+    batch_size: int,
+    gen: torch.Generator,
+    desc: str,
+    progress: bool,
+    losses: list[float],
+) -> Iterator[torch.Tensor]:
+    """One epoch's index batches: a fresh permutation of ``range(n)`` drawn from ``gen`` (when
+    iteration starts), in slices of ``batch_size``, under a progress bar that shows the last of
+    ``losses`` (the caller appends to it)."""
+    perm = torch.randperm(n, generator=gen)
+    bar = tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False)
+    for s in bar:
+        yield perm[s : s + batch_size]
+        if losses:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Backpropagate ``loss``, step ``opt``; returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
 
 
 @dataclass(frozen=True)
@@ -136,4 +165,11 @@ def fit(
     return state
 
 
-__all__ = ["FitState", "Validation", "fit", "reproducible"]
+__all__ = [
+    "FitState",
+    "Validation",
+    "fit",
+    "optimizer_step",
+    "reproducible",
+    "shuffled_batches",
+]

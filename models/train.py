@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
 from models.encoders import ClipBackbone, MiniLmEffNetBackbone
@@ -55,7 +54,7 @@ from models.features import (
     entity_inputs,
     mention_inputs,
 )
-from models.fit import FitState, Validation, fit, reproducible
+from models.fit import FitState, Validation, fit, optimizer_step, reproducible, shuffled_batches
 from models.mimic import UNITS, MimicFeatures, MimicScores, in_batch_loss
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none, mention_text
@@ -278,17 +277,10 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
                 model, feats, train_mentions, gold_row, cfg.hard_negative_pool
             )
             logger.info("hard negatives mined in %.1fs", time.perf_counter() - t_mine)
-        perm = torch.randperm(len(train_mentions), generator=gen)
-        losses = []
-        bar = tqdm(
-            range(0, len(perm), cfg.batch_size),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            leave=False,
-        )
-        for s in bar:
-            idx = perm[s : s + cfg.batch_size]
+        losses: list[float] = []
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        n = len(train_mentions)
+        for idx in shuffled_batches(n, cfg.batch_size, gen, desc, cfg.progress, losses):
             if len(idx) < 2:
                 continue  # in-batch negatives need at least two mentions
             if feats is not None:
@@ -310,12 +302,7 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
                 scores = MimicScores(
                     *(torch.cat([getattr(scores, f), getattr(own, f)], dim=1) for f in SCORE_FIELDS)
                 )
-            loss = in_batch_loss(scores, units)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            losses.append(optimizer_step(opt, in_batch_loss(scores, units)))
         return float(np.mean(losses))
 
     def validate(epoch: int) -> Validation:

@@ -1,11 +1,14 @@
-"""The shared epoch loop (models/fit.py) on scripted losses and validation scores."""
+"""The shared epoch loop (models/fit.py) on scripted losses and validation scores, and its
+batching and optimiser-step helpers."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from models.fit import FitState, Validation, fit
+import torch
+
+from models.fit import FitState, Validation, fit, optimizer_step, shuffled_batches
 
 
 class Script:
@@ -88,3 +91,19 @@ def test_nothing_to_do_when_every_epoch_is_done() -> None:
     sc = Script({})
     state = sc.run(FitState((0.5,), 1, 4, [{"epoch": 4}]), 4, patience=3)
     assert sc.trained == [] and state.history == [{"epoch": 4}] and not state.stopped_early
+
+
+def test_shuffled_batches_slice_one_permutation_drawn_from_the_generator() -> None:
+    losses: list[float] = []
+    got = list(shuffled_batches(10, 4, torch.Generator().manual_seed(3), "t", False, losses))
+    want = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    assert [len(b) for b in got] == [4, 4, 2]
+    assert torch.equal(torch.cat(got), want)
+
+
+def test_optimizer_step_descends_and_returns_the_loss() -> None:
+    w = torch.nn.Parameter(torch.tensor([2.0]))
+    opt = torch.optim.SGD([w], lr=0.25)
+    assert optimizer_step(opt, (w**2).sum()) == 4.0
+    assert w.item() == 2.0 - 0.25 * 4.0  # one step along the gradient 2w
+    assert optimizer_step(opt, (w**2).sum()) == 1.0
