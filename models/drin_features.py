@@ -46,9 +46,6 @@ computes only the mention side.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -56,9 +53,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from models.checkpoint import PretrainedModule
 from models.data.schema import find_span
 from models.drin import DrinConfig, DrinInputs, DrinModel, DrinOutput
 from models.encoders import Backbone, ClipBackbone, ImageFeatures, TextFeatures
@@ -305,8 +302,14 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
     return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 
-class DrinReranker(nn.Module):
-    """Initial edges from DRIN parts + the DRIN graph (models/drin.py)."""
+class DrinReranker(PretrainedModule):
+    """Initial edges from DRIN parts + the DRIN graph (models/drin.py). Its checkpoint
+    (models/checkpoint.py) stores the whole state, the fitted alignment included."""
+
+    checkpoint_format = DRIN_FORMAT
+    checkpoint_version = DRIN_VERSION
+    checkpoint_kind = "DRIN"
+    config_class = DrinRerankerConfig
 
     def __init__(self, config: DrinRerankerConfig) -> None:
         super().__init__()
@@ -314,7 +317,6 @@ class DrinReranker(nn.Module):
         d = config.drin
         self.drin = DrinModel(d)
         self.align = CrossModalAlignment(config.alignment, d.image_dim, d.text_dim)
-        self.meta: dict[str, Any] = {}
 
     def initial_edges(self, m: DrinMentionParts, e: DrinEntityParts) -> Tensor:
         """(B, K, 4) initial (tt, ti, it, ii) weights of B mentions x their K candidates."""
@@ -340,45 +342,9 @@ class DrinReranker(nn.Module):
         return self.drin(self.inputs(m, e), candidate_mask)
 
     # ------------------------------------------------------------------ checkpoint
-    def save_pretrained(
-        self, folder: str | os.PathLike[str], meta: dict[str, Any] | None = None
-    ) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(folder / "model.safetensors")
-        self.meta = {**self.meta, **(meta or {})}
-        doc = {
-            "format": DRIN_FORMAT,
-            "version": DRIN_VERSION,
-            **self.config.to_dict(),
-            "meta": self.meta,
-        }
-        (folder / "config.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        return folder
-
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike[str]) -> DrinReranker:
-        folder = Path(folder)
-        path = folder / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder} is not a DRIN checkpoint (no config.json)")
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != DRIN_FORMAT or doc.get("version", 0) > DRIN_VERSION:
-            raise ValueError(f"{folder}: not a {DRIN_FORMAT} v<={DRIN_VERSION} checkpoint")
-        model = cls(DrinRerankerConfig.from_dict(doc))
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        model.meta = doc.get("meta", {})
-        return model.eval()
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.float().cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+    def from_config(cls, config: DrinRerankerConfig, folder: Path) -> DrinReranker:
+        return cls(config)
 
 
 def check_compatible(drin: DrinReranker, model: Any) -> None:

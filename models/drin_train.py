@@ -39,7 +39,6 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
 from models.drin import margin_ranking_loss
@@ -53,15 +52,15 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.evaluate import candidate_ranks, emit_json, entity_records
+from models.evaluate import emit_json
 from models.features import DatasetFeatures, FeatureTable, dataset_features
+from models.fit import FitState, Validation, fit, optimizer_step, reproducible, shuffled_batches
+from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
-from models.train import reproducible
+from models.scoring import entity_records
 
 logger = logging.getLogger(__name__)
-
-HITS = (1, 5, 10, 20)
 
 
 # ---------------------------------------------------------------------- parts of a dataset
@@ -188,13 +187,9 @@ def insert_gold(candidates: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Ten
 
 
 # ---------------------------------------------------------------------- metrics
-def candidate_metrics(ranks: torch.Tensor, k: int) -> dict[str, float]:
-    found = ranks > 0
-    out = {f"Top-{h}": float(((ranks <= h) & found).float().mean()) for h in HITS if h <= k}
-    rr = torch.where(found, 1.0 / ranks.clamp_min(1).float(), torch.zeros(len(ranks)))
-    out["MRR"] = float(rr.mean())
-    out[f"recall@{k}"] = float(found.float().mean())
-    return out
+# bench/drin_quality.py imports ``candidate_metrics`` (the DRIN columns) and
+# ``candidate_ranks`` from here; both live in models/metrics.py.
+candidate_metrics = drin_candidate_metrics
 
 
 @torch.inference_mode()
@@ -238,8 +233,8 @@ def evaluate_drin(
     out: dict[str, Any] = {
         "candidates": k,
         "mentions": len(split),
-        "drin": candidate_metrics(candidate_ranks(d_scores, split.candidates, split.gold), k),
-        "retrieval": candidate_metrics(
+        "drin": drin_candidate_metrics(candidate_ranks(d_scores, split.candidates, split.gold), k),
+        "retrieval": drin_candidate_metrics(
             candidate_ranks(split.retrieval, split.candidates, split.gold), k
         ),
         "drin_seconds": round(d_secs, 2),
@@ -252,7 +247,9 @@ def evaluate_drin(
     }
     if with_mimic:
         m_scores = mimic_scores(data, split)
-        out["mimic"] = candidate_metrics(candidate_ranks(m_scores, split.candidates, split.gold), k)
+        out["mimic"] = drin_candidate_metrics(
+            candidate_ranks(m_scores, split.candidates, split.gold), k
+        )
     return out
 
 
@@ -333,66 +330,52 @@ def _train_drin(
     for p in drin.align.parameters():
         p.requires_grad_(False)  # fitted in closed form, fixed like the released CLIP edges
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] = (-1.0, -1.0)
-    bad = 0
     meta = {
         "mimic_model": str(cfg.model),
         "mimic_fingerprint": model.fingerprint(),
         "backbone_weights": model.encoder.backbone.weights_fingerprint(),
         "train_config": asdict(cfg),
     }
-    for epoch in range(cfg.epochs):
+
+    def train_epoch(epoch: int) -> float:
         drin.train()
-        perm = torch.randperm(len(train), generator=gen)
-        losses = []
-        bar = tqdm(
-            range(0, len(perm), cfg.batch_size),
-            desc=f"drin epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            leave=False,
-        )
-        for s in bar:
-            idx = perm[s : s + cfg.batch_size]
+        losses: list[float] = []
+        desc = f"drin epoch {epoch + 1}/{cfg.epochs}"
+        for idx in shuffled_batches(len(train), cfg.batch_size, gen, desc, cfg.progress, losses):
             outp = drin(train.parts.map(lambda t, idx=idx: t[idx]), data.gather(cand[idx]))
             loss = margin_ranking_loss(outp.scores, gold_col[idx], cfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(optimizer_step(opt, loss))
+        return float(np.mean(losses))
+
+    def validate(epoch: int) -> Validation:
         metrics = evaluate_drin(drin, data, val, with_mimic=False)
-        rec = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "val": metrics["drin"],
-            "seconds": round(time.perf_counter() - t_start, 1),
-        }
-        history.append(rec)
-        key = (metrics["drin"]["Top-1"], metrics["drin"]["MRR"])
-        logger.info(
-            "drin epoch %d loss %.4f | %s Top-1 %.2f MRR %.2f (retrieval Top-1 %.2f)",
-            epoch + 1,
-            rec["loss"],
-            cfg.val_split,
-            100 * key[0],
-            100 * key[1],
-            100 * metrics["retrieval"]["Top-1"],
+        d, r = metrics["drin"], metrics["retrieval"]
+        summary = (
+            f"{cfg.val_split} Top-1 {100 * d['Top-1']:.2f} MRR {100 * d['MRR']:.2f} "
+            f"(retrieval Top-1 {100 * r['Top-1']:.2f})"
         )
-        if key > best:
-            best, bad = key, 0
-            drin.save_pretrained(out / "best", meta={**meta, "epoch": epoch + 1, "val": metrics})
-        else:
-            bad += 1
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        if bad >= cfg.patience:
-            logger.info("early stop: %d epochs without a better %s Top-1", bad, cfg.val_split)
-            break
+        return Validation((d["Top-1"], d["MRR"]), metrics, d, summary)
+
+    def save_best(epoch: int, val: Validation) -> None:
+        drin.save_pretrained(out / "best", meta={**meta, "epoch": epoch + 1, "val": val.metrics})
+
+    state = fit(
+        FitState(best=(-1.0, -1.0)),  # best dev (Top-1, MRR)
+        cfg.epochs,
+        train_epoch,
+        validate,
+        save_best,
+        patience=cfg.patience,
+        criterion=f"{cfg.val_split} Top-1",
+        history_file=out / "history.json",
+        started=t_start,
+        label="drin epoch",
+    )
     drin.save_pretrained(out / "last", meta=meta)
     return {
-        "best_val_top1": best[0],
-        "best_val_mrr": best[1],
-        "epochs_run": len(history),
+        "best_val_top1": state.best[0],
+        "best_val_mrr": state.best[1],
+        "epochs_run": len(state.history),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 

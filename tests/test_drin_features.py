@@ -22,15 +22,9 @@ from models.drin_features import (
     span_token_mask,
     top_regions,
 )
-from models.drin_train import (
-    DrinTrainConfig,
-    candidate_metrics,
-    candidate_ranks,
-    eval_main,
-    insert_gold,
-    train_drin,
-)
+from models.drin_train import DrinTrainConfig, eval_main, insert_gold, train_drin
 from models.encoders import MiniLmEffNetBackbone
+from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.model import LinkingModel
 from models.preprocess import TextTokenizer
 from models.train import TrainConfig, train
@@ -189,7 +183,7 @@ def test_candidate_ranks_and_metrics() -> None:
     gold = torch.tensor([7, 1, 0])
     ranks = candidate_ranks(scores, cand, gold)
     assert ranks.tolist() == [2, 1, 0]  # ties keep the retrieval order; 0 = not retrieved
-    m = candidate_metrics(ranks, 3)
+    m = drin_candidate_metrics(ranks, 3)
     assert m["Top-1"] == pytest.approx(1 / 3) and m["recall@3"] == pytest.approx(2 / 3)
     assert m["MRR"] == pytest.approx((0.5 + 1.0) / 3)
     lists, col = insert_gold(cand, gold)
@@ -199,7 +193,7 @@ def test_candidate_ranks_and_metrics() -> None:
 def test_train_and_eval_drin_end_to_end(
     tiny_world: Path, tiny_clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # DRIN trains under torch's deterministic kernels (models.train.reproducible), then restores
+    # DRIN trains under torch's deterministic kernels (models.fit.reproducible), then restores
     deterministic_during: list[bool] = []
     real_fit = drin_train.fit_alignment
 

@@ -1,4 +1,5 @@
-"""Full-KB scoring fast path == MimicMatcher.score_precomputed; retrieval-restricted ranking."""
+"""Full-KB scoring fast path (models/scoring.py) == MimicMatcher.score_precomputed;
+retrieval-restricted ranking (models/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,19 @@ import pytest
 import torch
 
 from models.data.schema import load_dataset
-from models.evaluate import (
-    candidate_ranks,
+from models.evaluate import evaluate_split
+from models.features import dataset_features
+from models.metrics import candidate_ranks, gold_ranks
+from models.mimic import MimicConfig, MimicFeatures, MimicMatcher, in_batch_loss
+from models.model import LinkingModel
+from models.scoring import (
     entity_records,
-    evaluate_split,
-    score_all,
+    project_rows,
+    score_all_units,
     score_block,
     tglu_shared,
     vdlu_groups,
 )
-from models.features import dataset_features
-from models.metrics import gold_ranks
-from models.mimic import MimicConfig, MimicFeatures, MimicMatcher, in_batch_loss
-from models.model import LinkingModel
 from tests.reference_mimic import randomise_layernorms
 
 CFG = MimicConfig(dt=32, dv=12, tglu_hidden_dim=16, idlu_hidden_dim=16, cmfu_hidden_dim=16)
@@ -148,11 +149,12 @@ def test_score_all_equals_score_precomputed_on_a_dataset(
     feats = dataset_features(model.encoder, ds, None, batch_size=8)
     records = entity_records(model, feats.entities)
     rows = torch.arange(len(feats.mentions))
-    fast = score_all(model, records, feats.mentions, rows, batch_size=5, progress=False)
+    fast = score_all_units(model, records, feats.mentions, rows, batch_size=5, progress=False)
     with torch.inference_mode():
         text, image = feats.mentions.gather(rows, feats.mentions.first_image_rows(rows))
-        ref = model.matcher.score_precomputed(model.encoder.project(text, image), records).score
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+        ref = model.matcher.score_precomputed(model.encoder.project(text, image), records)
+    for f in ("score", "tglu", "vdlu", "cmfu"):
+        torch.testing.assert_close(getattr(fast, f), getattr(ref, f), atol=1e-5, rtol=1e-5)
 
 
 def test_retrieval_restricted_evaluation(tiny_world: Path, tiny_clip_dir: Path) -> None:
@@ -254,8 +256,6 @@ def test_vdlu_groups_mixed_images() -> None:
 
 
 def test_project_rows_equals_project(tiny_world: Path, tiny_clip_dir: Path) -> None:
-    from models.evaluate import project_rows
-
     model = _tiny_model(tiny_clip_dir, seed=3)
     ds = load_dataset(tiny_world)
     feats = dataset_features(model.encoder, ds, None, batch_size=8)
