@@ -89,7 +89,7 @@ def main() -> int:
                     print(f"round {r + 1}/{a.rounds}: {side}", flush=True)
                     runs[side].append(run_side(sides[side], a, tmp / f"{side}-{r}.json"))
         finally:
-            for side, path in sides.items():
+            for path in sides.values():
                 if path != ROOT:
                     subprocess.run(
                         ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
