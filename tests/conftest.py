@@ -126,3 +126,37 @@ def write_tiny_world(root: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_world(tmp_path_factory.mktemp("tiny-world"))
+
+
+@pytest.fixture(scope="session")
+def artifacts(
+    tiny_clip_dir: Path,
+    tiny_world: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path]:
+    """(model folder, index folder): a tiny random-weight model and the tiny world's index.
+
+    Shared by the HTTP tests (tests/test_service.py) and the OpenAPI fuzz
+    (tests/test_openapi_fuzz.py); read-only, so one build serves the whole session.
+    """
+    from index.build import BuildConfig, build
+    from models.encoders import ClipBackbone
+    from models.model import LinkingModel
+
+    root = tmp_path_factory.mktemp("svc")
+    torch.manual_seed(5)
+    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    model.save_pretrained(root / "model")
+    build(
+        BuildConfig(
+            kb=str(tiny_world / "kb.jsonl"),
+            model=str(root / "model"),
+            out=str(root / "index"),
+            chunk_size=8,
+            batch_size=8,
+            workers=2,
+            progress=False,
+            device="cpu",
+        )
+    )
+    return root / "model", root / "index"

@@ -31,7 +31,6 @@ from models.drin_features import (
     mention_parts,
     span_token_mask,
 )
-from models.encoders import ClipBackbone
 from models.model import LinkingModel
 from service.app import create_app
 from service.linker import Linker
@@ -42,31 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def artifacts(
-    tiny_clip_dir: Path,
-    tiny_world: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("svc")
-    torch.manual_seed(5)
-    model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
-    model.save_pretrained(root / "model")
-    build(
-        BuildConfig(
-            kb=str(tiny_world / "kb.jsonl"),
-            model=str(root / "model"),
-            out=str(root / "index"),
-            chunk_size=8,
-            batch_size=8,
-            workers=2,
-            progress=False,
-            device="cpu",
-        )
-    )
-    return root / "model", root / "index"
 
 
 @contextmanager
