@@ -161,6 +161,8 @@ async def fetch_image_url(
     url: str, max_bytes: int, timeout_s: float, max_redirects: int, allow_private: bool = False
 ) -> bytes:
     """GET an image over http(s) with SSRF protection, a byte cap and a total time limit."""
+    import httpx
+
     try:
         return await asyncio.wait_for(
             _fetch(url, max_bytes, max_redirects, allow_private), timeout_s
@@ -168,6 +170,11 @@ async def fetch_image_url(
     except TimeoutError as exc:
         raise ImageInputError(
             504, "image_url_timeout", f"fetching the image took more than {timeout_s}s"
+        ) from exc
+    except (httpx.HTTPError, OSError) as exc:
+        # refused, reset, TLS or protocol failure: the image host's fault, not ours
+        raise ImageInputError(
+            502, "image_url_failed", f"the image URL could not be fetched ({type(exc).__name__})"
         ) from exc
 
 
