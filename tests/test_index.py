@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 
 import index.build as build_mod
+import index.dedupe as dedupe_mod
+import index.writer as writer_mod
 from index.build import BuildConfig, add, build, finalize
+from index.errors import IncompleteBuildError
 from index.search import IndexSearcher
 from index.store import FAISS_FILE, STORE_DIR, EntityStore, IndexMismatchError, Manifest
 from models.drin_features import entity_parts
@@ -174,7 +177,7 @@ def test_sharded_build_and_merge_equals_single(
     shards = [tmp_path / f"s{i}" for i in range(3)]
     for i, d in enumerate(shards):
         build(_cfg(kb, model_dir, d, num_shards=3, shard_id=i))
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(IncompleteBuildError, match="missing"):
         finalize(
             tmp_path / "partial",
             shards[:2],
@@ -199,7 +202,7 @@ def test_kill_and_resume_equals_clean_build(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = build_mod._write_chunk
+    real = writer_mod.write_chunk
     calls = {"n": 0}
 
     def dying(folder: Path, *args: object) -> None:
@@ -210,12 +213,12 @@ def test_kill_and_resume_equals_clean_build(
             raise KeyboardInterrupt
         real(folder, *args)
 
-    monkeypatch.setattr(build_mod, "_write_chunk", dying)
+    monkeypatch.setattr(writer_mod, "write_chunk", dying)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         build(_cfg(kb, model_dir, out))
     assert len([p for p in (out / "chunks").iterdir() if not p.name.endswith(".tmp")]) == 2
-    monkeypatch.setattr(build_mod, "_write_chunk", real)
+    monkeypatch.setattr(writer_mod, "write_chunk", real)
     encoded = []
     monkeypatch.setattr(
         build_mod.ChunkEncoder, "encode", _spy(build_mod.ChunkEncoder.encode, encoded)
@@ -318,7 +321,7 @@ def test_hash_collisions_are_not_mistaken_for_duplicates(
     import index.store as store_mod
 
     # a terrible hash: every id of the same length collides; only true duplicates may be dropped
-    monkeypatch.setattr(build_mod, "id_hash", lambda s: len(s))
+    monkeypatch.setattr(dedupe_mod, "id_hash", lambda s: len(s))
     monkeypatch.setattr(store_mod, "id_hash", lambda s: len(s))
     out = tmp_path / "collide"
     m = build(_cfg(kb, model_dir, out))
