@@ -16,6 +16,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index.errors import EmptyTrainingSetError
+
 logger = logging.getLogger(__name__)
 
 # Batched searches go through BLAS at any batch size (measured: 64 queries on 110k vectors,
@@ -55,7 +57,7 @@ def build_index(
         logger.info("building %s on %d GPU(s)", factory, gpu_count())
     if not index.is_trained:
         if n == 0:
-            raise ValueError(f"{factory} needs training vectors, but the index is empty")
+            raise EmptyTrainingSetError(f"{factory} needs training vectors, but the index is empty")
         take = min(n, train_sample)
         rows = np.linspace(0, n - 1, take).astype(np.int64)
         sample = (

@@ -13,7 +13,23 @@ import torch
 from PIL import Image
 
 import index.build as build_mod
+import index.dedupe as dedupe_mod
+import index.writer as writer_mod
+from index import cli
 from index.build import BuildConfig, add, build, finalize
+from index.errors import (
+    DuplicateChunkError,
+    EmptyTrainingSetError,
+    ForeignChunksError,
+    IncompleteBuildError,
+    IndexBuildError,
+    InvalidShardError,
+    KBNotFoundError,
+    ModelMismatchError,
+    ShardMismatchError,
+)
+from index.reader import KBChunk
+from index.runner import Runner
 from index.search import IndexSearcher
 from index.store import FAISS_FILE, STORE_DIR, EntityStore, IndexMismatchError, Manifest
 from models.drin_features import entity_parts
@@ -174,7 +190,7 @@ def test_sharded_build_and_merge_equals_single(
     shards = [tmp_path / f"s{i}" for i in range(3)]
     for i, d in enumerate(shards):
         build(_cfg(kb, model_dir, d, num_shards=3, shard_id=i))
-    with pytest.raises(SystemExit, match="missing"):
+    with pytest.raises(IncompleteBuildError, match="missing"):
         finalize(
             tmp_path / "partial",
             shards[:2],
@@ -199,7 +215,7 @@ def test_kill_and_resume_equals_clean_build(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = build_mod._write_chunk
+    real = writer_mod.write_chunk
     calls = {"n": 0}
 
     def dying(folder: Path, *args: object) -> None:
@@ -210,12 +226,12 @@ def test_kill_and_resume_equals_clean_build(
             raise KeyboardInterrupt
         real(folder, *args)
 
-    monkeypatch.setattr(build_mod, "_write_chunk", dying)
+    monkeypatch.setattr(writer_mod, "write_chunk", dying)
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         build(_cfg(kb, model_dir, out))
     assert len([p for p in (out / "chunks").iterdir() if not p.name.endswith(".tmp")]) == 2
-    monkeypatch.setattr(build_mod, "_write_chunk", real)
+    monkeypatch.setattr(writer_mod, "write_chunk", real)
     encoded = []
     monkeypatch.setattr(
         build_mod.ChunkEncoder, "encode", _spy(build_mod.ChunkEncoder.encode, encoded)
@@ -318,7 +334,7 @@ def test_hash_collisions_are_not_mistaken_for_duplicates(
     import index.store as store_mod
 
     # a terrible hash: every id of the same length collides; only true duplicates may be dropped
-    monkeypatch.setattr(build_mod, "id_hash", lambda s: len(s))
+    monkeypatch.setattr(dedupe_mod, "id_hash", lambda s: len(s))
     monkeypatch.setattr(store_mod, "id_hash", lambda s: len(s))
     out = tmp_path / "collide"
     m = build(_cfg(kb, model_dir, out))
@@ -363,3 +379,146 @@ def test_a_changed_kb_is_rebuilt_not_reused(model_dir: Path, tmp_path: Path) -> 
     s = EntityStore(out)
     assert s.row_of("Q6") == 6
     s.close()
+
+
+# ------------------------------------------------------- typed user errors, and the CLI's codes
+
+
+@pytest.fixture(scope="module")
+def small(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 5-entity KB in chunks of 2 (3 chunks), shard 0 of 2 built, shard 1 not."""
+    root = tmp_path_factory.mktemp("small")
+    kb_file = root / "kb.jsonl"
+    kb_file.write_text("\n".join(_entity_lines(root, 0, 5)) + "\n")
+    s0 = root / "s0"
+    build(_cfg(kb_file, model_dir, s0, chunk_size=2, num_shards=2, shard_id=0))
+    return {"root": root, "kb": kb_file, "s0": s0}
+
+
+def _other_model(tiny_clip_dir: Path) -> LinkingModel:
+    torch.manual_seed(99)
+    return LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+
+
+def test_library_raises_typed_errors_not_system_exit(
+    small: dict[str, Path], model_dir: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    kb_file, s0 = small["kb"], small["s0"]
+    model = LinkingModel.from_pretrained(model_dir)
+    with pytest.raises(InvalidShardError, match=r"outside \[0, num_shards=2\)"):
+        _cfg(kb_file, model_dir, tmp_path / "x", num_shards=2, shard_id=2)
+    with pytest.raises(KBNotFoundError, match="no KB file at") as missing:
+        build(_cfg(tmp_path / "nope.jsonl", model_dir, tmp_path / "x"))
+    assert isinstance(missing.value, FileNotFoundError)  # what it was before it was typed
+    with pytest.raises(ForeignChunksError, match="use a new --out"):
+        build(_cfg(kb_file, model_dir, s0, chunk_size=3, num_shards=2, shard_id=0))
+    with pytest.raises(IncompleteBuildError, match=r"1 chunk\(s\) missing \(e\.g\. \[1\]\)"):
+        finalize(tmp_path / "m", [s0], model, "Flat", device="cpu")
+    with pytest.raises(DuplicateChunkError, match="chunk 0 appears in both"):
+        finalize(tmp_path / "m", [s0, s0], model, "Flat", device="cpu")
+    three = tmp_path / "t1"
+    build(_cfg(kb_file, model_dir, three, chunk_size=2, num_shards=3, shard_id=1))
+    with pytest.raises(ShardMismatchError, match="belongs to a different build"):
+        finalize(tmp_path / "m", [s0, three], model, "Flat", device="cpu")
+    s1 = tmp_path / "s1"
+    build(_cfg(kb_file, model_dir, s1, chunk_size=2, num_shards=2, shard_id=1))
+    other = _other_model(tiny_clip_dir)
+    with pytest.raises(ModelMismatchError, match="chunks were encoded by model"):
+        finalize(tmp_path / "m", [s0, s1], other, "Flat", device="cpu")
+    finalize(tmp_path / "m", [s0, s1], model, "Flat", device="cpu")
+    with pytest.raises(IndexMismatchError, match="rebuild the index") as mismatch:
+        add(tmp_path / "m", str(kb_file), other, chunk_size=2, device="cpu", progress=False)
+    assert isinstance(mismatch.value, ModelMismatchError)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "x"}\n')  # no valid entity: nothing to train IVF on
+    with pytest.raises(EmptyTrainingSetError, match="needs training vectors") as untrained:
+        build(_cfg(empty, model_dir, tmp_path / "ivf", factory="IVF4,Flat"))
+    assert isinstance(untrained.value, ValueError)
+    for err in (missing, mismatch, untrained):
+        assert isinstance(err.value, IndexBuildError)
+
+
+def _last_line(text: str) -> str:
+    return text.rstrip("\n").splitlines()[-1]
+
+
+def test_cli_turns_errors_into_exit_codes_and_messages(
+    small: dict[str, Path],
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    kb_file, s0 = str(small["kb"]), str(small["s0"])
+    common = ["--model", str(model_dir), "--device", "cpu"]
+    # a bad flag combination: argparse's usage message, exit 2, before any model is loaded
+    with pytest.raises(SystemExit) as bad:
+        cli.main(
+            [
+                "build",
+                "--kb",
+                kb_file,
+                "--out",
+                "x",
+                *common,
+                "--num-shards",
+                "2",
+                "--shard-id",
+                "2",
+            ]
+        )
+    assert bad.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mel-index")
+    assert _last_line(err) == "mel-index: error: --shard-id must be in [0, --num-shards)"
+    # user errors: the message alone on stderr (what SystemExit(msg) printed before), exit 1
+    missing = str(tmp_path / "nope.jsonl")
+    assert cli.main(["build", "--kb", missing, "--out", str(tmp_path / "x"), *common]) == 1
+    assert _last_line(capsys.readouterr().err) == f"no KB file at {missing}"
+    assert cli.main(["merge", "--out", str(tmp_path / "m"), *common, s0]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert _last_line(captured.err) == (
+        "incomplete build: 1 chunk(s) missing (e.g. [1]); "
+        "run the remaining shards (or re-run a killed one) first"
+    )
+    # success: the summary JSON on stdout, exit 0; the same bytes as a library build
+    out = tmp_path / "cli"
+    argv = ["build", "--kb", kb_file, "--out", str(out), *common, "--no-progress"]
+    assert cli.main([*argv, "--chunk-size", "2", "--batch-size", "5", "--workers", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {
+        "entities": 5,
+        "factory": "Flat",
+        "store_bytes_per_entity": Manifest.load(out).store_bytes_per_entity,
+        "bad_entities": 0,
+    }
+    lib = tmp_path / "lib"
+    build(_cfg(small["kb"], model_dir, lib, chunk_size=2))
+    assert _store_bytes(out) == _store_bytes(lib)
+    assert (out / FAISS_FILE).read_bytes() == (lib / FAISS_FILE).read_bytes()
+    # the console script installed before the CLI moved still reaches it
+    assert build_mod.main(["merge", "--out", str(tmp_path / "m"), *common, s0]) == 1
+
+
+def test_runner_moves_chunks_through_the_stages_in_order() -> None:
+    from models.data.schema import Entity, RecordReport
+
+    chunks = [KBChunk(c, 3, [Entity(f"Q{c}", "n")], RecordReport()) for c in range(3)]
+    events: list[str] = []
+
+    class Encoder:
+        def encode(self, entities: list[Entity], report: RecordReport) -> dict[str, np.ndarray]:
+            events.append(f"encode {entities[0].id}")
+            return {"f": np.zeros((len(entities), 2), "<f2")}
+
+    class Writer:
+        def write(self, chunk: KBChunk, fields: dict[str, np.ndarray]) -> None:
+            events.append(f"write {chunk.index} {fields['f'].shape}")
+
+    stats = Runner(iter(chunks), Encoder(), Writer())(lambda c: events.append(f"done {c.index}"))
+    assert events == [
+        e for c in range(3) for e in (f"encode Q{c}", f"write {c} (1, 2)", f"done {c}")
+    ]
+    assert (stats.chunks, stats.lines, stats.entities) == (3, 9, 3)
+    assert min(stats.read_s, stats.encode_s, stats.write_s) >= 0.0
+    assert stats.seconds == stats.read_s + stats.encode_s + stats.write_s

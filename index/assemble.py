@@ -1,0 +1,215 @@
+"""Encoded chunks -> an index folder: the store, the id table, the manifest and FAISS.
+
+``finalize`` concatenates a complete set of chunks (from one build folder, or from the shard
+folders of a sharded build) in KB order into a fresh folder, dropping duplicate ids (counted).
+``extend_index`` appends chunks to an existing folder without touching the old rows, and adds
+their vectors to its FAISS index.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from index.ann import build_index
+from index.dedupe import IdDeduper
+from index.encode import store_fields
+from index.errors import ModelMismatchError
+from index.shards import collect_chunks
+from index.store import (
+    ENTITIES_FILE,
+    FAISS_FILE,
+    OFFSETS_FILE,
+    STORE_DIR,
+    EntityStore,
+    Manifest,
+    write_id_table,
+)
+from index.writer import append_chunks, report_from_json, write_faiss
+from models.data.schema import RecordReport
+from models.mimic import MimicEntityRecord
+from models.model import LinkingModel
+
+logger = logging.getLogger(__name__)
+
+RETRIEVAL_VECTOR = (
+    "[LN(text_cls) ; h_e]: MIMIC's text_cls after its LayerNorm and the whole "
+    "CMFU entity vector; query [LN(m.text_cls)/2 ; h_m], so query.key = "
+    "g2g/2 + S_C, the exactly decomposable part of 3 x MIMIC's score"
+)
+ADD_BLOCK = 65_536  # retrieval vectors derived and added to FAISS at a time
+
+
+def retrieval_keys(store: EntityStore, model: LinkingModel, start: int, end: int) -> np.ndarray:
+    """float32 retrieval vectors of store rows [start, end) (derived, not stored twice)."""
+    rec = MimicEntityRecord(
+        *(
+            torch.from_numpy(store.rows(f, np.arange(start, end))).float()
+            for f in MimicEntityRecord.field_names()
+        )
+    )
+    with torch.inference_mode():
+        return model.matcher.retrieval_keys(rec).numpy()
+
+
+def _build_faiss(
+    out: Path, model: LinkingModel, factory: str, train_sample: int, use_gpu: bool
+) -> None:
+    store = EntityStore(out)
+    try:
+        index = build_index(
+            model.matcher.retrieval_dim(),
+            factory,
+            len(store),
+            lambda s, e: retrieval_keys(store, model, s, e),
+            train_sample=train_sample,
+            use_gpu=use_gpu,
+        )
+    finally:
+        store.close()
+    write_faiss(index, out)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from index import __version__ as ours
+
+    return {
+        "mel-service": ours,
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def finalize(
+    out: Path,
+    shard_dirs: Sequence[Path],
+    model: LinkingModel,
+    factory: str,
+    train_sample: int = 100_000,
+    device: str = "auto",
+    build_seconds: float = 0.0,
+) -> Manifest:
+    """Concatenate a complete set of chunks into the index folder ``out``."""
+    t0 = time.perf_counter()
+    chunks, info = collect_chunks(shard_dirs)
+    if info["model_fingerprint"] != model.fingerprint():
+        raise ModelMismatchError(
+            f"chunks were encoded by model {info['model_fingerprint']}, not {model.fingerprint()}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (ENTITIES_FILE, OFFSETS_FILE, FAISS_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STORE_DIR, ignore_errors=True)
+    report = RecordReport()
+    fields = store_fields(model, bool(info.get("drin_fields", False)))
+    n, hashes = append_chunks(out, chunks, IdDeduper(chunks, None), 0, report, list(fields))
+    write_id_table(out, hashes)
+    per_entity = sum(2 * int(np.prod(s)) for s in fields.values())
+    manifest = Manifest(
+        model_fingerprint=model.fingerprint(),
+        backbone=model.config.encoder.backend,
+        metric="inner_product",
+        factory=factory,
+        retrieval_dim=model.matcher.retrieval_dim(),
+        entity_count=n,
+        store_fields=fields,
+        retrieval_vector=RETRIEVAL_VECTOR,
+        built_at=_now(),
+        versions=_versions(),
+        git_commit=_git_commit(),
+        bad_entities=report.to_json(),
+        store_bytes_per_entity=per_entity,
+    )
+    manifest.save(out)  # the store is readable from here on; FAISS comes next
+    _build_faiss(out, model, factory, train_sample, use_gpu=device != "cpu")
+    manifest.build_seconds = round(build_seconds + time.perf_counter() - t0, 2)
+    manifest.save(out)
+    report.log(f"index {out}")
+    logger.info("index %s: %d entities, %s, %d store bytes/entity", out, n, factory, per_entity)
+    return manifest
+
+
+def extend_index(
+    out: Path,
+    manifest: Manifest,
+    shard_dir: Path,
+    model: LinkingModel,
+    kb: str,
+    encode_seconds: float = 0.0,
+) -> Manifest:
+    """Append the chunks of ``shard_dir`` (encoded by ``model``) to the index folder ``out``.
+
+    Ids already in the index, or repeated among the new entities, are counted as duplicates and
+    skipped. FAISS gets the new vectors with ``add`` (Flat, HNSW and trained IVF support it).
+    The manifest's count, bad entities and history are updated and saved."""
+    t0 = time.perf_counter()
+    chunks, _ = collect_chunks([shard_dir])
+    report = RecordReport()
+    start = manifest.entity_count
+    store = EntityStore(out, manifest)
+    try:
+        added, new_hashes = append_chunks(
+            out, chunks, IdDeduper(chunks, store), start, report, list(manifest.store_fields)
+        )
+        row_hashes = np.empty(start, dtype=np.uint64)  # the id table in row order
+        row_hashes[np.asarray(store.id_rows)] = np.asarray(store.id_hashes)
+    finally:
+        store.close()
+    write_id_table(out, np.concatenate([row_hashes, new_hashes]))
+    manifest.entity_count = start + added
+    index = faiss.read_index(str(out / FAISS_FILE))
+    store = EntityStore(out, manifest)
+    try:
+        for s in range(start, start + added, ADD_BLOCK):
+            index.add(retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK)))
+    finally:
+        store.close()
+    write_faiss(index, out)
+    merged = report_from_json(manifest.bad_entities)
+    merged.merge(report)
+    manifest.bad_entities = merged.to_json()
+    manifest.history.append(
+        {
+            "added": added,
+            "kb": str(Path(kb).resolve()),
+            "seconds": round(encode_seconds + time.perf_counter() - t0, 2),
+            "at": _now(),
+            "bad_entities": report.to_json(),
+        }
+    )
+    manifest.save(out)
+    return manifest
+
+
+__all__ = ["RETRIEVAL_VECTOR", "extend_index", "finalize", "retrieval_keys"]

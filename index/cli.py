@@ -1,0 +1,152 @@
+"""``mel-index``: the offline job, KB (canonical format) + model -> index folder.
+
+    mel-index build --kb artifacts/demo-world/kb.jsonl --model artifacts/demo-model/best \\
+                    --out artifacts/demo-index [--factory Flat|HNSW32|IVF1024,PQ32]
+    # the same on N machines / processes, then one merge:
+    mel-index build ... --num-shards 4 --shard-id 2 --out shards/2
+    mel-index merge --out artifacts/index shards/0 shards/1 shards/2 shards/3
+    # append new entities without re-encoding the old ones:
+    mel-index add --index artifacts/demo-index --kb new_entities.jsonl
+
+How it works. The KB is streamed in chunks of ``--chunk-size`` raw lines; chunk c belongs to
+shard ``c % num_shards``. Each chunk is parsed (bad records counted), its images decoded by a
+thread pool, encoded in batches (GPU when present), turned into MIMIC's per-entity records
+(``MimicMatcher.precompute_entities``) and written atomically to ``<out>/chunks/cNNNNNN/``.
+A killed build re-run with the same arguments skips finished chunks, so it resumes from the
+last completed chunk with the same result. ``finalize`` (run by a 1-shard build, and by
+``merge``) concatenates chunks in KB order into the float16 store, the metadata files and the
+FAISS index, drops duplicate ids (counted), and writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from index.build import BuildConfig, add, build, finalize
+from index.errors import IndexBuildError, InvalidShardError
+from index.store import Manifest
+from models.model import LinkingModel
+
+# Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
+# gave before the errors were typed); 2 a bad command line (argparse's own code).
+EXIT_USER_ERROR = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mel-index", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="encode a KB (or one shard of it) into an index folder")
+    b.add_argument("--kb", required=True, help="kb.jsonl, or a canonical dataset folder")
+    b.add_argument("--model", required=True, help="checkpoint folder")
+    b.add_argument("--out", required=True)
+    b.add_argument(
+        "--factory", default="Flat", help="FAISS factory string (Flat, HNSW32, IVF1024,PQ32, ...)"
+    )
+    b.add_argument("--chunk-size", type=int, default=1024)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--num-shards", type=int, default=1)
+    b.add_argument("--shard-id", type=int, default=0)
+    b.add_argument("--workers", type=int, default=4)
+    b.add_argument("--train-sample", type=int, default=100_000)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--no-progress", action="store_true")
+    b.add_argument(
+        "--no-drin",
+        action="store_true",
+        help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
+    )
+    b.add_argument(
+        "--keep-chunks",
+        action="store_true",
+        help="keep <out>/chunks after finalizing (default: delete, they double disk)",
+    )
+    m = sub.add_parser("merge", help="combine the shard folders of a sharded build")
+    m.add_argument("--out", required=True)
+    m.add_argument("--model", required=True)
+    m.add_argument("--factory", default="Flat")
+    m.add_argument("--train-sample", type=int, default=100_000)
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("shards", nargs="+")
+    a_ = sub.add_parser("add", help="append new entities to an existing index folder")
+    a_.add_argument("--index", required=True)
+    a_.add_argument("--kb", required=True)
+    a_.add_argument("--model", required=True, help="the checkpoint the index was built with")
+    a_.add_argument("--batch-size", type=int, default=64)
+    a_.add_argument("--workers", type=int, default=4)
+    a_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def _summary(res: Manifest | dict[str, Any]) -> dict[str, Any]:
+    """What the command prints: a shard build's record, or the finished index's key figures."""
+    if isinstance(res, dict):
+        return res
+    return {
+        "entities": res.entity_count,
+        "factory": res.factory,
+        "store_bytes_per_entity": res.store_bytes_per_entity,
+        "bad_entities": res.bad_entities.get("total", 0),
+    }
+
+
+def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[str, Any]:
+    if a.command == "build":
+        try:
+            cfg = BuildConfig(
+                kb=a.kb,
+                model=a.model,
+                out=a.out,
+                factory=a.factory,
+                chunk_size=a.chunk_size,
+                batch_size=a.batch_size,
+                num_shards=a.num_shards,
+                shard_id=a.shard_id,
+                workers=a.workers,
+                train_sample=a.train_sample,
+                device=a.device,
+                progress=not a.no_progress,
+                drin_fields=not a.no_drin,
+            )
+        except InvalidShardError:
+            p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
+        return build(cfg, keep_chunks=a.keep_chunks)
+    if a.command == "merge":
+        model = LinkingModel.from_pretrained(a.model)
+        return finalize(
+            Path(a.out), [Path(s) for s in a.shards], model, a.factory, a.train_sample, a.device
+        )
+    return add(
+        a.index,
+        a.kb,
+        LinkingModel.from_pretrained(a.model),
+        a.batch_size,
+        a.workers,
+        device=a.device,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    p = _parser()
+    a = p.parse_args(argv)
+    try:
+        res = _run(p, a)
+    except IndexBuildError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(json.dumps(_summary(res), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
