@@ -3,7 +3,8 @@
 ``finalize`` concatenates a complete set of chunks (from one build folder, or from the shard
 folders of a sharded build) in KB order into a fresh folder, dropping duplicate ids (counted).
 ``extend_index`` appends chunks to an existing folder without touching the old rows, and adds
-their vectors to its FAISS index.
+their vectors to its FAISS index. Both then (re)build the folder's lexical index of names and
+aliases (:mod:`index.lexical`) from its ``entities.jsonl``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from index.ann import build_index
 from index.dedupe import IdDeduper
 from index.encode import store_fields
 from index.errors import ModelMismatchError
+from index.lexical import build_lexical
 from index.shards import collect_chunks
 from index.store import (
     ENTITIES_FILE,
@@ -153,6 +155,7 @@ def finalize(
     )
     manifest.save(out)  # the store is readable from here on; FAISS comes next
     _build_faiss(out, model, factory, train_sample, use_gpu=device != "cpu")
+    manifest.lexical = build_lexical(out, n)
     manifest.build_seconds = round(build_seconds + time.perf_counter() - t0, 2)
     manifest.save(out)
     report.log(f"index {out}")
@@ -171,8 +174,9 @@ def extend_index(
     """Append the chunks of ``shard_dir`` (encoded by ``model``) to the index folder ``out``.
 
     Ids already in the index, or repeated among the new entities, are counted as duplicates and
-    skipped. FAISS gets the new vectors with ``add`` (Flat, HNSW and trained IVF support it).
-    The manifest's count, bad entities and history are updated and saved."""
+    skipped. FAISS gets the new vectors with ``add`` (Flat, HNSW and trained IVF support it);
+    the lexical index is rebuilt over all rows (:func:`index.lexical.build_lexical`). The
+    manifest's count, bad entities and history are updated and saved."""
     t0 = time.perf_counter()
     chunks, _ = collect_chunks([shard_dir])
     report = RecordReport()
@@ -196,6 +200,9 @@ def extend_index(
     finally:
         store.close()
     write_faiss(index, out)
+    # the lexical index is rebuilt from entities.jsonl (streamed, nothing re-encoded): simple,
+    # and the idf of every gram stays exact
+    manifest.lexical = build_lexical(out, manifest.entity_count)
     merged = report_from_json(manifest.bad_entities)
     merged.merge(report)
     manifest.bad_entities = merged.to_json()

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from index.assemble import RETRIEVAL_VECTOR, extend_index, finalize, retrieval_keys
 from index.encode import ChunkEncoder, has_drin_fields
 from index.errors import InvalidShardError, KBNotFoundError, ModelMismatchError
+from index.lexical import rebuild_lexical
 from index.reader import KBReader, kb_file
 from index.runner import Runner
 from index.shards import SHARD_FILE, claim, same_kb, shard_record
@@ -117,7 +118,8 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
 def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, Any]:
     """Encode (this shard of) the KB; a 1-shard build also finalizes the index folder.
 
-    A finished 1-shard folder built by the same model with the same factory is reused as is.
+    A finished 1-shard folder built by the same model with the same factory is reused as is
+    (gaining the lexical index if it was built before that existed).
     """
     t0 = time.perf_counter()
     model = LinkingModel.from_pretrained(cfg.model)
@@ -131,6 +133,8 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
             and has_drin_fields(old.store_fields) == cfg.drin_fields
         ):
             logger.info("index %s is complete for this model and KB: reusing it", out)
+            if not old.lexical:  # built before the lexical channel: add it (no re-encoding)
+                old = rebuild_lexical(out)
             return old
         # a different model, factory or KB: build afresh (the old shard record must not block)
         (out / SHARD_FILE).unlink(missing_ok=True)
@@ -163,7 +167,8 @@ def add(
     """Append the entities of ``kb`` to an existing index folder (old ones are not re-encoded).
 
     Ids already in the index are counted as duplicates and skipped. FAISS gets the new vectors
-    with ``add`` (Flat, HNSW and trained IVF indexes support it)."""
+    with ``add`` (Flat, HNSW and trained IVF indexes support it); the lexical index of names
+    and aliases is rebuilt by streaming ``entities.jsonl`` (O(N), simple, no re-encoding)."""
     out = Path(index_dir)
     manifest = Manifest.load(out)
     try:

@@ -7,6 +7,8 @@
     mel-index merge --out artifacts/index shards/0 shards/1 shards/2 shards/3
     # append new entities without re-encoding the old ones:
     mel-index add --index artifacts/demo-index --kb new_entities.jsonl
+    # (re)build the lexical channel (trigram index of names + aliases) of an existing folder:
+    mel-index lexical --index artifacts/demo-index
 
 How it works. The KB is streamed in chunks of ``--chunk-size`` raw lines; chunk c belongs to
 shard ``c % num_shards``. Each chunk is parsed (bad records counted), its images decoded by a
@@ -15,7 +17,9 @@ thread pool, encoded in batches (GPU when present), turned into MIMIC's per-enti
 A killed build re-run with the same arguments skips finished chunks, so it resumes from the
 last completed chunk with the same result. ``finalize`` (run by a 1-shard build, and by
 ``merge``) concatenates chunks in KB order into the float16 store, the metadata files and the
-FAISS index, drops duplicate ids (counted), and writes the manifest.
+FAISS index, drops duplicate ids (counted), and writes the manifest. Every build and ``add``
+also (re)builds ``<index>/lexical/``, a character-trigram tf-idf index of entity names and
+aliases (:mod:`index.lexical`); ``lexical`` builds it for a folder made before it existed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from index.build import BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
+from index.lexical import rebuild_lexical
 from index.store import Manifest
 from models.model import LinkingModel
 
@@ -82,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     a_.add_argument("--batch-size", type=int, default=64)
     a_.add_argument("--workers", type=int, default=4)
     a_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lx = sub.add_parser(
+        "lexical",
+        help="(re)build the lexical index (trigram tf-idf of names and aliases) of a folder",
+    )
+    lx.add_argument("--index", required=True)
     return p
 
 
@@ -94,6 +104,7 @@ def _summary(res: Manifest | dict[str, Any]) -> dict[str, Any]:
         "factory": res.factory,
         "store_bytes_per_entity": res.store_bytes_per_entity,
         "bad_entities": res.bad_entities.get("total", 0),
+        "lexical": res.lexical,
     }
 
 
@@ -123,6 +134,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
         return finalize(
             Path(a.out), [Path(s) for s in a.shards], model, a.factory, a.train_sample, a.device
         )
+    if a.command == "lexical":
+        return rebuild_lexical(a.index)
     return add(
         a.index,
         a.kb,

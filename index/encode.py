@@ -21,6 +21,8 @@ from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none
 
+NAME_FIELD = "name_text"  # (text_dim,) the backbone's global text feature of the name alone
+
 
 class ChunkEncoder:
     """Decodes and encodes KB chunks into per-entity MIMIC records (and DRIN parts)."""
@@ -67,6 +69,9 @@ class ChunkEncoder:
             image = encoder.image_features(images)
             rec = self.model.matcher.precompute_entities(encoder.project(text, image))
             fields = {f: getattr(rec, f) for f in MimicEntityRecord.field_names()}
+            # the name alone through the text encoder: the fusion stage's zero-shot
+            # mention-vs-name cosine (the mention side is encoded the same way per request)
+            fields[NAME_FIELD] = encoder.text_features([e.name for e in batch]).global_
             if self.drin_fields:
                 has = torch.tensor([im is not None for im in images], device=text.global_.device)
                 fields.update(entity_parts(encoder.backbone, text, image, has).to_store())
@@ -89,6 +94,7 @@ def store_fields(model: LinkingModel, drin_fields: bool) -> dict[str, list[int]]
         "cmfu": [cfg.cmfu_hidden_dim],
     }
     assert list(d) == list(MimicEntityRecord.field_names())
+    d[NAME_FIELD] = [model.config.encoder.text_dim]
     if drin_fields:
         enc = model.config.encoder
         d.update(
@@ -106,4 +112,4 @@ def has_drin_fields(fields: dict[str, list[int]]) -> bool:
     return all(f in fields for f in DRIN_FIELDS)
 
 
-__all__ = ["ChunkEncoder", "has_drin_fields", "store_fields"]
+__all__ = ["NAME_FIELD", "ChunkEncoder", "has_drin_fields", "store_fields"]

@@ -2,7 +2,8 @@
 
 A pure reader (no model work, no training code): the server builds one ``IndexSearcher`` at
 start-up; the linker turns mentions into query vectors and hands them here, then reads the
-candidates' stored records for its reranker.
+candidates' stored records for its reranker. Folders that have it also answer the lexical
+channel: mention strings against entity names and aliases (:mod:`index.lexical`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from index.ann import search, set_search_params, to_search_device
+from index.lexical import LexicalIndex, has_lexical
 from index.store import FAISS_FILE, EntityStore, Manifest
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import DrinEntityParts
@@ -25,14 +27,45 @@ from models.mimic import MimicEntityRecord
 
 @dataclass(frozen=True)
 class Candidates:
-    """rows: (B, K) entity rows (-1 = none); retrieval: (B, K) retrieval scores."""
+    """Each mention's candidate list, (B, K) arrays: ``rows`` entity rows (-1 = none);
+    ``retrieval`` the dense retrieval score; ``from_dense`` / ``from_lexical`` which channel
+    found each; ``lexical`` the lexical channel's score (0 where it did not find it)."""
 
     rows: np.ndarray
     retrieval: np.ndarray
+    from_dense: np.ndarray
+    from_lexical: np.ndarray
+    lexical: np.ndarray
+
+    @classmethod
+    def dense(cls, rows: np.ndarray, retrieval: np.ndarray) -> Candidates:
+        """A list found by the dense channel alone."""
+        return cls(
+            rows,
+            retrieval,
+            rows >= 0,
+            np.zeros(rows.shape, dtype=bool),
+            np.zeros(rows.shape, dtype=np.float32),
+        )
 
     def take(self, idx: list[int], k: int) -> Candidates:
         """The first ``k`` candidates of the mentions ``idx``: (len(idx), k)."""
-        return Candidates(rows=self.rows[idx, :k], retrieval=self.retrieval[idx, :k])
+        return Candidates(
+            self.rows[idx, :k],
+            self.retrieval[idx, :k],
+            self.from_dense[idx, :k],
+            self.from_lexical[idx, :k],
+            self.lexical[idx, :k],
+        )
+
+
+@dataclass(frozen=True)
+class LexicalHits:
+    """rows: (B, K) entity rows (-1 = none); scores: (B, K) trigram tf-idf cosines of the
+    mention against each entity's best name or alias, in [0, 1] (0 at the padding)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
 
 
 class IndexSearcher:
@@ -58,6 +91,15 @@ class IndexSearcher:
             )
         set_search_params(index, ef_search=ef_search, nprobe=nprobe)
         self.index: Any = to_search_device(index, use_gpu)
+        self._lexical: LexicalIndex | None = None
+        if has_lexical(self.folder):  # folders built before the lexical channel have none
+            self._lexical = LexicalIndex(self.folder)
+            if self._lexical.entities != self.manifest.entity_count:
+                raise ValueError(
+                    f"{self.folder}: the lexical index covers {self._lexical.entities} "
+                    f"entities but the store {self.manifest.entity_count} (interrupted add?): "
+                    f"rebuild it with `mel-index lexical --index {self.folder}`"
+                )
 
     def __len__(self) -> int:
         return len(self.store)
@@ -65,7 +107,23 @@ class IndexSearcher:
     def search(self, queries: np.ndarray, k: int) -> Candidates:
         """Top ``k`` rows by inner product for float32 queries ``(B, dim)``."""
         scores, rows = search(self.index, np.ascontiguousarray(queries, dtype=np.float32), k)
-        return Candidates(rows=rows, retrieval=scores)
+        return Candidates.dense(rows, scores)
+
+    @property
+    def has_lexical(self) -> bool:
+        """Whether the folder holds the lexical index (``<index>/lexical/``)."""
+        return self._lexical is not None
+
+    def lexical(self, queries: list[str], k: int) -> LexicalHits:
+        """Top ``k`` rows by trigram tf-idf cosine of each query string (a mention) against the
+        entities' names and aliases: (len(queries), k)."""
+        if self._lexical is None:
+            raise ValueError(
+                f"{self.folder} has no lexical index: build it with "
+                f"`mel-index lexical --index {self.folder}`"
+            )
+        rows, scores = self._lexical.search(queries, k)
+        return LexicalHits(rows=rows, scores=scores)
 
     def _fields(self, rows: np.ndarray, names: tuple[str, ...]) -> list[torch.Tensor]:
         """(B, K, ...) float32 store fields of the given rows (rows < 0 read row 0)."""
@@ -99,4 +157,4 @@ class IndexSearcher:
         self.store.close()
 
 
-__all__ = ["Candidates", "IndexSearcher"]
+__all__ = ["Candidates", "IndexSearcher", "LexicalHits"]

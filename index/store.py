@@ -10,6 +10,7 @@ One build = one self-describing folder::
     <index>/entities.offsets       uint64 (N + 1,) byte offsets into entities.jsonl (O(1) row reads)
     <index>/ids.u64                uint64 (N,) sorted 64-bit hashes of entity ids ...
     <index>/ids.rows               int64 (N,) ... and the row of each, for id -> row lookups
+    <index>/lexical/               trigram tf-idf index of names and aliases (index/lexical.py)
 
 Raw files (not .npy) so that incremental adds append in place without rewriting a header.
 Nothing here needs the whole KB in RAM: readers memory-map, writers stream.
@@ -59,6 +60,9 @@ class Manifest:
     bad_entities: dict[str, Any] = field(default_factory=dict)
     store_bytes_per_entity: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # {"entries", "grams", "postings"} of <index>/lexical/ (index/lexical.py); {} = none (a
+    # folder built before the lexical channel: `mel-index lexical --index DIR` adds it)
+    lexical: dict[str, int] = field(default_factory=dict)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 

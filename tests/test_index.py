@@ -28,6 +28,7 @@ from index.errors import (
     ModelMismatchError,
     ShardMismatchError,
 )
+from index.lexical import LEXICAL_DIR
 from index.reader import KBChunk
 from index.runner import Runner
 from index.search import IndexSearcher
@@ -104,6 +105,8 @@ def _store_bytes(folder: Path) -> dict[str, bytes]:
     out = {p.name: p.read_bytes() for p in names}
     for f in ("entities.jsonl", "entities.offsets", "ids.u64", "ids.rows"):
         out[f] = (folder / f).read_bytes()
+    for p in sorted((folder / LEXICAL_DIR).iterdir()):  # the lexical index, derived from them
+        out[f"{LEXICAL_DIR}/{p.name}"] = p.read_bytes()
     return out
 
 
@@ -123,8 +126,8 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
         "entity.missing_field": 1,
         "entity.unreadable_image": 1,
     }
-    # MIMIC records (dt, d, L x d, 4 d) + DRIN parts (text 32, image 32, region 24, score 1)
-    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32 + 32 + 24 + 1)
+    # MIMIC records (dt, d, L x d, 4 d) + the name vector (dt) + DRIN parts (text 32, image 32, region 24, score 1)
+    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32 + 32 + 32 + 24 + 1)
     assert not (single / "chunks").exists()  # chunks removed after finalize
     model = LinkingModel.from_pretrained(model_dir)
     s = IndexSearcher(single, model.fingerprint())
@@ -176,7 +179,7 @@ def test_build_without_drin_fields(kb: Path, model_dir: Path, tmp_path: Path) ->
     m = build(_cfg(kb, model_dir, out, drin_fields=False))
     assert isinstance(m, Manifest)
     assert not any(f.startswith("drin_") for f in m.store_fields)
-    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4)
+    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32)
     s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir).fingerprint())
     assert not s.has_drin
     with pytest.raises(ValueError, match="without DRIN"):
@@ -286,6 +289,10 @@ def test_incremental_add_equals_rebuild(kb: Path, model_dir: Path, tmp_path: Pat
         assert a.ntotal == b.ntotal == 33
         q = np.random.default_rng(1).standard_normal((6, a.d)).astype(np.float32)
         assert np.array_equal(a.search(q, 5)[1], b.search(q, 5)[1])
+        # the lexical index rebuilt by `add` is the one a full build makes
+        assert m.lexical == Manifest.load(full).lexical and m.lexical["entries"] == 33
+        for p in sorted((full / LEXICAL_DIR).iterdir()):
+            assert (inc / LEXICAL_DIR / p.name).read_bytes() == p.read_bytes(), p.name
         si.close()
         sf.close()
 
@@ -491,6 +498,7 @@ def test_cli_turns_errors_into_exit_codes_and_messages(
         "factory": "Flat",
         "store_bytes_per_entity": Manifest.load(out).store_bytes_per_entity,
         "bad_entities": 0,
+        "lexical": {"entries": 5, "grams": Manifest.load(out).lexical["grams"], "postings": 40},
     }
     lib = tmp_path / "lib"
     build(_cfg(small["kb"], model_dir, lib, chunk_size=2))

@@ -8,7 +8,9 @@ One dataset is one folder, readable with plain Python (``json`` line by line)::
       kb.jsonl         one entity per line:
                        {"id": "Q42", "name": "Douglas Adams",
                         "attributes": "Sex: male. Occupation: writer.",
-                        "images": ["images/kb/Q42_0.jpg"]}            # zero or more
+                        "images": ["images/kb/Q42_0.jpg"],            # zero or more
+                        "aliases": ["Douglas Noel Adams"],            # optional
+                        "popularity": 1234.0}                         # optional, >= 0
       mentions.jsonl   one mention per line:
                        {"id": "m17", "mention": "Adams",
                         "sentence": "Adams wrote the Guide in 1979.",
@@ -28,8 +30,10 @@ with the first few examples kept for the log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -50,20 +54,31 @@ SPLIT_NAMES = ("train", "dev", "test")
 
 @dataclass(frozen=True, slots=True)
 class Entity:
-    """One knowledge-base entity. ``images`` are paths relative to the dataset root."""
+    """One knowledge-base entity. ``images`` are paths relative to the dataset root;
+    ``aliases`` are other names it goes by (searched by the lexical channel, ``index.lexical``);
+    ``popularity`` is any non-negative prior (page views, sitelinks), ``None`` when unknown."""
 
     id: str
     name: str
     attributes: str = ""
     images: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    popularity: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "attributes": self.attributes,
             "images": list(self.images),
         }
+        # optional fields only when present: a KB without them is written byte for byte as
+        # before (kb.jsonl, an index folder's entities.jsonl)
+        if self.aliases:
+            out["aliases"] = list(self.aliases)
+        if self.popularity is not None:
+            out["popularity"] = self.popularity
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +188,34 @@ def parse_entity(obj: Any, report: RecordReport, where: str = "") -> Entity | No
     images = tuple(p for p in images_raw if isinstance(p, str) and p)
     if len(images) != len(images_raw):
         report.add("entity.bad_image_path", f"{where} id={eid}")
-    return Entity(id=eid, name=name, attributes=attributes, images=images)
+    aliases_raw = obj.get("aliases")
+    if aliases_raw is None:
+        aliases_raw = []
+    if not isinstance(aliases_raw, list):
+        report.add("entity.bad_aliases", f"{where} id={eid} aliases={aliases_raw!r}")
+        aliases_raw = []
+    aliases = tuple(a for a in aliases_raw if isinstance(a, str) and a.strip())
+    if len(aliases) != len(aliases_raw):
+        report.add("entity.bad_aliases", f"{where} id={eid}")
+    popularity = obj.get("popularity")
+    if popularity is not None:
+        ok = (
+            isinstance(popularity, int | float)
+            and not isinstance(popularity, bool)
+            and math.isfinite(popularity)
+            and popularity >= 0
+        )
+        if not ok:
+            report.add("entity.bad_popularity", f"{where} id={eid} popularity={popularity!r}")
+            popularity = None
+    return Entity(
+        id=eid,
+        name=name,
+        attributes=attributes,
+        images=images,
+        aliases=aliases,
+        popularity=None if popularity is None else float(popularity),
+    )
 
 
 def parse_mention(obj: Any, report: RecordReport, where: str = "") -> Mention | None:
@@ -396,7 +438,7 @@ def load_dataset(root: str | os.PathLike[str], check_images: bool = True) -> Mel
                 if p not in kept:
                     report.add("entity.missing_image", f"id={ent.id} {p}")
             if len(kept) != len(ent.images):
-                ent = Entity(ent.id, ent.name, ent.attributes, kept)
+                ent = dataclasses.replace(ent, images=kept)
         entities.append(ent)
     known = {e.id for e in entities}
 
