@@ -25,7 +25,7 @@ import torch
 from models.data.schema import load_dataset
 from models.preprocess import load_image_or_none
 from service.linker import Linker
-from service.primitives import EncodedMentions, LinkParams, MentionInput
+from service.primitives import LinkParams, MentionBatch, MentionInput
 from service.settings import ServiceSettings
 
 RERANKERS = ("none", "mimic", "drin")
@@ -75,12 +75,12 @@ def main() -> int:
         )
         for m in ms
     ]
-    enc = linker.encode(items)
+    enc = MentionBatch(tuple(items), linker.encode(items))
     linker.warmup()
     cells: dict[tuple[str, int, int], list[float]] = {}
     for _ in range(a.rounds):
         for b in (1, 32):
-            feats: EncodedMentions = enc.select(range(b))
+            feats: MentionBatch = enc.select(range(b))
             for k in (10, 100):
                 for r in RERANKERS:
                     params = [LinkParams(top_k=10, candidates_k=k, reranker=r)] * b
@@ -90,7 +90,7 @@ def main() -> int:
     graph: dict[str, float] = {}
     assert linker.drin is not None
     for b in (1, 32):
-        feats = enc.select(range(b))
+        feats = enc.select(range(b)).encoded
         cand = linker.retrieve(feats, 100)
         for k in (10, 100):
             ents = linker.searcher.drin_parts(cand.rows[:, :k])

@@ -27,6 +27,7 @@ from service.primitives import (
     LinkParams,
     LinkResult,
     LinkTimes,
+    MentionBatch,
     MentionInput,
 )
 
@@ -51,7 +52,7 @@ class ModelWork(Protocol):
     def unpack(self, blobs: list[bytes]) -> EncodedMentions: ...
 
     def link(
-        self, encoded: EncodedMentions, params: list[LinkParams]
+        self, batch: MentionBatch, params: list[LinkParams]
     ) -> tuple[list[LinkResult], LinkTimes]: ...
 
 
@@ -172,7 +173,8 @@ class MicroBatcher:
         merged = EncodedMentions.cat(groups) if len(groups) > 1 else groups[0]
         feats = merged.select(sorted(range(len(order)), key=order.__getitem__))
         t_enc = time.perf_counter() - t0
-        results, st = self.linker.link(feats, [j.params for j in batch])
+        mentions = MentionBatch(tuple(j.item for j in batch), feats)
+        results, st = self.linker.link(mentions, [j.params for j in batch])
         m = self.metrics.stage_seconds
         m.labels(stage="encode").observe(t_enc)
         m.labels(stage="retrieve").observe(st.retrieve)

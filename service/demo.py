@@ -18,7 +18,7 @@ from pathlib import Path
 from models.data.schema import load_dataset
 from models.preprocess import load_image_or_none
 from service.linker import Linker
-from service.primitives import LinkParams, MentionInput
+from service.primitives import LinkParams, MentionBatch, MentionInput
 from service.settings import ServiceSettings
 
 
@@ -40,8 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in [m for m in ds.split("test") if m.image and m.entity_id][: a.tries]:
         assert m.image is not None
         img = load_image_or_none(ds.resolve(m.image))
-        feats = linker.encode([MentionInput(m.mention, m.sentence, img)])
-        res, _ = linker.link(feats, [LinkParams(top_k=3)])
+        item = MentionInput(m.mention, m.sentence, img)
+        res, _ = linker.link(
+            MentionBatch((item,), linker.encode([item])),
+            [LinkParams(top_k=3, reranker=linker.default_reranker)],
+        )
         if res[0].candidates and res[0].candidates[0].entity_id == m.entity_id:
             chosen = m
             break

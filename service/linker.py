@@ -27,6 +27,8 @@ from models.drin_features import (
     span_token_mask,
 )
 from models.drin_features import DrinReranker as DrinModel
+from models.fusion import Calibration, FusionModel
+from models.fusion import check_compatible as check_fusion
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
 from service.primitives import (
@@ -35,6 +37,7 @@ from service.primitives import (
     LinkParams,
     LinkResult,
     LinkTimes,
+    MentionBatch,
     MentionInput,
 )
 from service.rerankers import Reranker, RerankOutput, load_rerankers
@@ -69,7 +72,37 @@ class Linker:
             self.drin = DrinModel.from_pretrained(settings.drin_model_path).to(self.device)
             check_compatible(self.drin, self.model)
             self.drin_fingerprint = self.drin.fingerprint()
-        self.rerankers: dict[str, Reranker] = load_rerankers(self.model, self.searcher, self.drin)
+        self.fusion: FusionModel | None = None
+        self.fusion_fingerprint: str | None = None
+        if settings.fusion_model_path:
+            self.fusion = FusionModel.from_pretrained(settings.fusion_model_path)
+            check_fusion(self.fusion, self.fingerprint, self.drin_fingerprint)
+            if not self.searcher.has_lexical:
+                raise ValueError(
+                    f"the fusion model merges lexical candidates but the index "
+                    f"{settings.index_path} has no lexical channel (mel-index lexical)"
+                )
+            self.fusion_fingerprint = self.fusion.fingerprint()
+        self.rerankers: dict[str, Reranker] = load_rerankers(
+            self.model, self.searcher, self.drin, self.fusion
+        )
+        # calibrated confidences, per reranker, when a fusion model brought them
+        self.calibrations: dict[str, Calibration] = {}
+        if self.fusion is not None:
+            for name in self.rerankers:
+                cal = self.fusion.calibration(name)
+                if cal is not None:
+                    self.calibrations[name] = cal
+        self.lexical_k = (
+            settings.lexical_k
+            if settings.lexical_k is not None
+            else (self.fusion.config.lexical_k if self.fusion is not None else 0)
+        )
+        self.nil_threshold = (
+            settings.nil_threshold
+            if settings.nil_threshold is not None
+            else (self.fusion.config.nil_threshold if self.fusion is not None else None)
+        )
         logger.info(
             "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s",
             time.perf_counter() - t0,
@@ -83,7 +116,19 @@ class Linker:
     @property
     def cache_version(self) -> str:
         """Identity of everything a cached encoding or result depends on."""
-        return f"{self.fingerprint}:{self.drin_fingerprint or '-'}:{self.index_version}"
+        return (
+            f"{self.fingerprint}:{self.drin_fingerprint or '-'}:"
+            f"{self.fusion_fingerprint or '-'}:{self.index_version}"
+        )
+
+    @property
+    def default_reranker(self) -> str:
+        """What a request that names no reranker gets: the setting, else fusion when it is
+        loaded (it is the most accurate here), else MIMIC."""
+        wanted = self.settings.default_reranker
+        if wanted is not None:
+            return wanted
+        return "fusion" if "fusion" in self.rerankers else "mimic"
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
@@ -92,8 +137,11 @@ class Linker:
         text = enc.text_features([it.text() for it in items])
         image = enc.image_features([it.image for it in items])
         mimic = enc.project(text, image)
+        surface = None
+        if self.fusion is not None:  # the mention string alone: the zero-shot name cosine
+            surface = enc.text_features([it.mention for it in items]).global_
         if self.drin is None:
-            return EncodedMentions(mimic)
+            return EncodedMentions(mimic, None, surface)
         backbone = enc.backbone
         mask = span_token_mask(
             backbone.tokenizer,
@@ -102,7 +150,8 @@ class Linker:
             [it.span for it in items],
         )
         has_image = torch.tensor([it.image is not None for it in items], device=self.device)
-        return EncodedMentions(mimic, mention_parts(backbone, text, image, mask, has_image))
+        drin = mention_parts(backbone, text, image, mask, has_image)
+        return EncodedMentions(mimic, drin, surface)
 
     def _layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """(field, per-mention shape) of a cache blob, in order: MIMIC's, then DRIN's."""
@@ -125,12 +174,16 @@ class Linker:
                 ("regions", (R, d.region_dim)),
                 ("region_scores", (R,)),
             ]
+        if self.fusion is not None:
+            out.append(("surface", (cfg.encoder.text_dim,)))
         return out
 
     def pack(self, feats: EncodedMentions) -> list[bytes]:
         """One float16 blob per mention (the encoding cache's value)."""
         n = len(feats)
         tensors = {**vars(feats.mimic), **(vars(feats.drin) if feats.drin is not None else {})}
+        if feats.surface is not None:
+            tensors["surface"] = feats.surface
         parts = [tensors[name].reshape(n, -1) for name, _ in self._layout()]
         flat = torch.cat(parts, dim=1).to(torch.float16).cpu().numpy()
         return [row.tobytes() for row in flat]
@@ -150,7 +203,7 @@ class Linker:
         drin = None
         if self.drin is not None:
             drin = DrinMentionParts(*(pieces[f] for f in DrinMentionParts.__dataclass_fields__))
-        return EncodedMentions(mimic, drin)
+        return EncodedMentions(mimic, drin, pieces.get("surface"))
 
     # ------------------------------------------------------------------ link
     @torch.inference_mode()
@@ -159,12 +212,49 @@ class Linker:
         queries = self.model.matcher.retrieval_queries(encoded.mimic)
         return self.searcher.search(queries.float().cpu().numpy(), k)
 
+    @torch.inference_mode()
+    def merge_lexical(self, batch: MentionBatch, dense: Candidates, k: int) -> Candidates:
+        """The dense lists plus the lexical channel's top ``k`` by name (deduplicated, dense
+        first, padded with -1 to ``K + k``). A lexical-only candidate's dense score is
+        computed exactly from its stored record, so every candidate has one."""
+        if k <= 0 or not self.searcher.has_lexical:
+            return dense
+        hits = self.searcher.lexical([it.mention for it in batch.inputs], k)
+        B, K = dense.rows.shape
+        rows = np.full((B, K + k), -1, dtype=np.int64)
+        lexical = np.zeros((B, K + k), dtype=np.float32)
+        from_lexical = np.zeros((B, K + k), dtype=bool)
+        rows[:, :K] = dense.rows
+        for b in range(B):
+            pos = {int(r): j for j, r in enumerate(dense.rows[b]) if r >= 0}
+            n = K
+            for r, sc in zip(hits.rows[b], hits.scores[b], strict=True):
+                if r < 0:
+                    continue
+                j = pos.get(int(r))
+                if j is None:
+                    j, n = n, n + 1
+                    rows[b, j] = r
+                lexical[b, j], from_lexical[b, j] = sc, True
+        retrieval = np.zeros((B, K + k), dtype=np.float32)
+        retrieval[:, :K] = dense.retrieval
+        extra = rows[:, K:]
+        if (extra >= 0).any():
+            records = self.searcher.records(extra).map(lambda t: t.to(self.device))
+            keys = self.model.matcher.retrieval_keys(records)
+            q = self.model.matcher.retrieval_queries(batch.encoded.mimic)
+            scores = torch.einsum("bd,bkd->bk", q.float(), keys.float()).cpu().numpy()
+            retrieval[:, K:] = np.where(extra >= 0, scores, 0.0)
+        from_dense = np.zeros((B, K + k), dtype=bool)
+        from_dense[:, :K] = dense.from_dense
+        return Candidates(rows, retrieval, from_dense, from_lexical, lexical)
+
     def link(
-        self, encoded: EncodedMentions, params: Sequence[LinkParams]
+        self, batch: MentionBatch, params: Sequence[LinkParams]
     ) -> tuple[list[LinkResult], LinkTimes]:
-        """Retrieve + rerank for B encoded mentions; one result per mention, in order."""
+        """Retrieve + rerank for B mentions; one result per mention, in order."""
         t0 = time.perf_counter()
-        cand = self.retrieve(encoded, max(p.candidates_k for p in params))
+        cand = self.retrieve(batch.encoded, max(p.candidates_k for p in params))
         retrieve = time.perf_counter() - t0
         groups: dict[tuple[str, int], list[int]] = {}
         for i, p in enumerate(params):
@@ -174,15 +264,28 @@ class Linker:
         t1 = time.perf_counter()
         for (name, k), idx in groups.items():
             tg = time.perf_counter()
+            reranker = self.rerankers[name]
             sub = cand.take(idx, k)
-            out = self.rerankers[name].rerank(encoded.select(idx), sub)
+            mentions = batch.select(idx)
+            if reranker.uses_lexical:
+                sub = self.merge_lexical(mentions, sub, self.lexical_k)
+            out = reranker.rerank(mentions, sub)
+            cal = self.calibrations.get(name)
+            conf = cal.probabilities(out.scores, sub.rows >= 0) if cal is not None else None
             for j, i in enumerate(idx):
-                results[i] = self._assemble(sub, j, out, params[i])
+                results[i] = self._assemble(sub, j, out, params[i], conf)
             per[name] = per.get(name, 0.0) + time.perf_counter() - tg
         times = LinkTimes(retrieve=retrieve, rerank=time.perf_counter() - t1, per_reranker=per)
         return [r for r in results if r is not None], times
 
-    def _assemble(self, cand: Candidates, j: int, out: RerankOutput, p: LinkParams) -> LinkResult:
+    def _assemble(
+        self,
+        cand: Candidates,
+        j: int,
+        out: RerankOutput,
+        p: LinkParams,
+        confidence: np.ndarray | None,
+    ) -> LinkResult:
         """Mention ``j``'s top ``p.top_k`` candidates by score, with their metadata."""
         rows, retr, final = cand.rows[j], cand.retrieval[j], out.scores[j]
         valid = rows >= 0
@@ -200,12 +303,22 @@ class Linker:
                     score=float(final[k]),
                     retrieval_score=float(retr[k]),
                     rank=rank,
+                    confidence=float(confidence[j, k]) if confidence is not None else None,
                     explain=explain.of(j, int(k)) if explain is not None else None,
                 )
             )
-        thr = self.settings.nil_threshold
-        nil = not cands or (thr is not None and cands[0].score < thr)
-        return LinkResult(candidates=tuple(cands), nil=nil, reranker=p.reranker)
+        return LinkResult(candidates=tuple(cands), nil=self._nil(cands), reranker=p.reranker)
+
+    def _nil(self, cands: list[CandidateResult]) -> bool:
+        """No candidate, or the best one's confidence under the NIL threshold (a probability;
+        a reranker without calibrated confidence compares its raw score)."""
+        thr = self.nil_threshold
+        if not cands:
+            return True
+        if thr is None:
+            return False
+        best = cands[0].confidence if cands[0].confidence is not None else cands[0].score
+        return best < thr
 
     def entity(self, entity_id: str) -> dict[str, Any] | None:
         row = self.searcher.store.row_of(entity_id)
@@ -215,15 +328,14 @@ class Linker:
         """One full pass (with and without an image) through every reranker, so first
         requests pay no lazy setup."""
         img = Image.new("RGB", (64, 64), (128, 64, 32))
-        feats = self.encode(
-            [
-                MentionInput("warm up", "warm up the model", img, "warm"),
-                MentionInput("warm up", "warm up the model"),
-            ]
+        items = (
+            MentionInput("warm up", "warm up the model", img, "warm"),
+            MentionInput("warm up", "warm up the model"),
         )
+        feats = self.encode(items)
         names = list(self.rerankers)
         self.link(
-            EncodedMentions.cat([feats] * len(names)),
+            MentionBatch(items * len(names), EncodedMentions.cat([feats] * len(names))),
             [LinkParams(reranker=n) for n in names for _ in range(2)],
         )
 

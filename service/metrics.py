@@ -52,7 +52,7 @@ class Metrics:
         )
         for s in STAGES:
             self.stage_seconds.labels(stage=s)
-        for name in ("mimic", "drin", "none"):
+        for name in ("fusion", "mimic", "drin", "none"):
             self.rerank_seconds.labels(reranker=name)
             self.mentions.labels(reranker=name)
         for kind in ("result", "encoding"):

@@ -69,6 +69,7 @@ def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
                 score=c.score,
                 retrieval_score=c.retrieval_score,
                 rank=c.rank,
+                confidence=c.confidence,
                 explain=c.explain,
             )
             for c in r.candidates
@@ -184,6 +185,8 @@ class LinkService:
                 entities=len(self.linker.searcher),
                 rerankers=list(self.linker.rerankers),
                 drin_version=self.linker.drin_fingerprint,
+                fusion_version=self.linker.fusion_fingerprint,
+                default_reranker=self.linker.default_reranker,
             )
         if self.load_error:
             body["error"] = self.load_error
@@ -209,16 +212,17 @@ class LinkService:
             raise ApiError(
                 422, "candidates_k_out_of_range", f"candidates_k must be <= {s.candidates_k_max}"
             )
-        available = self.linker.rerankers if self.linker is not None else {}
-        if req.reranker not in available:
+        linker = self.require_ready()
+        reranker = req.reranker or linker.default_reranker
+        if reranker not in linker.rerankers:
             raise ApiError(
                 422,
                 "reranker_unavailable",
-                f"reranker {req.reranker!r} is not available here "
-                f"(available: {', '.join(available)})",
+                f"reranker {reranker!r} is not available here "
+                f"(available: {', '.join(linker.rerankers)})",
             )
         return LinkParams(
-            top_k=top_k, candidates_k=max(ck, top_k), reranker=req.reranker, explain=req.explain
+            top_k=top_k, candidates_k=max(ck, top_k), reranker=reranker, explain=req.explain
         )
 
     async def _image_bytes(self, req: LinkRequest) -> bytes | None:

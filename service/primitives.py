@@ -57,11 +57,13 @@ class LinkParams:
 
 @dataclass(frozen=True)
 class EncodedMentions:
-    """What a request's mentions are encoded into once (and cached): MIMIC's features, plus
-    DRIN's mention parts when the server has a DRIN reranker. Every tensor is ``(B, ...)``."""
+    """What a request's mentions are encoded into once (and cached): MIMIC's features, DRIN's
+    mention parts when the server has a DRIN reranker, and the mention string's own text
+    feature (``surface``, (B, dt)) when it has a fusion model. Every tensor is ``(B, ...)``."""
 
     mimic: MimicFeatures
     drin: DrinMentionParts | None = None
+    surface: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.mimic)
@@ -71,6 +73,7 @@ class EncodedMentions:
         return EncodedMentions(
             self.mimic.map(lambda t: t[sel]),
             self.drin.map(lambda t: t[sel]) if self.drin is not None else None,
+            self.surface[sel] if self.surface is not None else None,
         )
 
     @staticmethod
@@ -80,10 +83,26 @@ class EncodedMentions:
             return [torch.cat([getattr(o, n) for o in objs]) for n in names]
 
         drin = [p.drin for p in parts]
+        surface = [p.surface for p in parts]
         return EncodedMentions(
             MimicFeatures(*cat_fields([p.mimic for p in parts])),
             DrinMentionParts(*cat_fields(drin)) if all(d is not None for d in drin) else None,
+            torch.cat(surface) if all(x is not None for x in surface) else None,  # type: ignore[arg-type]
         )
+
+
+@dataclass(frozen=True)
+class MentionBatch:
+    """B mentions as a reranker sees them: their words and their encodings, in one order."""
+
+    inputs: tuple[MentionInput, ...]
+    encoded: EncodedMentions
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def select(self, idx: Sequence[int]) -> MentionBatch:
+        return MentionBatch(tuple(self.inputs[i] for i in idx), self.encoded.select(idx))
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,7 @@ class CandidateResult:
     score: float  # the reranker's score (retrieval's for reranker=none)
     retrieval_score: float  # the FAISS inner product
     rank: int  # 1-based
+    confidence: float | None = None  # calibrated P(this is the right entity), when known
     explain: Explain | None = None
 
 
@@ -170,5 +190,6 @@ __all__ = [
     "LinkResult",
     "LinkTimes",
     "LinkedMention",
+    "MentionBatch",
     "MentionInput",
 ]

@@ -15,11 +15,19 @@ from typing import ClassVar, Protocol
 import numpy as np
 import torch
 
+from index.encode import NAME_FIELD
 from index.search import Candidates, IndexSearcher
 from models.drin import EDGE_TYPES
 from models.drin_features import DrinReranker as DrinModel
+from models.fusion import (
+    CandidateInfo,
+    CandidateSignals,
+    FusionModel,
+    MentionText,
+    candidate_features,
+)
 from models.model import LinkingModel
-from service.primitives import EncodedMentions, Explain
+from service.primitives import Explain, MentionBatch
 
 
 class Explanation(Protocol):
@@ -70,19 +78,22 @@ class RerankOutput:
 
 
 class Reranker(Protocol):
-    """Scores B mentions against their own K retrieved candidates."""
+    """Scores B mentions against their own K retrieved candidates. ``uses_lexical``: it
+    wants the lexical channel's candidates merged into the dense ones."""
 
     name: ClassVar[str]
+    uses_lexical: ClassVar[bool]
 
-    def rerank(self, mentions: EncodedMentions, candidates: Candidates) -> RerankOutput: ...
+    def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput: ...
 
 
 class RetrievalOnly:
     """``none``: the FAISS inner product, unchanged."""
 
     name: ClassVar[str] = "none"
+    uses_lexical: ClassVar[bool] = False
 
-    def rerank(self, mentions: EncodedMentions, candidates: Candidates) -> RerankOutput:
+    def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         return RerankOutput(np.asarray(candidates.retrieval, dtype=np.float32))
 
 
@@ -90,15 +101,16 @@ class MimicReranker:
     """``mimic``: MIMIC's three units over the candidates' precomputed store records."""
 
     name: ClassVar[str] = "mimic"
+    uses_lexical: ClassVar[bool] = False
 
     def __init__(self, model: LinkingModel, searcher: IndexSearcher) -> None:
         self.model, self.searcher = model, searcher
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def rerank(self, mentions: EncodedMentions, candidates: Candidates) -> RerankOutput:
+    def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        s = self.model.matcher.score_precomputed(mentions.mimic, records)
+        s = self.model.matcher.score_precomputed(batch.encoded.mimic, records)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
@@ -110,6 +122,7 @@ class DrinGraphReranker:
     """``drin``: DRIN's dynamic graph over each mention's candidates (stored entity parts)."""
 
     name: ClassVar[str] = "drin"
+    uses_lexical: ClassVar[bool] = False
 
     def __init__(self, drin: DrinModel, searcher: IndexSearcher) -> None:
         if not searcher.has_drin:
@@ -121,7 +134,8 @@ class DrinGraphReranker:
         self.device = next(drin.parameters()).device
 
     @torch.inference_mode()
-    def rerank(self, mentions: EncodedMentions, candidates: Candidates) -> RerankOutput:
+    def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
+        mentions = batch.encoded
         if mentions.drin is None:
             raise ValueError("mentions were encoded without DRIN parts")
         rows = candidates.rows
@@ -138,13 +152,125 @@ class DrinGraphReranker:
         )
 
 
+@dataclass(frozen=True)
+class FeatureContributions:
+    """The fusion ranker's features ``(B, K, F)`` and how much each moved the score (the
+    trees' additive SHAP values, computed for the candidates that are returned)."""
+
+    features: np.ndarray
+    model: FusionModel
+
+    def of(self, b: int, k: int) -> Explain:
+        x = self.features[b, k][None, :]
+        contrib = self.model.contributions(x)[0]
+        names = self.model.config.features
+        values = self.model.select(x)[0]
+        return {
+            "bias": float(contrib[-1]),
+            "contributions": {n: float(c) for n, c in zip(names, contrib[:-1], strict=True)},
+            "values": {n: float(v) for n, v in zip(names, values, strict=True) if not np.isnan(v)},
+        }
+
+
+def candidate_info(searcher: IndexSearcher, rows: np.ndarray) -> list[list[CandidateInfo | None]]:
+    """What the store says of each candidate (names and aliases, popularity) for the string
+    features; rows < 0 (padding) get None."""
+    cache: dict[int, CandidateInfo] = {}
+
+    def one(row: int) -> CandidateInfo | None:
+        if row < 0:
+            return None
+        if row not in cache:
+            e = searcher.entity(row)
+            cache[row] = CandidateInfo(
+                e["id"], (e["name"], *e.get("aliases", ())), e.get("popularity")
+            )
+        return cache[row]
+
+    return [[one(int(r)) for r in line] for line in rows]
+
+
+def fusion_signals(
+    batch: MentionBatch,
+    candidates: Candidates,
+    searcher: IndexSearcher,
+    mimic: MimicReranker,
+    drin: DrinGraphReranker | None,
+) -> CandidateSignals:
+    """Everything the fusion features read, from the stages before it: MIMIC's (and DRIN's)
+    scores over the candidates, the retrieval channels' scores, the zero-shot cosine of the
+    mention string with each stored name vector, and the candidates' names."""
+    rows = candidates.rows
+    m = mimic.rerank(batch, candidates)
+    assert isinstance(m.explanation, UnitScores)
+    u = m.explanation
+    d = drin.rerank(batch, candidates).scores if drin is not None else None
+    surface = batch.encoded.surface
+    if surface is None:
+        raise ValueError("mentions were encoded without their surface feature (fusion)")
+    flat = np.where(rows < 0, 0, rows).reshape(-1)
+    names = searcher.store.rows(NAME_FIELD, flat).astype(np.float32).reshape(*rows.shape, -1)
+    name_cos = np.einsum("bd,bkd->bk", surface.float().cpu().numpy(), names)
+    return CandidateSignals(
+        rows=rows,
+        dense=np.asarray(candidates.retrieval, dtype=np.float32),
+        from_dense=candidates.from_dense,
+        from_lexical=candidates.from_lexical,
+        lexical=candidates.lexical,
+        mimic=np.stack([m.scores, u.tglu, u.vdlu, u.cmfu], axis=-1).astype(np.float32),
+        drin=d,
+        name_cos=name_cos.astype(np.float32),
+        info=candidate_info(searcher, rows),
+    )
+
+
+class FusionReranker:
+    """``fusion``: the learned ranker over MIMIC (and DRIN) scores, retrieval scores, string
+    features and priors (``models/fusion.py``), on the dense + lexical candidates."""
+
+    name: ClassVar[str] = "fusion"
+    uses_lexical: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        fusion: FusionModel,
+        searcher: IndexSearcher,
+        mimic: MimicReranker,
+        drin: DrinGraphReranker | None,
+    ) -> None:
+        if NAME_FIELD not in searcher.manifest.store_fields:
+            raise ValueError(
+                f"the index {searcher.folder} has no {NAME_FIELD} field (built before the "
+                "fusion stage existed): rebuild it with mel-index build"
+            )
+        wants_drin = any(f.startswith("drin") for f in fusion.config.features)
+        if wants_drin and drin is None:
+            raise ValueError("the fusion model reads DRIN scores: serve it with a DRIN model")
+        self.fusion, self.searcher, self.mimic = fusion, searcher, mimic
+        self.drin = drin if wants_drin else None
+
+    def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
+        sig = fusion_signals(batch, candidates, self.searcher, self.mimic, self.drin)
+        texts = [MentionText(it.mention, it.sentence, it.span) for it in batch.inputs]
+        x = candidate_features(texts, sig, self.fusion.prior)
+        return RerankOutput(self.fusion.score(x), FeatureContributions(x, self.fusion))
+
+
 def load_rerankers(
-    model: LinkingModel, searcher: IndexSearcher, drin: DrinModel | None = None
+    model: LinkingModel,
+    searcher: IndexSearcher,
+    drin: DrinModel | None = None,
+    fusion: FusionModel | None = None,
 ) -> dict[str, Reranker]:
     """The rerankers this server offers, by name, in the order ``/readyz`` lists them."""
-    out: list[Reranker] = [MimicReranker(model, searcher)]
-    if drin is not None:
-        out.append(DrinGraphReranker(drin, searcher))
+    mimic = MimicReranker(model, searcher)
+    graph = DrinGraphReranker(drin, searcher) if drin is not None else None
+    out: list[Reranker] = []
+    if fusion is not None:
+        out.append(FusionReranker(fusion, searcher, mimic, graph))
+    out.append(mimic)
+    if graph is not None:
+        out.append(graph)
     out.append(RetrievalOnly())
     return {r.name: r for r in out}
 
@@ -153,10 +279,14 @@ __all__ = [
     "DrinGraphReranker",
     "EdgeWeights",
     "Explanation",
+    "FeatureContributions",
+    "FusionReranker",
     "MimicReranker",
     "RerankOutput",
     "Reranker",
     "RetrievalOnly",
     "UnitScores",
+    "candidate_info",
+    "fusion_signals",
     "load_rerankers",
 ]

@@ -7,7 +7,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-Reranker = Literal["mimic", "drin", "none"]
+Reranker = Literal["fusion", "mimic", "drin", "none"]
 
 # Request rules a validator below enforces, each answered 422 with its own error code.
 VALIDATION_CODES = frozenset({"empty_mention", "bad_span", "two_images"})
@@ -44,13 +44,16 @@ class LinkRequest(BaseModel):
     candidates_k: int | None = Field(
         None, ge=1, description="retrieved candidates reranked (default 100)"
     )
-    reranker: Reranker = Field(
-        "mimic", description="mimic (default), drin or none (retrieval only)"
+    reranker: Reranker | None = Field(
+        None,
+        description="fusion (the learned ranker over every signal), mimic, drin or none "
+        "(retrieval only); default: the server's (MEL_DEFAULT_RERANKER; fusion when loaded)",
     )
     explain: bool = Field(
         False,
-        description="include why: MIMIC's per-unit scores (tglu/vdlu/cmfu), or DRIN's initial "
-        "and final edge weights (tt/ti/it/ii) per candidate",
+        description="include why: fusion's per-feature contributions (and values), MIMIC's "
+        "per-unit scores (tglu/vdlu/cmfu), or DRIN's initial and final edge weights "
+        "(tt/ti/it/ii) per candidate",
     )
 
     @model_validator(mode="after")
@@ -85,10 +88,16 @@ class Candidate(BaseModel):
     score: float = Field(..., description="final score (the reranker's, or retrieval's)")
     retrieval_score: float = Field(..., description="the FAISS inner product")
     rank: int
+    confidence: float | None = Field(
+        None,
+        description="calibrated probability that this is the right entity (calibrated on dev "
+        "by the fusion model's training; null when the server has no fusion model)",
+    )
     explain: dict[str, float | dict[str, float]] | None = Field(
         None,
-        description="mimic: {tglu, vdlu, cmfu}; drin: {edges_initial: {tt, ti, it, ii}, "
-        "edges_final: {...}}",
+        description="fusion: {bias, contributions: {feature: share of the score}, values: "
+        "{feature: value}}; mimic: {tglu, vdlu, cmfu}; drin: {edges_initial: {tt, ti, it, "
+        "ii}, edges_final: {...}}",
     )
 
 
@@ -105,7 +114,11 @@ class Timings(BaseModel):
 
 class LinkResponse(BaseModel):
     candidates: list[Candidate]
-    nil: bool = Field(..., description="true when the best score is under the NIL threshold")
+    nil: bool = Field(
+        ...,
+        description="true when there is no candidate or the best one's confidence is under "
+        "the NIL threshold (MEL_NIL_THRESHOLD, or the fusion model's dev-chosen one)",
+    )
     reranker: str
     model_version: str
     index_version: str
@@ -145,6 +158,8 @@ class Readiness(BaseModel):
     entities: int | None = None
     rerankers: list[str] | None = Field(None, description="rerankers this server offers")
     drin_version: str | None = None
+    fusion_version: str | None = None
+    default_reranker: str | None = None
     error: str | None = Field(None, description="why loading failed, if it did")
 
 

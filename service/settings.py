@@ -20,6 +20,20 @@ class ServiceSettings(BaseSettings):
         None,
         description="DRIN checkpoint folder (mel-train-drin) for reranker=drin; None = no DRIN",
     )
+    fusion_model_path: str | None = Field(
+        None,
+        description="fusion model folder (mel-train-fusion) for reranker=fusion and calibrated "
+        "confidences; None = no fusion",
+    )
+    default_reranker: str | None = Field(
+        None,
+        description="reranker of requests that name none (None: fusion when loaded, else mimic)",
+    )
+    lexical_k: int | None = Field(
+        None,
+        description="lexical-channel candidates merged into the dense ones for rerankers that "
+        "use them (None: the fusion model's own setting)",
+    )
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
@@ -31,7 +45,10 @@ class ServiceSettings(BaseSettings):
     candidates_k_default: int = Field(100, description="retrieved candidates reranked")
     candidates_k_max: int = Field(1000, description="largest candidates_k accepted")
     nil_threshold: float | None = Field(
-        None, description="best score below this -> nil=true (None: never NIL)"
+        None,
+        description="best candidate's confidence (a probability) below this -> nil=true; "
+        "None: the fusion model's dev-chosen threshold, or never NIL without one "
+        "(a reranker without confidences compares its raw score)",
     )
     max_mention_chars: int = Field(300, description="longest mention surface accepted")
     max_sentence_chars: int = Field(5000, description="longest sentence accepted")

@@ -19,6 +19,7 @@ from service.primitives import (
     LinkParams,
     LinkResult,
     LinkTimes,
+    MentionBatch,
     MentionInput,
 )
 
@@ -49,7 +50,7 @@ class FakeLinker:
         return _feats([float(b.decode()) for b in blobs])
 
     def link(
-        self, encoded: EncodedMentions, params: list[LinkParams]
+        self, batch: MentionBatch, params: list[LinkParams]
     ) -> tuple[list[LinkResult], LinkTimes]:
         self.gate.wait(10)
         time.sleep(self.delay_s)
@@ -57,7 +58,10 @@ class FakeLinker:
             raise RuntimeError("model exploded")
         self.batches.append(len(params))
         out = []
-        for v, p in zip(encoded.mimic.text_cls[:, 0].tolist(), params, strict=True):
+        # the words travel with their encodings, in the same order
+        lengths = [len(it.mention) for it in batch.inputs]
+        assert lengths == [int(v) for v in batch.encoded.mimic.text_cls[:, 0]]
+        for v, p in zip(batch.encoded.mimic.text_cls[:, 0].tolist(), params, strict=True):
             c = CandidateResult(f"E{int(v)}", f"len {int(v)}", v, v, 1)
             out.append(LinkResult((c,), nil=False, reranker=p.reranker))
         return out, LinkTimes(0.001, 0.002, {"mimic": 0.002})

@@ -764,13 +764,14 @@ def test_full_queue_is_429_and_a_late_answer_is_504(artifacts: tuple[Path, Path]
 
 
 def test_nil_flips_at_the_threshold(artifacts: tuple[Path, Path]) -> None:
-    linker = Linker(_settings(artifacts))
-    from service.primitives import LinkParams, MentionInput
+    from service.primitives import LinkParams, MentionBatch, MentionInput
 
-    feats = linker.encode([MentionInput("Jo Bell", "Jo Bell the pilot")])
+    linker = Linker(_settings(artifacts))
+    item = MentionInput("Jo Bell", "Jo Bell the pilot")
+    feats = MentionBatch((item,), linker.encode([item]))
     best = linker.link(feats, [LinkParams(top_k=1)])[0][0].candidates[0].score
     for thr, nil in ((best - 1e-3, False), (best, False), (best + 1e-3, True), (None, False)):
-        linker.settings = _settings(artifacts, nil_threshold=thr)
+        linker.nil_threshold = thr  # what MEL_NIL_THRESHOLD sets (no fusion model here)
         assert linker.link(feats, [LinkParams(top_k=1)])[0][0].nil is nil, thr
     linker.close()
 

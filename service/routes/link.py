@@ -36,7 +36,7 @@ async def link_form(
     image: UploadFile | None = File(None),
     top_k: int | None = Form(None),
     candidates_k: int | None = Form(None),
-    reranker: str = Form("mimic"),
+    reranker: str | None = Form(None),
     explain: bool = Form(False),
     span_start: int | None = Form(None),
     span_end: int | None = Form(None),

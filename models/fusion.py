@@ -1,0 +1,520 @@
+"""Fusion: a learned ranker over MIMIC / DRIN / retrieval scores, string features and priors.
+
+A separate stage on top of the released models (MIMIC and DRIN are not changed): for each
+(mention, candidate) it builds a feature vector from what the earlier stages computed and
+what the strings say, scores it with gradient-boosted trees trained with a ranking objective
+(LightGBM lambdarank; ``models/fusion_train.py``), and turns the scores of a mention's list
+into calibrated probabilities (temperature scaling with a "none of these" option, fitted on
+dev), so ``confidence`` means what it says and NIL is a threshold on it.
+
+Production linkers combine the same kinds of evidence (ReFinED, REL, BLINK): the neural
+scores, surface-form features (character n-grams, token containment, edit similarity, the
+"another name of the sentence" signal), and entity priors learned from the training links.
+Nothing here knows any dataset: every feature is defined on strings, scores and counts.
+
+Inputs are plain arrays (:class:`CandidateSignals`), so the server, the bulk job and the
+trainer compute features the same way; this module never imports the index or the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.lexical import NAME_FEATURES, name_features, norm_name
+
+FUSION_FORMAT = "mel-fusion"
+FUSION_VERSION = 1
+CONFIG_FILE = "config.json"
+BOOSTER_FILE = "booster.txt"
+PRIOR_FILE = "prior.json"
+
+# Feature groups (the ablation drops one group at a time). Each name is one column.
+SCORE_FEATURES = {
+    "dense": ("dense", "dense_rank", "dense_gap", "from_dense", "lexical", "from_lexical"),
+    "mimic": ("mimic", "mimic_tglu", "mimic_vdlu", "mimic_cmfu", "mimic_rank", "mimic_gap"),
+    "drin": ("drin", "drin_rank", "drin_gap"),
+    "zero_shot": ("name_cos", "name_cos_rank", "name_cos_gap"),
+    "prior": ("prior_entity", "prior_surface", "popularity"),
+}
+CONTEXT_FEATURES = ("other_in_sentence",)
+AMBIGUITY_FEATURES = ("ambiguity", "ambiguity_share")
+
+
+def feature_groups() -> dict[str, tuple[str, ...]]:
+    """Every feature by group, in column order (``name`` = the string features)."""
+    string = tuple(f for f in NAME_FEATURES if f not in CONTEXT_FEATURES + AMBIGUITY_FEATURES)
+    return {
+        **{k: SCORE_FEATURES[k] for k in ("dense", "mimic", "drin", "zero_shot")},
+        "name": string,
+        "context": CONTEXT_FEATURES,
+        "ambiguity": AMBIGUITY_FEATURES,
+        "prior": SCORE_FEATURES["prior"],
+    }
+
+
+def all_features() -> tuple[str, ...]:
+    return tuple(f for g in feature_groups().values() for f in g)
+
+
+@dataclass(frozen=True)
+class MentionText:
+    """The words of a mention: surface, sentence, optional [start, end) span in it."""
+
+    mention: str
+    sentence: str
+    span: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CandidateInfo:
+    """What the KB says about one candidate: id, name first then aliases, popularity."""
+
+    id: str
+    names: tuple[str, ...]
+    popularity: float | None = None
+
+
+@dataclass
+class CandidateSignals:
+    """What the earlier stages computed for B mentions x K candidates (rows < 0: padding).
+
+    rows: (B, K) int64 KB rows; dense: (B, K) retrieval inner product; from_dense /
+    from_lexical: (B, K) bool, which channel found it; lexical: (B, K) the lexical channel's
+    cosine (0 where it did not find it); mimic: (B, K, 4) MIMIC score, tglu, vdlu, cmfu;
+    drin: (B, K) or None; name_cos: (B, K) zero-shot cosine of the mention string and the
+    entity name; info: per mention, per candidate, the entity's :class:`CandidateInfo`.
+    """
+
+    rows: np.ndarray
+    dense: np.ndarray
+    from_dense: np.ndarray
+    from_lexical: np.ndarray
+    lexical: np.ndarray
+    mimic: np.ndarray
+    drin: np.ndarray | None
+    name_cos: np.ndarray
+    info: list[list[CandidateInfo | None]]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.rows >= 0
+
+    def take(self, b: Sequence[int]) -> CandidateSignals:
+        idx = list(b)
+        return CandidateSignals(
+            self.rows[idx],
+            self.dense[idx],
+            self.from_dense[idx],
+            self.from_lexical[idx],
+            self.lexical[idx],
+            self.mimic[idx],
+            None if self.drin is None else self.drin[idx],
+            self.name_cos[idx],
+            [self.info[i] for i in idx],
+        )
+
+
+# ---------------------------------------------------------------------------------- prior
+@dataclass
+class EntityPrior:
+    """Link counts from the training split: how often each entity is the gold (``entity``),
+    and each (normalised surface, entity) pair (``surface``). Leave-one-out (``exclude``)
+    removes a training mention's own link when its features are computed for training."""
+
+    entity: Counter[str] = field(default_factory=Counter)
+    surface: dict[str, Counter[str]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, links: Sequence[tuple[str, str]]) -> EntityPrior:
+        """``links``: (mention surface, gold entity id) of the training mentions."""
+        prior = cls()
+        for surface, eid in links:
+            prior.entity[eid] += 1
+            prior.surface.setdefault(norm_name(surface), Counter())[eid] += 1
+        return prior
+
+    def features(
+        self, surface: str, ids: Sequence[str | None], exclude: str | None = None
+    ) -> np.ndarray:
+        """(K, 2): log(1 + entity count), smoothed P(entity | surface); ``exclude`` = the
+        mention's own gold when it is a training mention (its link is not counted)."""
+        key = norm_name(surface)
+        counts = self.surface.get(key, Counter())
+        total = sum(counts.values()) - (1 if exclude is not None and exclude in counts else 0)
+        out = np.zeros((len(ids), 2), dtype=np.float32)
+        for k, eid in enumerate(ids):
+            if eid is None:
+                continue
+            own = 1 if eid == exclude else 0
+            out[k, 0] = math.log1p(max(0, self.entity.get(eid, 0) - own))
+            out[k, 1] = max(0, counts.get(eid, 0) - own) / (total + 1.0)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entity": dict(self.entity),
+            "surface": {s: dict(c) for s, c in self.surface.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> EntityPrior:
+        return cls(
+            Counter(doc.get("entity", {})),
+            {s: Counter(c) for s, c in doc.get("surface", {}).items()},
+        )
+
+
+# ------------------------------------------------------------------------------- features
+def _rank_and_gap(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: 1-based rank by descending value among valid entries, and value - row max."""
+    masked = np.where(valid, x, -np.inf)
+    order = np.argsort(-masked, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(1, x.shape[1] + 1)[None, :], axis=1)
+    best = masked.max(axis=1, keepdims=True)
+    gap = np.where(valid, x - np.where(np.isfinite(best), best, 0.0), 0.0)
+    return rank.astype(np.float32), gap.astype(np.float32)
+
+
+def candidate_features(
+    mentions: Sequence[MentionText],
+    sig: CandidateSignals,
+    prior: EntityPrior,
+    exclude: Sequence[str | None] | None = None,
+) -> np.ndarray:
+    """(B, K, F) float32 in :func:`all_features` order (NaN where a value is unknown: DRIN
+    without a DRIN model, popularity the KB does not give). ``exclude``: per mention, its own
+    gold when it is a training mention (leave-one-out priors)."""
+    B, K = sig.rows.shape
+    valid = sig.valid
+    cols: dict[str, np.ndarray] = {}
+    cols["dense"] = sig.dense
+    cols["dense_rank"], cols["dense_gap"] = _rank_and_gap(sig.dense, valid)
+    cols["from_dense"] = sig.from_dense.astype(np.float32)
+    cols["lexical"] = sig.lexical
+    cols["from_lexical"] = sig.from_lexical.astype(np.float32)
+    for j, name in enumerate(("mimic", "mimic_tglu", "mimic_vdlu", "mimic_cmfu")):
+        cols[name] = sig.mimic[..., j]
+    cols["mimic_rank"], cols["mimic_gap"] = _rank_and_gap(sig.mimic[..., 0], valid)
+    if sig.drin is not None:
+        cols["drin"] = sig.drin
+        cols["drin_rank"], cols["drin_gap"] = _rank_and_gap(sig.drin, valid)
+    else:
+        for name in SCORE_FEATURES["drin"]:
+            cols[name] = np.full((B, K), np.nan, dtype=np.float32)
+    cols["name_cos"] = sig.name_cos
+    cols["name_cos_rank"], cols["name_cos_gap"] = _rank_and_gap(sig.name_cos, valid)
+    strings = np.zeros((B, K, len(NAME_FEATURES)), dtype=np.float32)
+    priors = np.zeros((B, K, 2), dtype=np.float32)
+    pop = np.full((B, K), np.nan, dtype=np.float32)
+    for b, m in enumerate(mentions):
+        info = sig.info[b]
+        ks = [k for k in range(K) if valid[b, k] and info[k] is not None]
+        if not ks:
+            continue
+        names = [list(info[k].names) for k in ks]  # type: ignore[union-attr]
+        strings[b, ks] = name_features(m.mention, m.sentence, m.span, names)
+        ids = [info[k].id for k in ks]  # type: ignore[union-attr]
+        own = exclude[b] if exclude is not None else None
+        priors[b, ks] = prior.features(m.mention, ids, own)
+        for k in ks:
+            p = info[k].popularity  # type: ignore[union-attr]
+            if p is not None:
+                pop[b, k] = math.log1p(max(0.0, p))
+    for j, name in enumerate(NAME_FEATURES):
+        cols[name] = strings[..., j]
+    cols["prior_entity"], cols["prior_surface"] = priors[..., 0], priors[..., 1]
+    cols["popularity"] = pop
+    x = np.stack([cols[f].astype(np.float32) for f in all_features()], axis=-1)
+    x[~valid] = np.nan
+    return x
+
+
+# ---------------------------------------------------------------------------- calibration
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling with a "none of the candidates" option: for a list of scores s,
+    P(candidate j) = exp(s_j / T) / (sum_k exp(s_k / T) + exp(b / T)), P(none) the rest.
+    The "none" mass is what a retrieval miss or an entity outside the KB gets."""
+
+    temperature: float = 1.0
+    none_logit: float = -30.0
+
+    def probabilities(self, scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(B, K) probabilities (0 at padding) for (B, K) scores."""
+        z = np.where(valid, scores / self.temperature, -np.inf)
+        none = np.full((z.shape[0], 1), self.none_logit / self.temperature)
+        full = np.concatenate([z, none], axis=1)
+        full = full - full.max(axis=1, keepdims=True)
+        e = np.exp(full)
+        p = e / e.sum(axis=1, keepdims=True)
+        return p[:, :-1]
+
+
+# ---------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a fusion model was trained on; checked against what the server loads."""
+
+    features: tuple[str, ...]
+    mimic_fingerprint: str
+    drin_fingerprint: str | None = None
+    lexical_k: int = 20  # lexical candidates merged into the dense top-k
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # by reranker
+    nil_threshold: float | None = None  # chosen on dev under the NIL protocol
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["features"] = list(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FusionConfig:
+        return cls(
+            features=tuple(d["features"]),
+            mimic_fingerprint=d["mimic_fingerprint"],
+            drin_fingerprint=d.get("drin_fingerprint"),
+            lexical_k=int(d.get("lexical_k", 20)),
+            calibration=dict(d.get("calibration", {})),
+            nil_threshold=d.get("nil_threshold"),
+            meta=dict(d.get("meta", {})),
+        )
+
+
+class FusionModel:
+    """A trained booster, the features it reads, the priors and the calibrations."""
+
+    def __init__(self, config: FusionConfig, booster: Any, prior: EntityPrior) -> None:
+        self.config, self.booster, self.prior = config, booster, prior
+        names = list(all_features())
+        self.columns = np.array([names.index(f) for f in config.features])
+
+    def calibration(self, reranker: str) -> Calibration | None:
+        c = self.config.calibration.get(reranker)
+        return Calibration(**c) if c else None
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        """(N, F_all) -> (N, F_model): the model's columns, in its order."""
+        return x[:, self.columns]
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """(B, K, F_all) features -> (B, K) scores (NaN rows, i.e. padding, score -inf)."""
+        B, K, F = x.shape
+        flat = self.select(x.reshape(B * K, F))
+        out = np.asarray(self.booster.predict(flat, num_threads=1), dtype=np.float32)
+        out = out.reshape(B, K)
+        return np.where(np.isnan(x[..., 0]), -np.inf, out)
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """(N, F_all) -> (N, F_model + 1): each feature's additive share of the score (SHAP
+        values from the trees) and the bias last."""
+        return np.asarray(
+            self.booster.predict(self.select(x), pred_contrib=True, num_threads=1),
+            dtype=np.float32,
+        )
+
+    # -------------------------------------------------------------- persistence
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (
+            (BOOSTER_FILE, self.booster.model_to_string()),
+            (PRIOR_FILE, json.dumps(self.prior.to_json(), ensure_ascii=False)),
+        ):
+            tmp = folder / (name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(folder / name)
+        doc = {"format": FUSION_FORMAT, "version": FUSION_VERSION, **self.config.to_dict()}
+        tmp = folder / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        tmp.replace(folder / CONFIG_FILE)  # last: a folder with a config is complete
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike[str]) -> FusionModel:
+        import lightgbm as lgb
+
+        folder = Path(folder)
+        path = folder / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a fusion model (no {CONFIG_FILE})")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("format") != FUSION_FORMAT or doc.get("version", 0) > FUSION_VERSION:
+            raise ValueError(f"{folder}: not a {FUSION_FORMAT} v<={FUSION_VERSION} model")
+        config = FusionConfig.from_dict(doc)
+        unknown = set(config.features) - set(all_features())
+        if unknown:
+            raise ValueError(f"{folder}: features this code does not compute: {sorted(unknown)}")
+        booster = lgb.Booster(model_str=(folder / BOOSTER_FILE).read_text(encoding="utf-8"))
+        prior = EntityPrior.from_json(json.loads((folder / PRIOR_FILE).read_text("utf-8")))
+        return cls(config, booster, prior)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        h.update(self.booster.model_to_string().encode())
+        h.update(json.dumps(self.prior.to_json(), sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+
+def check_compatible(
+    fusion: FusionModel, mimic_fingerprint: str, drin_fingerprint: str | None
+) -> None:
+    """Refuse a fusion model trained on other MIMIC / DRIN scores than the ones served."""
+    c = fusion.config
+    if c.mimic_fingerprint != mimic_fingerprint:
+        raise ValueError(
+            f"fusion model was trained on MIMIC model {c.mimic_fingerprint}, the server runs "
+            f"{mimic_fingerprint}: retrain it (mel-train-fusion)"
+        )
+    if c.drin_fingerprint is not None and c.drin_fingerprint != drin_fingerprint:
+        raise ValueError(
+            f"fusion model reads DRIN scores of {c.drin_fingerprint}; the server has "
+            f"{drin_fingerprint or 'no DRIN model'}"
+        )
+
+
+__all__ = [
+    "FUSION_FORMAT",
+    "Calibration",
+    "CandidateInfo",
+    "CandidateSignals",
+    "CandidateTable",
+    "EntityPrior",
+    "FusionConfig",
+    "FusionModel",
+    "MentionText",
+    "all_features",
+    "candidate_features",
+    "check_compatible",
+    "feature_groups",
+]
+
+
+# ---------------------------------------------------------------------------------- tables
+@dataclass
+class CandidateTable:
+    """A dataset split run through the serving path up to the fusion stage: per mention its
+    words, gold (None = NIL) and :class:`CandidateSignals`. What ``mel-candidates`` writes and
+    ``mel-train-fusion`` reads (a folder: ``signals.npz``, ``mentions.jsonl``,
+    ``entities.jsonl``)."""
+
+    ids: list[str]
+    mentions: list[MentionText]
+    gold: list[str | None]
+    signals: CandidateSignals
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def gold_positions(self) -> np.ndarray:
+        """(B,) index of the gold in each list, -1 when it is not there (or NIL)."""
+        out = np.full(len(self), -1, dtype=np.int64)
+        for b, g in enumerate(self.gold):
+            if g is None:
+                continue
+            for k, info in enumerate(self.signals.info[b]):
+                if info is not None and info.id == g:
+                    out[b] = k
+                    break
+        return out
+
+    def without(self, removed: set[str]) -> CandidateTable:
+        """The table as if the ``removed`` entities were not in the KB: they leave every
+        list (a list may then hold fewer candidates), and mentions whose gold they were
+        become NIL."""
+        sig = self.signals
+        rows = sig.rows.copy()
+        info = [list(line) for line in sig.info]
+        for b, line in enumerate(info):
+            for k, c in enumerate(line):
+                if c is not None and c.id in removed:
+                    rows[b, k], line[k] = -1, None
+        gold = [None if g in removed else g for g in self.gold]
+        new = CandidateSignals(
+            rows,
+            sig.dense,
+            sig.from_dense & (rows >= 0),
+            sig.from_lexical & (rows >= 0),
+            sig.lexical,
+            sig.mimic,
+            sig.drin,
+            sig.name_cos,
+            info,
+        )
+        return CandidateTable(self.ids, self.mentions, gold, new)
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        s = self.signals
+        arrays = {
+            "rows": s.rows,
+            "dense": s.dense,
+            "from_dense": s.from_dense,
+            "from_lexical": s.from_lexical,
+            "lexical": s.lexical,
+            "mimic": s.mimic,
+            "name_cos": s.name_cos,
+        }
+        if s.drin is not None:
+            arrays["drin"] = s.drin
+        np.savez(folder / "signals.npz", **arrays)  # type: ignore[arg-type]
+        with open(folder / "mentions.jsonl", "w", encoding="utf-8") as f:
+            for i, m, g in zip(self.ids, self.mentions, self.gold, strict=True):
+                span = list(m.span) if m.span else None
+                doc = {"id": i, "mention": m.mention, "sentence": m.sentence, "span": span}
+                doc["gold"] = g
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        seen: dict[int, CandidateInfo] = {}
+        for b, line in enumerate(s.info):
+            for k, c in enumerate(line):
+                if c is not None:
+                    seen.setdefault(int(s.rows[b, k]), c)
+        with open(folder / "entities.jsonl", "w", encoding="utf-8") as f:
+            for row, c in sorted(seen.items()):
+                doc2 = {"row": row, "id": c.id, "names": list(c.names), "popularity": c.popularity}
+                f.write(json.dumps(doc2, ensure_ascii=False) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> CandidateTable:
+        folder = Path(folder)
+        z = np.load(folder / "signals.npz")
+        infos: dict[int, CandidateInfo] = {}
+        with open(folder / "entities.jsonl", encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                infos[int(d["row"])] = CandidateInfo(d["id"], tuple(d["names"]), d["popularity"])
+        ids, mentions, gold = [], [], []
+        with open(folder / "mentions.jsonl", encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                ids.append(d["id"])
+                span = (int(d["span"][0]), int(d["span"][1])) if d.get("span") else None
+                mentions.append(MentionText(d["mention"], d["sentence"], span))
+                gold.append(d["gold"])
+        rows = z["rows"]
+        info = [[infos.get(int(r)) if r >= 0 else None for r in line] for line in rows]
+        sig = CandidateSignals(
+            rows,
+            z["dense"],
+            z["from_dense"],
+            z["from_lexical"],
+            z["lexical"],
+            z["mimic"],
+            z["drin"] if "drin" in z.files else None,
+            z["name_cos"],
+            info,
+        )
+        return cls(ids, mentions, gold, sig)

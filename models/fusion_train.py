@@ -1,0 +1,459 @@
+"""``mel-train-fusion``: learn the fusion ranker, calibrate it, choose the NIL threshold.
+
+    mel-candidates --data D --model M --index I --out T            # tables of train/dev/test
+    mel-train-fusion --tables T --out artifacts/fusion [--report R.json --plot R.png]
+
+1. Features (``models/fusion.py``) for every (mention, candidate) of the train / dev / test
+   tables; the entity priors are counted on the train links, leave-one-out on train itself.
+2. LightGBM lambdarank on train (one group per mention whose gold is in its list), early
+   stopping on dev NDCG@1; the booster, its feature list and the priors are saved.
+3. Calibration on dev, per reranker (fusion over the merged lists; MIMIC, DRIN and retrieval
+   over the dense lists they are served on): temperature and a "none of these" logit fitted
+   by maximum likelihood (the label is the gold's position, or "none" when the gold is not in
+   the list). Reported on test: expected calibration error (15 bins) of the top-1 confidence
+   and a reliability diagram.
+4. NIL protocol: the gold entities of a seeded share of the dev and test mentions leave the KB
+   (every mention whose gold left becomes NIL); the threshold on the top-1 confidence that
+   maximises dev accuracy (NIL counted as a class) is saved; test NIL precision / recall / F1
+   and accuracy are reported.
+5. ``--ablation``: the ranker retrained without each feature group, test H@1 / MRR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.fusion import (
+    Calibration,
+    CandidateTable,
+    EntityPrior,
+    FusionConfig,
+    FusionModel,
+    all_features,
+    candidate_features,
+    feature_groups,
+)
+
+logger = logging.getLogger(__name__)
+
+HITS = (1, 3, 5, 10)
+ECE_BINS = 15
+
+
+# ---------------------------------------------------------------------------------- data
+def table_features(table: CandidateTable, prior: EntityPrior, training: bool) -> np.ndarray:
+    """(B, K, F_all); ``training``: leave each mention's own link out of the priors."""
+    exclude = table.gold if training else None
+    return candidate_features(table.mentions, table.signals, prior, exclude)
+
+
+def _flat(x: np.ndarray, valid: np.ndarray, pos: np.ndarray, keep: np.ndarray) -> tuple[Any, ...]:
+    """Rows of the mentions ``keep`` (valid candidates only), labels, group sizes."""
+    xs, ys, groups = [], [], []
+    for b in np.flatnonzero(keep):
+        ks = np.flatnonzero(valid[b])
+        xs.append(x[b, ks])
+        ys.append((ks == pos[b]).astype(np.float32))
+        groups.append(len(ks))
+    return np.concatenate(xs), np.concatenate(ys), np.asarray(groups)
+
+
+def fit_ranker(
+    x_train: np.ndarray,
+    train: CandidateTable,
+    x_dev: np.ndarray,
+    dev: CandidateTable,
+    columns: Sequence[int],
+    names: Sequence[str],
+    seed: int,
+    threads: int,
+    rounds: int = 600,
+) -> Any:
+    """LightGBM lambdarank on the train lists that hold their gold; early stop on dev."""
+    import lightgbm as lgb
+
+    data = []
+    for x, t in ((x_train, train), (x_dev, dev)):
+        pos = t.gold_positions()
+        xs, ys, g = _flat(x[..., list(columns)], t.signals.valid, pos, pos >= 0)
+        data.append((xs, ys, g))
+    (xt, yt, gt), (xd, yd, gd) = data
+    params = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [1],
+        "learning_rate": 0.05,
+        "num_leaves": 31,
+        "min_data_in_leaf": 20,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambdarank_truncation_level": 20,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": threads,
+        "verbose": -1,
+    }
+    ds_train = lgb.Dataset(xt, yt, group=gt, feature_name=list(names), free_raw_data=True)
+    ds_dev = lgb.Dataset(xd, yd, group=gd, reference=ds_train)
+    return lgb.train(
+        params,
+        ds_train,
+        num_boost_round=rounds,
+        valid_sets=[ds_dev],
+        callbacks=[lgb.early_stopping(50, verbose=False)],
+    )
+
+
+def predict(booster: Any, x: np.ndarray, columns: Sequence[int], valid: np.ndarray) -> np.ndarray:
+    B, K, _ = x.shape
+    out = np.full((B, K), -np.inf, dtype=np.float32)
+    flat = x[..., list(columns)][valid]
+    out[valid] = booster.predict(flat, num_threads=os.cpu_count() or 1)
+    return out
+
+
+# ------------------------------------------------------------------------------- metrics
+def ranking_metrics(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> dict[str, float]:
+    """Over mentions with a gold: H@k and MRR (a gold not in the list is a miss: rank
+    infinite, 0 in MRR), and the share of lists that hold the gold (recall)."""
+    has = pos >= 0
+    s = np.where(valid, scores, -np.inf)
+    gold_score = np.take_along_axis(s, np.maximum(pos, 0)[:, None], axis=1)[:, 0]
+    # stable: ties are broken by list order, as the server's argsort does
+    k_idx = np.arange(s.shape[1])[None, :]
+    before = (s > gold_score[:, None]) | ((s == gold_score[:, None]) & (k_idx < pos[:, None]))
+    rank = np.where(has, before.sum(axis=1) + 1, np.inf)
+    out = {f"H@{k}": float((rank <= k).mean()) for k in HITS}
+    out["MRR"] = float(np.where(np.isfinite(rank), 1.0 / rank, 0.0).mean())
+    out["recall"] = float(has.mean())
+    out["mentions"] = len(pos)
+    return out
+
+
+def fit_calibration(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> Calibration:
+    """Temperature T and "none" logit b maximising the likelihood of the gold's position
+    (or "none" when the gold is not in the list)."""
+    from scipy.optimize import minimize
+
+    keep = valid.any(axis=1)
+    s, v, p = scores[keep], valid[keep], pos[keep]
+    s = np.where(v, s, 0.0).astype(np.float64)
+    label = np.where(p >= 0, p, s.shape[1])
+
+    def nll(theta: np.ndarray) -> float:
+        t, b = float(np.exp(theta[0])), float(theta[1])
+        z = np.where(v, s / t, -np.inf)
+        full = np.concatenate([z, np.full((len(z), 1), b / t)], axis=1)
+        m = full.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(full - m).sum(axis=1))).astype(np.float64)
+        picked = np.take_along_axis(full, label[:, None], axis=1)[:, 0]
+        return float((lse - picked).mean())
+
+    top = np.where(v, s, -np.inf).max(axis=1)
+    start = np.array([np.log(max(1e-3, float(np.std(top)) or 1.0)), float(np.min(top)) - 1])
+    res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7})
+    return Calibration(temperature=float(np.exp(res.x[0])), none_logit=float(res.x[1]))
+
+
+def top1(probs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) position and confidence of each list's best candidate (-1, 0 for empty lists)."""
+    p = np.where(valid, probs, -1.0)
+    k = p.argmax(axis=1)
+    conf = np.take_along_axis(probs, k[:, None], axis=1)[:, 0]
+    empty = ~valid.any(axis=1)
+    return np.where(empty, -1, k), np.where(empty, 0.0, conf)
+
+
+def calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict:
+    """Expected calibration error over equal-width confidence bins, and each bin's counts."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for i in range(bins):
+        m = which == i
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else 0.0
+        mean_conf = float(conf[m].mean()) if n else 0.0
+        ece += n / max(1, len(conf)) * abs(acc - mean_conf)
+        rows.append(
+            {
+                "lo": float(edges[i]),
+                "hi": float(edges[i + 1]),
+                "n": n,
+                "accuracy": acc,
+                "confidence": mean_conf,
+            }
+        )
+    return {"ece": float(ece), "bins": rows}
+
+
+def reliability_png(bins: list[dict[str, Any]], title: str, path: Path) -> None:
+    """A reliability diagram (accuracy per confidence bin against the diagonal), with Pillow."""
+    from PIL import Image, ImageDraw
+
+    w = h = 480
+    pad = 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return pad + x * (w - 2 * pad), h - pad - y * (h - 2 * pad)
+
+    d.rectangle([xy(0, 1), xy(1, 0)], outline="black")
+    d.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    total = max(1, sum(b["n"] for b in bins))
+    for b in bins:
+        if not b["n"]:
+            continue
+        d.rectangle(
+            [xy(b["lo"], b["accuracy"]), xy(b["hi"], 0)], fill=(70, 110, 200), outline="white"
+        )
+        share = b["n"] / total  # how many predictions fall in the bin: a bar at the bottom
+        d.rectangle([xy(b["lo"], 0.06 * share**0.5), xy(b["hi"], 0)], fill=(240, 150, 40))
+    for t in (0.0, 0.5, 1.0):
+        d.text((xy(t, 0)[0] - 8, h - pad + 6), f"{t:.1f}", fill="black")
+        d.text((pad - 30, xy(0, t)[1] - 6), f"{t:.1f}", fill="black")
+    d.text((pad, 12), title, fill="black")
+    d.text((w // 2 - 60, h - 22), "confidence of the top-1", fill="black")
+    d.text((4, pad - 22), "accuracy", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def nil_split(tables: Sequence[CandidateTable], share: float, seed: int) -> set[str]:
+    """The gold entities of a seeded ``share`` of the tables' mentions that have one."""
+    rng = random.Random(seed)
+    golds = [g for t in tables for g in t.gold if g is not None]
+    picked = rng.sample(range(len(golds)), max(1, round(share * len(golds))))
+    return {golds[i] for i in picked}
+
+
+def nil_decisions(
+    probs: np.ndarray, valid: np.ndarray, pos: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """NIL = top-1 confidence under the threshold. NIL precision / recall / F1, and accuracy
+    with NIL as a class (a non-NIL mention is right when its gold is the top-1)."""
+    k, conf = top1(probs, valid)
+    said_nil = conf < threshold
+    is_nil = pos < 0
+    right_entity = (~is_nil) & (~said_nil) & (k == pos)
+    tp = float((said_nil & is_nil).sum())
+    prec = tp / max(1.0, float(said_nil.sum()))
+    rec = tp / max(1.0, float(is_nil.sum()))
+    f1 = 2 * prec * rec / max(1e-12, prec + rec)
+    acc = float(((said_nil & is_nil) | right_entity).mean())
+    return {
+        "threshold": threshold,
+        "nil_precision": prec,
+        "nil_recall": rec,
+        "nil_f1": f1,
+        "accuracy": acc,
+        "nil_mentions": int(is_nil.sum()),
+        "mentions": len(pos),
+    }
+
+
+def choose_threshold(probs: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> float:
+    """The confidence threshold that maximises accuracy with NIL as a class."""
+    _, conf = top1(probs, valid)
+    grid = np.unique(np.concatenate([[0.0], conf, [1.0]]))
+    best, best_acc = 0.0, -1.0
+    for t in grid[:: max(1, len(grid) // 2000)]:
+        acc = nil_decisions(probs, valid, pos, float(t))["accuracy"]
+        if acc > best_acc:
+            best, best_acc = float(t), acc
+    return best
+
+
+# --------------------------------------------------------------------------------- train
+def _dense_valid(t: CandidateTable) -> np.ndarray:
+    """The lists MIMIC, DRIN and retrieval are served on: the dense channel's."""
+    return t.signals.valid & t.signals.from_dense
+
+
+def train_fusion(
+    tables: Path,
+    out: Path,
+    seed: int = 0,
+    use_drin: bool | None = None,
+    nil_share: float = 0.1,
+    ablation: bool = False,
+    lexical_k: int = 20,
+    plot: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    threads = threads or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    train, dev, test = (CandidateTable.load(tables / s) for s in ("train", "dev", "test"))
+    meta = (
+        json.loads((tables / "meta.json").read_text()) if (tables / "meta.json").is_file() else {}
+    )
+    has_drin = train.signals.drin is not None
+    use_drin = has_drin if use_drin is None else use_drin and has_drin
+    prior = EntityPrior.fit(
+        [(m.mention, g) for m, g in zip(train.mentions, train.gold, strict=True) if g]
+    )
+    names_all = list(all_features())
+    groups = feature_groups()
+    if not use_drin:
+        groups.pop("drin")
+    features = [f for g in groups.values() for f in g]
+    columns = [names_all.index(f) for f in features]
+    x_train = table_features(train, prior, training=True)
+    x_dev = table_features(dev, prior, training=False)
+    x_test = table_features(test, prior, training=False)
+    t_feat = time.perf_counter() - t0
+    booster = fit_ranker(x_train, train, x_dev, dev, columns, features, seed, threads)
+    t_fit = time.perf_counter() - t0 - t_feat
+    report: dict[str, Any] = {"features": features, "trees": booster.current_iteration()}
+
+    def scores_of(name: str, t: CandidateTable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = t.signals
+        if name == "fusion":
+            return predict(booster, x, columns, s.valid), s.valid
+        v = _dense_valid(t)
+        col = {"mimic": s.mimic[..., 0], "none": s.dense, "drin": s.drin}[name]
+        assert col is not None
+        return col, v
+
+    rerankers = ["fusion", "mimic", *(["drin"] if has_drin else []), "none"]
+    calibration: dict[str, dict[str, float]] = {}
+    for name in rerankers:
+        sd, vd = scores_of(name, dev, x_dev)
+        cal = fit_calibration(sd, vd, _positions_in(vd, dev.gold_positions()))
+        calibration[name] = {"temperature": cal.temperature, "none_logit": cal.none_logit}
+    # per reranker on test: ranking, calibration
+    for name in rerankers:
+        st, vt = scores_of(name, test, x_test)
+        pos = _positions_in(vt, test.gold_positions())
+        m = ranking_metrics(st, vt, pos)
+        cal = Calibration(**calibration[name])
+        probs = cal.probabilities(st, vt)
+        k, conf = top1(probs, vt)
+        has_gold = np.array([g is not None for g in test.gold])
+        ce = calibration_error(conf[has_gold], (k == pos)[has_gold])
+        report[name] = {"test": m, "ece": ce["ece"], "bins": ce["bins"]}
+        sdv, vdv = scores_of(name, dev, x_dev)
+        report[name]["dev"] = ranking_metrics(sdv, vdv, _positions_in(vdv, dev.gold_positions()))
+    if plot is not None:
+        reliability_png(
+            report["fusion"]["bins"],
+            f"fusion on test: ECE {report['fusion']['ece']:.4f} (15 bins)",
+            plot,
+        )
+    # NIL protocol
+    removed = nil_split([dev, test], nil_share, seed)
+    nil: dict[str, Any] = {"removed_entities": len(removed), "share": nil_share, "seed": seed}
+    fusion_cal = Calibration(**calibration["fusion"])
+    threshold = 0.0
+    for split, t in (("dev", dev), ("test", test)):
+        tn = t.without(removed)
+        xn = table_features(tn, prior, training=False)
+        sn = predict(booster, xn, columns, tn.signals.valid)
+        probs = fusion_cal.probabilities(sn, tn.signals.valid)
+        pos = tn.gold_positions()
+        if split == "dev":
+            threshold = choose_threshold(probs, tn.signals.valid, pos)
+        nil[split] = nil_decisions(probs, tn.signals.valid, pos, threshold)
+    report["nil"] = nil
+    config = FusionConfig(
+        features=tuple(features),
+        mimic_fingerprint=meta.get("mimic_fingerprint", ""),
+        drin_fingerprint=meta.get("drin_fingerprint") if use_drin else None,
+        lexical_k=int(meta.get("lexical", lexical_k)),
+        calibration=calibration,
+        nil_threshold=threshold,
+        meta={"trees": booster.current_iteration(), "seed": seed, "tables": str(tables)},
+    )
+    FusionModel(config, booster, prior).save_pretrained(out)
+    if ablation:
+        report["ablation"] = {}
+        for g, cols in groups.items():
+            keep = [f for f in features if f not in cols]
+            kc = [names_all.index(f) for f in keep]
+            b2 = fit_ranker(x_train, train, x_dev, dev, kc, keep, seed, threads)
+            st = predict(b2, x_test, kc, test.signals.valid)
+            report["ablation"][g] = ranking_metrics(st, test.signals.valid, test.gold_positions())
+            logger.info("without %s: test H@1 %.2f", g, 100 * report["ablation"][g]["H@1"])
+    report["seconds"] = {
+        "features": round(t_feat, 1),
+        "fit": round(t_fit, 1),
+        "total": round(time.perf_counter() - t0, 1),
+    }
+    return report
+
+
+def _positions_in(valid: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Gold positions, -1 where the gold's slot is not in the given lists."""
+    ok = (pos >= 0) & np.take_along_axis(valid, np.maximum(pos, 0)[:, None], axis=1)[:, 0]
+    return np.where(ok, pos, -1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mel-train-fusion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--tables", required=True, type=Path, help="mel-candidates output folder")
+    p.add_argument("--out", required=True, type=Path, help="fusion model folder")
+    p.add_argument("--report", type=Path, help="write the metrics JSON here")
+    p.add_argument("--plot", type=Path, help="write the test reliability diagram (PNG) here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-drin", action="store_true", help="ignore DRIN scores in the tables")
+    p.add_argument("--nil-share", type=float, default=0.1)
+    p.add_argument("--ablation", action="store_true", help="retrain without each group")
+    p.add_argument("--threads", type=int)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    report = train_fusion(
+        a.tables,
+        a.out,
+        a.seed,
+        None if not a.no_drin else False,
+        a.nil_share,
+        a.ablation,
+        plot=a.plot,
+        threads=a.threads,
+    )
+    text = json.dumps(report, indent=1)
+    if a.report:
+        a.report.parent.mkdir(parents=True, exist_ok=True)
+        a.report.write_text(text)
+    summary = {k: report[k]["test"] for k in ("fusion", "mimic", "none")}
+    print(
+        json.dumps(
+            {"test": summary, "ece": report["fusion"]["ece"], "nil": report["nil"]["test"]},
+            indent=1,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "calibration_error",
+    "choose_threshold",
+    "fit_calibration",
+    "fit_ranker",
+    "main",
+    "nil_decisions",
+    "ranking_metrics",
+    "train_fusion",
+]

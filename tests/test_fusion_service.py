@@ -1,0 +1,137 @@
+"""The fusion stage end to end on the tiny world: tables through the serving path, training,
+and the server answering with reranker=fusion, confidences and feature contributions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from models.data.schema import load_dataset
+from models.fusion import CandidateTable, FusionModel
+from models.fusion_train import train_fusion
+from service.linker import Linker
+from service.settings import ServiceSettings
+from service.tables import build_table
+from tests.test_service import _settings, serve
+
+
+@pytest.fixture(scope="module")
+def fusion_dir(
+    artifacts: tuple[Path, Path], tiny_world: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("fusion")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from service.tables import main; sys.exit(main(sys.argv[1:]))",
+            "--data",
+            str(tiny_world),
+            "--model",
+            str(artifacts[0]),
+            "--index",
+            str(artifacts[1]),
+            "--candidates",
+            "8",
+            "--lexical",
+            "4",
+            "--out",
+            str(root / "tables"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = train_fusion(root / "tables", root / "model", seed=0, plot=root / "rel.png")
+    return root / "tables", root / "model", report
+
+
+def test_tables_come_from_the_serving_path(
+    fusion_dir: tuple[Path, Path, dict[str, Any]], artifacts: tuple[Path, Path], tiny_world: Path
+) -> None:
+    tables, _, _ = fusion_dir
+    meta = json.loads((tables / "meta.json").read_text())
+    assert meta["lexical"] == 4 and meta["candidates"] == 8
+    test = CandidateTable.load(tables / "test")
+    ds = load_dataset(tiny_world)
+    assert test.ids == [m.id for m in ds.split("test")]
+    # dense 8 + lexical 4: 12 slots, dense ones first, no row twice in a list
+    assert test.signals.rows.shape == (len(test), 12)
+    for line in test.signals.rows:
+        kept = line[line >= 0]
+        assert len(set(kept.tolist())) == len(kept)
+    # the same mentions through a Linker directly give the same signals
+    linker = Linker(_settings(artifacts))
+    again = build_table(linker, ds, "test", 8, 4, progress=False)
+    linker.close()
+    assert np.array_equal(again.signals.rows, test.signals.rows)
+    assert np.allclose(again.signals.mimic, test.signals.mimic, atol=1e-5)
+
+
+def test_training_report_and_model(fusion_dir: tuple[Path, Path, dict[str, Any]]) -> None:
+    _, model_dir, report = fusion_dir
+    fusion = FusionModel.from_pretrained(model_dir)
+    assert set(fusion.config.calibration) == {"fusion", "mimic", "none"}
+    assert 0 <= report["fusion"]["ece"] <= 1
+    assert report["nil"]["test"]["mentions"] == 10
+    assert (model_dir.parent / "rel.png").stat().st_size > 1000
+    assert fusion.config.nil_threshold is not None
+
+
+@pytest.fixture(scope="module")
+def fusion_server(
+    artifacts: tuple[Path, Path], fusion_dir: tuple[Path, Path, dict[str, Any]]
+) -> Iterator[str]:
+    with serve(_settings(artifacts, fusion_model_path=str(fusion_dir[1]))) as (base, _):
+        yield base
+
+
+def test_fusion_is_served_with_confidence_and_contributions(fusion_server: str) -> None:
+    ready = httpx.get(f"{fusion_server}/readyz").json()
+    assert ready["rerankers"][0] == "fusion" and ready["default_reranker"] == "fusion"
+    assert ready["fusion_version"]
+    body = {"mention": "Jo Ames", "sentence": "Jo Ames the painter spoke.", "explain": True}
+    r = httpx.post(f"{fusion_server}/v1/link", json={**body, "top_k": 5}, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["reranker"] == "fusion"  # the default once a fusion model is loaded
+    confs = [c["confidence"] for c in out["candidates"]]
+    assert all(0 <= c <= 1 for c in confs) and sum(confs) <= 1 + 1e-6
+    assert confs == sorted(confs, reverse=True)  # ranked by score, calibration is monotone
+    ex = out["candidates"][0]["explain"]
+    assert set(ex) == {"bias", "contributions", "values"}
+    total = ex["bias"] + sum(ex["contributions"].values())
+    assert total == pytest.approx(out["candidates"][0]["score"], abs=1e-3)
+    # the other rerankers get calibrated confidences too
+    m = httpx.post(f"{fusion_server}/v1/link", json={**body, "reranker": "mimic"}, timeout=30)
+    assert all(c["confidence"] is not None for c in m.json()["candidates"])
+
+
+def test_fusion_needs_its_mimic_model(
+    artifacts: tuple[Path, Path], fusion_dir: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    cfg = json.loads((fusion_dir[1] / "config.json").read_text())
+    cfg["mimic_fingerprint"] = "0000000000000000"
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in fusion_dir[1].iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "config.json").write_text(json.dumps(cfg))
+    settings = ServiceSettings(
+        model_path=str(artifacts[0]),
+        index_path=str(artifacts[1]),
+        fusion_model_path=str(other),
+        device="cpu",
+        use_faiss_gpu=False,
+    )
+    with pytest.raises(ValueError, match="retrain it"):
+        Linker(settings)
