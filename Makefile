@@ -25,12 +25,13 @@ DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 
 # no early stop); the best dev epoch is kept.
 DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 30 --patience 30
 DATA ?= ../shared/data/wikimel
+NAME ?= $(notdir $(abspath $(DATA)))
 # Extra bench/wikimel.py flags, e.g. WIKIMEL_ARGS="--fresh" or "--ablations cmfu".
 WIKIMEL_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint format typecheck unit test demo demo-world demo-model demo-drin demo-index serve clean
+.PHONY: help install lint format typecheck unit test demo demo-world demo-model demo-drin demo-index serve clean bench-wikimel bench-data bench-demo
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -94,7 +95,17 @@ serve: install ## Serve MEL_MODEL_PATH / MEL_INDEX_PATH (defaults: the demo arti
 	$(VENV)/bin/mel-serve --host $(HOST) --port $(PORT)
 
 bench-wikimel: install ## WikiMEL end to end (DATA=path to the MELBench/WikiMEL folder): bench/results/wikimel.*
-	$(PY) bench/wikimel.py --data $(DATA) --work $(ARTIFACTS)/wikimel-bench $(WIKIMEL_ARGS)
+	$(PY) bench/wikimel.py --data $(DATA) --work $(ARTIFACTS)/wikimel-bench --name WikiMEL \
+		--note "Not comparable with the papers' 109,976-entity KB (CLIP, entity images)." \
+		$(WIKIMEL_ARGS)
+
+bench-data: install ## The same protocol on any MELBench/GHMFC or canonical folder (DATA=..., NAME=...)
+	$(PY) bench/wikimel.py --data $(DATA) --name $(NAME) --work $(ARTIFACTS)/bench-$(NAME) \
+		--out bench/results/$(NAME).json $(WIKIMEL_ARGS)
+
+bench-demo: demo-world ## The same protocol on the demo world: bench/results/demo-world.*
+	$(PY) bench/wikimel.py --data $(DEMO_DIR) --name demo-world --work $(ARTIFACTS)/bench-demo \
+		--out bench/results/demo-world.json --ablations $(WIKIMEL_ARGS)
 
 clean: ## Remove generated artifacts (keeps .venv)
 	rm -rf $(ARTIFACTS) .pytest_cache .ruff_cache .mypy_cache

@@ -35,17 +35,16 @@ import datetime as dt
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 import time
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import numpy as np
 import torch
 
 from models.data.converters import convert_melbench
@@ -58,6 +57,7 @@ from models.evaluate import (
     score_all_units,
 )
 from models.features import DatasetFeatures, dataset_features
+from models.lexical import char_ngrams, name_tokens, norm_name
 from models.metrics import HITS_AT, gold_ranks, ranking_metrics
 from models.mimic import UNITS
 from models.model import LinkingModel
@@ -125,26 +125,6 @@ class Stages:
 
 
 # ---------------------------------------------------------------------------- name matching
-_PAREN = re.compile(r"\s*\([^)]*\)\s*$")
-
-
-def norm_name(s: str) -> str:
-    """casefold, accents stripped, a trailing "(qualifier)" dropped, whitespace collapsed."""
-    s = _PAREN.sub("", s)
-    s = unicodedata.normalize("NFKD", s)
-    s = "".join(c for c in s if not unicodedata.combining(c))
-    return " ".join(s.casefold().split())
-
-
-def name_tokens(s: str) -> list[str]:
-    return re.findall(r"\w+", norm_name(s))
-
-
-def char_ngrams(s: str, n: int = 3) -> list[str]:
-    t = f" {norm_name(s)} "
-    return [t[i : i + n] for i in range(max(1, len(t) - n + 1))]
-
-
 def _binary_sparse(items: Sequence[Sequence[str]], vocab: dict[str, int]) -> torch.Tensor:
     """(len(items), len(vocab)) binary sparse COO matrix; unknown features are dropped."""
     rows, cols = [], []
@@ -365,8 +345,17 @@ def stage_name_prior_dev(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- stages
 def stage_convert(a: argparse.Namespace) -> dict[str, Any]:
-    report = convert_melbench(Path(a.data), a.work / "data")
-    return {"source": str(a.data), "report": report.to_json()}
+    """A MELBench / GHMFC folder is converted; a canonical one (kb.jsonl, mentions.jsonl,
+    splits.json, e.g. the demo world) is used as it is (linked, not copied)."""
+    src = Path(a.data)
+    if (src / "kb.jsonl").is_file():
+        dst = a.work / "data"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            dst.symlink_to(src.resolve(), target_is_directory=True)
+        return {"source": str(src), "canonical": True, "report": {}}
+    report = convert_melbench(src, a.work / "data")
+    return {"source": str(src), "report": report.to_json()}
 
 
 def stage_features(a: argparse.Namespace) -> dict[str, Any]:
@@ -665,6 +654,108 @@ PRIMARY_ORDER = (
 )
 
 
+# ---------------------------------------------------------------------------- fusion
+def stage_fusion_tables(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Every split through the server's path up to the fusion stage (``mel-candidates``):
+    dense top K + the lexical channel's top ``--lexical-k``, MIMIC's scores, the signals."""
+    from service.linker import Linker
+    from service.settings import ServiceSettings
+    from service.tables import build_table
+
+    settings = ServiceSettings(
+        model_path=str(folder / "best"),
+        index_path=str(a.work / "index"),
+        device="cpu",
+        use_faiss_gpu=False,
+    )
+    linker = Linker(settings)
+    ds = load_dataset(a.work / "data")
+    out = a.work / "fusion-tables"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "mimic_fingerprint": linker.fingerprint,
+        "drin_fingerprint": None,
+        "index_version": linker.index_version,
+        "candidates": K,
+        "lexical": a.lexical_k,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    res: dict[str, Any] = {"candidates": K, "lexical": a.lexical_k}
+    try:
+        for split in ("train", "dev", "test"):
+            t0 = time.perf_counter()
+            table = build_table(linker, ds, split, K, a.lexical_k)
+            table.save(out / split)
+            pos = table.gold_positions()
+            sig = table.signals
+            in_dense = (pos >= 0) & sig.from_dense[np.arange(len(pos)), np.maximum(pos, 0)]
+            has = np.array([g is not None for g in table.gold])
+            res[split] = {
+                "mentions": len(table),
+                f"recall@{K}_dense": float(in_dense[has].mean()),
+                f"recall@{K}_dense+lexical": float((pos >= 0)[has].mean()),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+            logger.info("fusion tables %s: %s", split, res[split])
+    finally:
+        linker.close()
+    return res
+
+
+def stage_fusion_train(a: argparse.Namespace) -> dict[str, Any]:
+    """``mel-train-fusion`` on the tables: ranker, calibration, NIL protocol, ablation."""
+    from models.fusion_train import train_fusion
+
+    plot = a.out.with_name(a.out.stem + "-reliability.png")
+    report = train_fusion(
+        a.work / "fusion-tables",
+        a.work / "fusion",
+        seed=a.seed,
+        use_drin=False,
+        ablation=True,
+        plot=plot,
+    )
+    report["reliability_png"] = plot.name
+    return report
+
+
+def stage_fusion_latency(a: argparse.Namespace, reps: int = 200) -> dict[str, Any]:
+    """What fusion adds per mention once MIMIC has scored the list: the features and the
+    trees (median over test mentions, one mention at a time and 32 at a time), and the
+    lexical channel's search for the merge."""
+    from models.fusion import CandidateTable, FusionModel, candidate_features
+
+    table = CandidateTable.load(a.work / "fusion-tables" / "test")
+    fusion = FusionModel.from_pretrained(a.work / "fusion")
+    out: dict[str, Any] = {"K": int(table.signals.rows.shape[1]), "threads": 1}
+    for b in (1, 32):
+        times = []
+        for start in range(0, min(reps * b, len(table)) - b + 1, b):
+            idx = list(range(start, start + b))
+            sub, ms = table.signals.take(idx), [table.mentions[i] for i in idx]
+            t0 = time.perf_counter()
+            fusion.score(candidate_features(ms, sub, fusion.prior))
+            times.append((time.perf_counter() - t0) / b)
+        out[f"ms_per_mention_batch{b}"] = round(1000 * float(np.median(times)), 3)
+    from index.search import IndexSearcher
+
+    searcher = IndexSearcher(a.work / "index", table_fingerprint(a))
+    qs = [m.mention for m in table.mentions[:reps]]
+    t = []
+    for q in qs:
+        t0 = time.perf_counter()
+        searcher.lexical([q], a.lexical_k)
+        t.append(time.perf_counter() - t0)
+    searcher.close()
+    out["lexical_search_ms"] = round(1000 * float(np.median(t)), 3)
+    return out
+
+
+def table_fingerprint(a: argparse.Namespace) -> str:
+    meta = json.loads((a.work / "fusion-tables" / "meta.json").read_text())
+    return str(meta["mimic_fingerprint"])
+
+
 def error_analysis(ds: MelDataset, full: Path, examples: int = 3) -> dict[str, Any]:
     saved = torch.load(full)
     ranks, top, gold = saved["ranks"], saved["top"], saved["gold"]
@@ -727,7 +818,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/wikimel", help="MELBench/WikiMEL folder")
+    p.add_argument(
+        "--data",
+        default="../shared/data/wikimel",
+        help="a MELBench / GHMFC folder (converted) or a canonical one (used as it is)",
+    )
     p.add_argument("--work", type=Path, default=Path("artifacts/wikimel-bench"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -753,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=UNITS,
         help="units to retrain the model without (default: each); none = eval-time drops only",
     )
+    p.add_argument("--name", help="the dataset's name in the report (default: the folder name)")
+    p.add_argument("--note", default="", help="a sentence for the report's first paragraph")
+    p.add_argument("--skip-drin", action="store_true", help="leave out the DRIN stages (~30 min)")
+    p.add_argument("--lexical-k", type=int, default=20, help="lexical candidates merged (fusion)")
     p.add_argument("--redo", nargs="*", default=[], help="stages to run again though cached")
     p.add_argument("--fresh", action="store_true", help="delete --work first")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from --out")
@@ -776,7 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     st = Stages(a.work, a.redo)
     mimic = a.work / "mimic"
     full = a.work / "mimic-test-full.pt"
-    res: dict[str, Any] = {"protocol": PROTOCOL}
+    res: dict[str, Any] = {"protocol": PROTOCOL, "dataset": a.name or Path(a.data).name}
+    res["note"] = a.note
     res["convert"] = st.run("convert", lambda: stage_convert(a))
     res["features"] = st.run("features", lambda: stage_features(a))
     res["train"] = st.run("train", lambda: stage_train(a, UNITS, mimic))
@@ -799,9 +899,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     res["index"] = st.run("index", lambda: stage_index(a, mimic))
     res["two_stage"] = st.run("two_stage", lambda: stage_two_stage(a, mimic, full))
-    drin_train = st.run("drin_top100", lambda: stage_drin_top100(a, mimic))
-    drin_test = st.run("drin_test", lambda: stage_drin_test(a, mimic))
-    res["drin"] = {**drin_train, "paper_columns": drin_train["test"], **drin_test}
+    if a.skip_drin:
+        res["drin"] = {"skipped": "--skip-drin"}
+    else:
+        drin_train = st.run("drin_top100", lambda: stage_drin_top100(a, mimic))
+        drin_test = st.run("drin_test", lambda: stage_drin_test(a, mimic))
+        res["drin"] = {**drin_train, "paper_columns": drin_train["test"], **drin_test}
+    res["fusion_tables"] = st.run("fusion_tables", lambda: stage_fusion_tables(a, mimic))
+    res["fusion"] = st.run("fusion_train", lambda: stage_fusion_train(a))
+    res["fusion_latency"] = st.run("fusion_latency", lambda: stage_fusion_latency(a))
     res["errors"] = st.run("errors", lambda: error_analysis(load_dataset(a.work / "data"), full))
     res["stages"] = st.log
     res["wall_seconds"] = round(time.perf_counter() - t_run, 1)
@@ -841,11 +947,14 @@ def render(res: dict[str, Any]) -> str:
     tr = res["train"]
     full = res["test_full"]
     ts = res["two_stage"]
+    name = res.get("dataset", "WikiMEL")
     lines = [
-        f"WikiMEL test split ({int(full['test']['count']):,} mentions), KB = "
-        f"{ds['entities']:,} entities (qid2abs.json), {ds['mentions_with_image']} mentions with "
-        "an image, no entity image. Backbone: MiniLM-L6 + EfficientNet-Lite0, frozen. "
-        "Not comparable with the papers' 109,976-entity KB (CLIP, entity images).",
+        f"# {name}",
+        "",
+        f"{name} test split ({int(full['test']['count']):,} mentions), KB = "
+        f"{ds['entities']:,} entities ({ds['entities_with_image']:,} with an image), "
+        f"{ds['mentions_with_image']:,} mentions with an image. Backbone: MiniLM-L6 + "
+        f"EfficientNet-Lite0, frozen. {res.get('note', '')}".rstrip(),
         "",
         "| method | H@1 | H@3 | H@5 | H@10 | H@20 | MRR | MR | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -905,6 +1014,7 @@ def render(res: dict[str, Any]) -> str:
         lines.append(
             f"| DRIN over the retrieved top 100 | skipped: {drin.get('skipped', '')} |" + " |" * 8
         )
+    lines += _render_fusion(res)
     mach = res["machine"]
     lines += [
         "",
@@ -929,6 +1039,102 @@ def render(res: dict[str, Any]) -> str:
     ]
     lines += _render_errors(res["errors"])
     return "\n".join(lines) + "\n"
+
+
+def _fusion_row(label: str, m: dict[str, Any], ece: float | None, note: str = "") -> str:
+    hits = " | ".join(f"{100 * m[f'H@{k}']:.2f}" for k in (1, 3, 5, 10))
+    e = f"{ece:.4f}" if ece is not None else ""
+    return f"| {label} | {hits} | {100 * m['MRR']:.2f} | {100 * m['recall']:.2f} | {e} | {note} |"
+
+
+def _render_fusion(res: dict[str, Any]) -> list[str]:
+    f, tabs = res.get("fusion"), res.get("fusion_tables")
+    if not f or not tabs:
+        return []
+    k, lk = tabs["candidates"], tabs["lexical"]
+    t = tabs["test"]
+    b = res["baselines"]
+    lines = [
+        "",
+        f"## The server's rerankers over the same test lists (dense top {k}; fusion adds the "
+        f"lexical channel's top {lk})",
+        "",
+        "Every row ranks the candidate lists the server builds (`mel-candidates`), so a gold "
+        "outside the list is a miss (0 in MRR). ECE: expected calibration error of the top-1 "
+        "confidence, 15 bins, after the calibration fitted on dev.",
+        "",
+        "| method | H@1 | H@3 | H@5 | H@10 | MRR | gold in list | ECE | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        _fusion_row(
+            "**fusion** (reranker=fusion)",
+            f["fusion"]["test"],
+            f["fusion"]["ece"],
+            f"{f['trees']} trees, {len(f['features'])} features",
+        ),
+        _fusion_row("MIMIC (reranker=mimic)", f["mimic"]["test"], f["mimic"]["ece"]),
+        _fusion_row("retrieval only (reranker=none)", f["none"]["test"], f["none"]["ece"]),
+    ]
+    for key, label in (("char3_cosine", "character-trigram"), ("token_jaccard", "token Jaccard")):
+        m = b["names"][key]["test"]
+        lines.append(
+            f"| baseline: {label} name match, full KB | {100 * m['H@1']:.2f} | "
+            f"{100 * m['H@3']:.2f} | {100 * m['H@5']:.2f} | {100 * m['H@10']:.2f} | "
+            f"{100 * m['MRR']:.2f} | | | ties: expected rank |"
+        )
+    z = b["minilm"]["mention_vs_name"]["test"]
+    lines.append(
+        f"| baseline: MiniLM zero-shot mention vs name, full KB | {100 * z['H@1']:.2f} | "
+        f"{100 * z['H@3']:.2f} | {100 * z['H@5']:.2f} | {100 * z['H@10']:.2f} | "
+        f"{100 * z['MRR']:.2f} | | | |"
+    )
+    lines += [
+        "",
+        f"Recall of the candidate lists on test: dense top {k} **{100 * t[f'recall@{k}_dense']:.2f}%**,"
+        f" dense + lexical top {lk} **{100 * t[f'recall@{k}_dense+lexical']:.2f}%**.",
+        "",
+    ]
+    nil = f["nil"]
+    n = nil["test"]
+    lines += [
+        f"NIL protocol: the gold entities of a seeded {100 * nil['share']:.0f}% of the dev and "
+        f"test mentions leave the KB ({nil['removed_entities']:,} entities); every mention whose "
+        f"gold left is NIL ({n['nil_mentions']:,} of {n['mentions']:,} test mentions). "
+        f"Threshold on the fusion top-1 confidence chosen on dev: {n['threshold']:.3f}.",
+        "",
+        "| test | NIL precision | NIL recall | NIL F1 | accuracy (NIL as a class) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| fusion | {100 * n['nil_precision']:.2f} | {100 * n['nil_recall']:.2f} | "
+        f"{100 * n['nil_f1']:.2f} | {100 * n['accuracy']:.2f} |",
+        "",
+    ]
+    ab = f.get("ablation")
+    if ab:
+        full_h1, full_mrr = f["fusion"]["test"]["H@1"], f["fusion"]["test"]["MRR"]
+        lines += [
+            "What each feature group contributes: the ranker retrained without it (test).",
+            "",
+            "| without | H@1 | MRR | H@1 change |",
+            "| --- | --- | --- | --- |",
+            f"| (nothing: all features) | {100 * full_h1:.2f} | {100 * full_mrr:.2f} | |",
+        ]
+        for g, m in ab.items():
+            lines.append(
+                f"| {g} | {100 * m['H@1']:.2f} | {100 * m['MRR']:.2f} | "
+                f"{100 * (m['H@1'] - full_h1):+.2f} |"
+            )
+        lines.append("")
+    lat = res.get("fusion_latency")
+    if lat:
+        lines += [
+            f"Fusion's own cost per mention at K = {lat['K']} (features + trees, 1 thread, "
+            f"after MIMIC): {lat['ms_per_mention_batch1']:.2f} ms one mention at a time, "
+            f"{lat['ms_per_mention_batch32']:.2f} ms in batches of 32; the lexical search "
+            f"{lat['lexical_search_ms']:.2f} ms per mention. Fusion training: "
+            f"{f['seconds']['total']:.0f} s (features {f['seconds']['features']:.0f} s).",
+            "",
+            f"![reliability diagram of fusion on test]({f.get('reliability_png', '')})",
+        ]
+    return lines
 
 
 def _train_line(tr: dict[str, Any]) -> str:
