@@ -2,6 +2,7 @@
 
 mel-serve --model artifacts/demo-model/best --index artifacts/demo-index --port 8000 \
           --drin artifacts/demo-drin/best      # also offer reranker=drin
+mel-serve ... --fusion artifacts/fusion             # reranker=fusion and confidences
 MEL_REDIS_URL=redis://127.0.0.1:6379/0 MEL_API_KEYS='["s3cret"]' mel-serve
 mel-serve --print-settings        # every setting, its default and why
 """
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint folder (MEL_MODEL_PATH)")
     p.add_argument("--index", help="index folder (MEL_INDEX_PATH)")
     p.add_argument("--drin", help="DRIN checkpoint folder for reranker=drin (MEL_DRIN_MODEL_PATH)")
+    p.add_argument(
+        "--fusion", help="fusion model folder for reranker=fusion (MEL_FUSION_MODEL_PATH)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
@@ -51,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("model_path", a.model),
             ("index_path", a.index),
             ("drin_model_path", a.drin),
+            ("fusion_model_path", a.fusion),
         )
         if v
     }

@@ -10,6 +10,7 @@ feeds them the stored entity records.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -172,22 +173,22 @@ class FeatureContributions:
         }
 
 
-def candidate_info(searcher: IndexSearcher, rows: np.ndarray) -> list[list[CandidateInfo | None]]:
-    """What the store says of each candidate (names and aliases, popularity) for the string
-    features; rows < 0 (padding) get None."""
-    cache: dict[int, CandidateInfo] = {}
+class CandidateInfoReader:
+    """What the store says of a candidate (id, name and aliases, popularity) for the string
+    features, with an LRU in front: the same entities come back request after request, and a
+    metadata read is a JSON parse."""
 
-    def one(row: int) -> CandidateInfo | None:
-        if row < 0:
-            return None
-        if row not in cache:
-            e = searcher.entity(row)
-            cache[row] = CandidateInfo(
-                e["id"], (e["name"], *e.get("aliases", ())), e.get("popularity")
-            )
-        return cache[row]
+    def __init__(self, searcher: IndexSearcher, size: int = 200_000) -> None:
+        self.searcher = searcher
+        self.one = lru_cache(maxsize=size)(self._read)
 
-    return [[one(int(r)) for r in line] for line in rows]
+    def _read(self, row: int) -> CandidateInfo:
+        e = self.searcher.entity(row)
+        return CandidateInfo(e["id"], (e["name"], *e.get("aliases", ())), e.get("popularity"))
+
+    def __call__(self, rows: np.ndarray) -> list[list[CandidateInfo | None]]:
+        """Per list, per candidate (padding rows < 0 get None)."""
+        return [[self.one(int(r)) if r >= 0 else None for r in line] for line in rows]
 
 
 def fusion_signals(
@@ -196,6 +197,7 @@ def fusion_signals(
     searcher: IndexSearcher,
     mimic: MimicReranker,
     drin: DrinGraphReranker | None,
+    info: CandidateInfoReader | None = None,
 ) -> CandidateSignals:
     """Everything the fusion features read, from the stages before it: MIMIC's (and DRIN's)
     scores over the candidates, the retrieval channels' scores, the zero-shot cosine of the
@@ -220,7 +222,7 @@ def fusion_signals(
         mimic=np.stack([m.scores, u.tglu, u.vdlu, u.cmfu], axis=-1).astype(np.float32),
         drin=d,
         name_cos=name_cos.astype(np.float32),
-        info=candidate_info(searcher, rows),
+        info=(info or CandidateInfoReader(searcher))(rows),
     )
 
 
@@ -248,9 +250,10 @@ class FusionReranker:
             raise ValueError("the fusion model reads DRIN scores: serve it with a DRIN model")
         self.fusion, self.searcher, self.mimic = fusion, searcher, mimic
         self.drin = drin if wants_drin else None
+        self.info = CandidateInfoReader(searcher)
 
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
-        sig = fusion_signals(batch, candidates, self.searcher, self.mimic, self.drin)
+        sig = fusion_signals(batch, candidates, self.searcher, self.mimic, self.drin, self.info)
         texts = [MentionText(it.mention, it.sentence, it.span) for it in batch.inputs]
         x = candidate_features(texts, sig, self.fusion.prior)
         return RerankOutput(self.fusion.score(x), FeatureContributions(x, self.fusion))
@@ -276,6 +279,7 @@ def load_rerankers(
 
 
 __all__ = [
+    "CandidateInfoReader",
     "DrinGraphReranker",
     "EdgeWeights",
     "Explanation",
@@ -286,7 +290,6 @@ __all__ = [
     "Reranker",
     "RetrievalOnly",
     "UnitScores",
-    "candidate_info",
     "fusion_signals",
     "load_rerankers",
 ]

@@ -168,6 +168,8 @@ class Entity(BaseModel):
     name: str
     attributes: str
     images: list[str]
+    aliases: list[str] = Field([], description="other names (kb.jsonl's optional aliases)")
+    popularity: float | None = Field(None, description="kb.jsonl's optional popularity")
     row: int
 
 

@@ -30,7 +30,12 @@ from models.fusion import CandidateSignals, CandidateTable, MentionText
 from models.preprocess import load_image_or_none
 from service.linker import Linker
 from service.primitives import MentionBatch, MentionInput
-from service.rerankers import DrinGraphReranker, MimicReranker, fusion_signals
+from service.rerankers import (
+    CandidateInfoReader,
+    DrinGraphReranker,
+    MimicReranker,
+    fusion_signals,
+)
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ def build_table(
     assert drin is None or isinstance(drin, DrinGraphReranker)
     enc = linker.model.encoder
     parts: list[CandidateSignals] = []
+    info = CandidateInfoReader(linker.searcher)
     steps = range(0, len(mentions), batch_size)
     for s in tqdm(steps, desc=f"{split} candidates", disable=not progress):
         chunk = mentions[s : s + batch_size]
@@ -92,7 +98,7 @@ def build_table(
         batch = MentionBatch(items, encoded)
         dense = linker.retrieve(encoded, candidates)
         merged = linker.merge_lexical(batch, dense, lexical)
-        parts.append(fusion_signals(batch, merged, linker.searcher, mimic, drin))
+        parts.append(fusion_signals(batch, merged, linker.searcher, mimic, drin, info))
     return CandidateTable(
         ids=[m.id for m in mentions],
         mentions=[MentionText(m.mention, m.sentence, m.span) for m in mentions],
