@@ -23,10 +23,10 @@ import faiss
 import torch
 
 from models.data.schema import load_dataset
-from models.preprocess import load_image_or_none
 from service.linker import Linker
-from service.primitives import LinkParams, MentionBatch, MentionInput
+from service.primitives import LinkParams, MentionBatch
 from service.settings import ServiceSettings
+from service.tables import dataset_inputs
 
 RERANKERS = ("none", "mimic", "drin")
 
@@ -66,15 +66,7 @@ def main() -> int:
     )
     ds = load_dataset(a.data)
     ms = [m for m in ds.split("test") if m.entity_id][:32]
-    items = [
-        MentionInput(
-            m.mention,
-            m.sentence,
-            load_image_or_none(ds.resolve(m.image)) if m.image else None,
-            span=m.span,
-        )
-        for m in ms
-    ]
+    items = list(dataset_inputs(ds, ms))
     enc = MentionBatch(tuple(items), linker.encode(items))
     linker.warmup()
     cells: dict[tuple[str, int, int], list[float]] = {}

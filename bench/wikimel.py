@@ -727,8 +727,9 @@ def stage_fusion_latency(a: argparse.Namespace, reps: int = 160) -> dict[str, An
     features + trees alone, from the tables."""
     from models.fusion import CandidateTable, FusionModel, candidate_features
     from service.linker import Linker
-    from service.primitives import LinkParams, MentionBatch, MentionInput
+    from service.primitives import LinkParams, MentionBatch
     from service.settings import ServiceSettings
+    from service.tables import dataset_inputs
 
     ds = load_dataset(a.work / "data")
     linker = Linker(
@@ -741,16 +742,7 @@ def stage_fusion_latency(a: argparse.Namespace, reps: int = 160) -> dict[str, An
         )
     )
     linker.warmup()
-    men = ds.split("test")[: reps * 2]
-    items = tuple(
-        MentionInput(
-            m.mention,
-            m.sentence,
-            load_image_or_none(ds.resolve(m.image)) if m.image else None,
-            span=m.span,
-        )
-        for m in men
-    )
+    items = dataset_inputs(ds, ds.split("test")[: reps * 2])
     encoded = linker.encode(items)
     out: dict[str, Any] = {
         "K": K,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.data.schema import MelDataset, load_dataset
+from models.data.schema import MelDataset, Mention, load_dataset
 from models.fusion import CandidateSignals, CandidateTable, MentionText
 from models.preprocess import load_image_or_none
 from service.linker import Linker
@@ -59,6 +59,19 @@ def _cat(parts: list[CandidateSignals]) -> CandidateSignals:
     )
 
 
+def dataset_inputs(ds: MelDataset, mentions: Sequence[Mention]) -> tuple[MentionInput, ...]:
+    """Dataset mentions as the server receives them (images decoded, spans kept)."""
+    return tuple(
+        MentionInput(
+            m.mention,
+            m.sentence,
+            load_image_or_none(ds.resolve(m.image)) if m.image else None,
+            span=m.span,
+        )
+        for m in mentions
+    )
+
+
 @torch.inference_mode()
 def build_table(
     linker: Linker,
@@ -81,15 +94,7 @@ def build_table(
     steps = range(0, len(mentions), batch_size)
     for s in tqdm(steps, desc=f"{split} candidates", disable=not progress):
         chunk = mentions[s : s + batch_size]
-        items = tuple(
-            MentionInput(
-                m.mention,
-                m.sentence,
-                load_image_or_none(ds.resolve(m.image)) if m.image else None,
-                span=m.span,
-            )
-            for m in chunk
-        )
+        items = dataset_inputs(ds, chunk)
         encoded = linker.encode(items)
         if encoded.surface is None:  # the fusion stage's input, also without a fusion model
             encoded = replace(
@@ -165,4 +170,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_table", "main"]
+__all__ = ["build_table", "dataset_inputs", "main"]
