@@ -490,7 +490,7 @@ def stage_two_stage(a: argparse.Namespace, folder: Path, full: Path) -> dict[str
     (``IndexSearcher.search`` of the retrieval queries), MIMIC rerank of the stored records
     (the server's ``MimicReranker``)."""
     from index.search import IndexSearcher
-    from service.primitives import EncodedMentions
+    from service.primitives import EncodedMentions, MentionBatch
     from service.rerankers import MimicReranker
 
     ds = load_dataset(a.work / "data")
@@ -518,7 +518,9 @@ def stage_two_stage(a: argparse.Namespace, folder: Path, full: Path) -> dict[str
             queries = model.matcher.retrieval_queries(feats).float().cpu().numpy()
             cand = searcher.search(queries, k)
             t2 = time.perf_counter()
-            sc = torch.from_numpy(mimic.rerank(EncodedMentions(feats), cand).scores)
+            sc = torch.from_numpy(
+                mimic.rerank(MentionBatch((), EncodedMentions(feats)), cand).scores
+            )
             t3 = time.perf_counter()
             t_enc, t_ret, t_rr = t_enc + t1 - t0, t_ret + t2 - t1, t_rr + t3 - t2
             cand_rows[s : s + len(batch)] = torch.from_numpy(cand.rows)
