@@ -35,8 +35,9 @@ from models.lexical import NAME_FEATURES, name_features, norm_name
 FUSION_FORMAT = "mel-fusion"
 FUSION_VERSION = 1
 CONFIG_FILE = "config.json"
-BOOSTER_FILE = "booster.txt"
+BOOSTER_FILE = "booster-{}.txt"  # one per cross-fitting fold; the model is their mean
 PRIOR_FILE = "prior.json"
+VERIFIER_FILE = "verifier.txt"
 
 # Feature groups (the ablation drops one group at a time). Each name is one column.
 SCORE_FEATURES = {
@@ -261,6 +262,27 @@ class Calibration:
         return p[:, :-1]
 
 
+# ------------------------------------------------------------------------------- verifier
+def answer_features(
+    scores: np.ndarray, probs: np.ndarray, x: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per list, what the NIL verifier reads: the best score, its margin over the second,
+    its calibrated probability, the list length and the best candidate's own features
+    (absolute values: a lone namesake can top a list whose real referent left the KB).
+    Returns (B, 4 + F) and the best candidate's position (B,) (-1 for an empty list)."""
+    s = np.where(valid, scores, -np.inf)
+    k = s.argmax(axis=1)
+    srt = -np.sort(-s, axis=1)
+    top = np.where(np.isfinite(srt[:, 0]), srt[:, 0], 0.0)
+    second = srt[:, 1] if s.shape[1] > 1 else np.full(len(s), -np.inf)
+    margin = np.where(np.isfinite(second), top - second, 10.0)
+    conf = np.take_along_axis(probs, k[:, None], axis=1)[:, 0]
+    best = x[np.arange(len(k)), k]
+    feats = np.column_stack([top, margin, conf, valid.sum(axis=1), best]).astype(np.float32)
+    empty = ~valid.any(axis=1)
+    return feats, np.where(empty, -1, k)
+
+
 # ---------------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class FusionConfig:
@@ -271,7 +293,7 @@ class FusionConfig:
     drin_fingerprint: str | None = None
     lexical_k: int = 20  # lexical candidates merged into the dense top-k
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # by reranker
-    nil_threshold: float | None = None  # chosen on dev under the NIL protocol
+    nil_threshold: float | None = None  # on answer confidence, chosen on dev (NIL protocol)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -293,10 +315,20 @@ class FusionConfig:
 
 
 class FusionModel:
-    """A trained booster, the features it reads, the priors and the calibrations."""
+    """Trained boosters (the folds of a cross-fit; the score is their mean), the features
+    they read, the priors and the calibrations."""
 
-    def __init__(self, config: FusionConfig, booster: Any, prior: EntityPrior) -> None:
-        self.config, self.booster, self.prior = config, booster, prior
+    def __init__(
+        self,
+        config: FusionConfig,
+        boosters: Sequence[Any],
+        prior: EntityPrior,
+        verifier: Any | None = None,
+    ) -> None:
+        if not boosters:
+            raise ValueError("a fusion model needs at least one booster")
+        self.config, self.boosters, self.prior = config, list(boosters), prior
+        self.verifier = verifier  # P(the best candidate is right), trained under NIL
         names = list(all_features())
         self.columns = np.array([names.index(f) for f in config.features])
 
@@ -312,30 +344,50 @@ class FusionModel:
         """(B, K, F_all) features -> (B, K) scores (NaN rows, i.e. padding, score -inf)."""
         B, K, F = x.shape
         flat = self.select(x.reshape(B * K, F))
-        out = np.asarray(self.booster.predict(flat, num_threads=1), dtype=np.float32)
-        out = out.reshape(B, K)
+        out = np.mean([b.predict(flat, num_threads=1) for b in self.boosters], axis=0)
+        out = np.asarray(out, dtype=np.float32).reshape(B, K)
         return np.where(np.isnan(x[..., 0]), -np.inf, out)
+
+    def answer_confidence(
+        self, scores: np.ndarray, probs: np.ndarray, x: np.ndarray, valid: np.ndarray
+    ) -> np.ndarray | None:
+        """(B,) probability that each list's best candidate is the right entity, from the
+        NIL verifier (None without one); 0 for an empty list."""
+        if self.verifier is None:
+            return None
+        feats, k = answer_features(scores, probs, self.select_lists(x), valid)
+        q = np.asarray(self.verifier.predict(feats, num_threads=1), dtype=np.float32)
+        return np.where(k >= 0, q, 0.0)
+
+    def select_lists(self, x: np.ndarray) -> np.ndarray:
+        """(B, K, F_all) -> (B, K, F_model)."""
+        return x[..., self.columns]
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """(N, F_all) -> (N, F_model + 1): each feature's additive share of the score (SHAP
         values from the trees) and the bias last."""
-        return np.asarray(
-            self.booster.predict(self.select(x), pred_contrib=True, num_threads=1),
-            dtype=np.float32,
-        )
+        x = self.select(x)
+        parts = [b.predict(x, pred_contrib=True, num_threads=1) for b in self.boosters]
+        return np.asarray(np.mean(parts, axis=0), dtype=np.float32)  # SHAP is additive
 
     # -------------------------------------------------------------- persistence
     def save_pretrained(self, folder: str | os.PathLike[str]) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, text in (
-            (BOOSTER_FILE, self.booster.model_to_string()),
-            (PRIOR_FILE, json.dumps(self.prior.to_json(), ensure_ascii=False)),
-        ):
+        files = [(BOOSTER_FILE.format(i), b.model_to_string()) for i, b in enumerate(self.boosters)]
+        files.append((PRIOR_FILE, json.dumps(self.prior.to_json(), ensure_ascii=False)))
+        if self.verifier is not None:
+            files.append((VERIFIER_FILE, self.verifier.model_to_string()))
+        for name, text in files:
             tmp = folder / (name + ".tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(folder / name)
-        doc = {"format": FUSION_FORMAT, "version": FUSION_VERSION, **self.config.to_dict()}
+        doc = {
+            "format": FUSION_FORMAT,
+            "version": FUSION_VERSION,
+            "boosters": len(self.boosters),
+            **self.config.to_dict(),
+        }
         tmp = folder / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
         tmp.replace(folder / CONFIG_FILE)  # last: a folder with a config is complete
@@ -356,13 +408,20 @@ class FusionModel:
         unknown = set(config.features) - set(all_features())
         if unknown:
             raise ValueError(f"{folder}: features this code does not compute: {sorted(unknown)}")
-        booster = lgb.Booster(model_str=(folder / BOOSTER_FILE).read_text(encoding="utf-8"))
+        boosters = [
+            lgb.Booster(model_str=(folder / BOOSTER_FILE.format(i)).read_text(encoding="utf-8"))
+            for i in range(int(doc.get("boosters", 1)))
+        ]
         prior = EntityPrior.from_json(json.loads((folder / PRIOR_FILE).read_text("utf-8")))
-        return cls(config, booster, prior)
+        verifier = None
+        if (folder / VERIFIER_FILE).is_file():
+            verifier = lgb.Booster(model_str=(folder / VERIFIER_FILE).read_text(encoding="utf-8"))
+        return cls(config, boosters, prior, verifier)
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        h.update(self.booster.model_to_string().encode())
+        for b in [*self.boosters, *([self.verifier] if self.verifier is not None else [])]:
+            h.update(b.model_to_string().encode())
         h.update(json.dumps(self.prior.to_json(), sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -395,6 +454,7 @@ __all__ = [
     "FusionModel",
     "MentionText",
     "all_features",
+    "answer_features",
     "candidate_features",
     "check_compatible",
     "feature_groups",
@@ -416,6 +476,16 @@ class CandidateTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, idx: Sequence[int]) -> CandidateTable:
+        """The mentions ``idx`` (in that order)."""
+        ii = list(idx)
+        return CandidateTable(
+            [self.ids[i] for i in ii],
+            [self.mentions[i] for i in ii],
+            [self.gold[i] for i in ii],
+            self.signals.take(ii),
+        )
 
     def gold_positions(self) -> np.ndarray:
         """(B,) index of the gold in each list, -1 when it is not there (or NIL)."""

@@ -13,9 +13,11 @@
    the list). Reported on test: expected calibration error (15 bins) of the top-1 confidence
    and a reliability diagram.
 4. NIL protocol: the gold entities of a seeded share of the dev and test mentions leave the KB
-   (every mention whose gold left becomes NIL); the threshold on the top-1 confidence that
-   maximises dev accuracy (NIL counted as a class) is saved; test NIL precision / recall / F1
-   and accuracy are reported.
+   (every mention whose gold left becomes NIL). A verifier (LightGBM binary on the best
+   candidate's score, margin, probability and own features) learns on dev's out-of-fold lists
+   the probability that the answer is right, the *answer confidence*; the threshold on it
+   that maximises dev accuracy (NIL counted as a class) is saved; test NIL precision / recall
+   / F1 and accuracy are reported, next to a threshold on the softmax confidence alone.
 5. ``--ablation``: the ranker retrained without each feature group, test H@1 / MRR.
 """
 
@@ -41,6 +43,7 @@ from models.fusion import (
     FusionConfig,
     FusionModel,
     all_features,
+    answer_features,
     candidate_features,
     feature_groups,
 )
@@ -242,11 +245,10 @@ def nil_split(tables: Sequence[CandidateTable], share: float, seed: int) -> set[
 
 
 def nil_decisions(
-    probs: np.ndarray, valid: np.ndarray, pos: np.ndarray, threshold: float
+    conf: np.ndarray, k: np.ndarray, pos: np.ndarray, threshold: float
 ) -> dict[str, float]:
-    """NIL = top-1 confidence under the threshold. NIL precision / recall / F1, and accuracy
-    with NIL as a class (a non-NIL mention is right when its gold is the top-1)."""
-    k, conf = top1(probs, valid)
+    """NIL = the answer's confidence under the threshold. NIL precision / recall / F1, and
+    accuracy with NIL as a class (a non-NIL mention is right when its gold is the answer)."""
     said_nil = conf < threshold
     is_nil = pos < 0
     right_entity = (~is_nil) & (~said_nil) & (k == pos)
@@ -266,22 +268,109 @@ def nil_decisions(
     }
 
 
-def choose_threshold(probs: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> float:
+def choose_threshold(conf: np.ndarray, k: np.ndarray, pos: np.ndarray) -> float:
     """The confidence threshold that maximises accuracy with NIL as a class."""
-    _, conf = top1(probs, valid)
     grid = np.unique(np.concatenate([[0.0], conf, [1.0]]))
     best, best_acc = 0.0, -1.0
     for t in grid[:: max(1, len(grid) // 2000)]:
-        acc = nil_decisions(probs, valid, pos, float(t))["accuracy"]
+        acc = nil_decisions(conf, k, pos, float(t))["accuracy"]
         if acc > best_acc:
             best, best_acc = float(t), acc
     return best
+
+
+def fit_verifier(
+    feats: np.ndarray, right: np.ndarray, fold_of: np.ndarray, seed: int, threads: int
+) -> tuple[Any, np.ndarray]:
+    """P(the answer is right) from :func:`~models.fusion.answer_features`: LightGBM binary,
+    its rounds chosen by cross-fitting (out-of-fold predictions returned for the threshold),
+    then one model on all rows (fold models averaged would blunt the probabilities)."""
+    import lightgbm as lgb
+
+    params = {
+        "objective": "binary",
+        "learning_rate": 0.05,
+        "num_leaves": 15,
+        "min_data_in_leaf": 20,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "seed": seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": threads,
+        "verbose": -1,
+    }
+    y = right.astype(np.float32)
+    oof = np.zeros(len(y), dtype=np.float32)
+    rounds = []
+    for f in np.unique(fold_of):
+        tr, va = fold_of != f, fold_of == f
+        b = lgb.train(
+            params,
+            lgb.Dataset(feats[tr], y[tr]),
+            500,
+            valid_sets=[lgb.Dataset(feats[va], y[va])],
+            callbacks=[lgb.early_stopping(30, verbose=False)],
+        )
+        rounds.append(b.best_iteration)
+        oof[va] = b.predict(feats[va], num_iteration=b.best_iteration)
+    final = lgb.train(params, lgb.Dataset(feats, y), max(10, int(np.median(rounds))))
+    return final, oof
 
 
 # --------------------------------------------------------------------------------- train
 def _dense_valid(t: CandidateTable) -> np.ndarray:
     """The lists MIMIC, DRIN and retrieval are served on: the dense channel's."""
     return t.signals.valid & t.signals.from_dense
+
+
+def cross_fit(
+    x: np.ndarray,
+    table: CandidateTable,
+    columns: Sequence[int],
+    names: Sequence[str],
+    folds: int,
+    seed: int,
+    threads: int,
+) -> tuple[list[Any], np.ndarray]:
+    """``folds`` rankers, each fitted on the other folds of ``table`` and early-stopped on its
+    own; returns them and which fold each mention was held out in (for out-of-fold scores)."""
+    order = np.random.default_rng(seed).permutation(len(table))
+    fold_of = np.empty(len(table), dtype=np.int64)
+    for f, part in enumerate(np.array_split(order, folds)):
+        fold_of[part] = f
+    boosters = []
+    for f in range(folds):
+        held = np.flatnonzero(fold_of == f).tolist()
+        rest = np.flatnonzero(fold_of != f).tolist()
+        boosters.append(
+            fit_ranker(
+                x[rest], table.take(rest), x[held], table.take(held), columns, names, seed, threads
+            )
+        )
+    return boosters, fold_of
+
+
+def ensemble(
+    boosters: Sequence[Any], x: np.ndarray, cols: Sequence[int], valid: np.ndarray
+) -> np.ndarray:
+    return np.mean([predict(b, x, cols, valid) for b in boosters], axis=0)
+
+
+def out_of_fold(
+    boosters: Sequence[Any],
+    fold_of: np.ndarray,
+    x: np.ndarray,
+    cols: Sequence[int],
+    valid: np.ndarray,
+) -> np.ndarray:
+    """Each mention scored by the fold model that did not see it."""
+    out = np.full(valid.shape, -np.inf, dtype=np.float32)
+    for f, b in enumerate(boosters):
+        m = fold_of == f
+        out[m] = predict(b, x[m], cols, valid[m])
+    return out
 
 
 def train_fusion(
@@ -294,15 +383,23 @@ def train_fusion(
     lexical_k: int = 20,
     plot: Path | None = None,
     threads: int | None = None,
+    folds: int = 4,
+    compare_train_fit: bool = True,
 ) -> dict[str, Any]:
+    """Fit on dev, cross-fitted in ``folds`` (the model is the folds' mean; out-of-fold
+    scores calibrate it and choose the NIL threshold); report on test.
+
+    Why dev and not train: the stages before fusion (MIMIC, DRIN) were fitted on train, so
+    their scores on train mentions are optimistic, and a ranker fitted there learns to trust
+    them more than they deserve on new text (``compare_train_fit`` measures it)."""
     threads = threads or os.cpu_count() or 1
     t0 = time.perf_counter()
     train, dev, test = (CandidateTable.load(tables / s) for s in ("train", "dev", "test"))
-    meta = (
-        json.loads((tables / "meta.json").read_text()) if (tables / "meta.json").is_file() else {}
-    )
+    meta_file = tables / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     has_drin = train.signals.drin is not None
     use_drin = has_drin if use_drin is None else use_drin and has_drin
+    # the priors are counted on train: dev and test mentions never see their own link
     prior = EntityPrior.fit(
         [(m.mention, g) for m, g in zip(train.mentions, train.gold, strict=True) if g]
     )
@@ -312,62 +409,80 @@ def train_fusion(
         groups.pop("drin")
     features = [f for g in groups.values() for f in g]
     columns = [names_all.index(f) for f in features]
-    x_train = table_features(train, prior, training=True)
     x_dev = table_features(dev, prior, training=False)
     x_test = table_features(test, prior, training=False)
     t_feat = time.perf_counter() - t0
-    booster = fit_ranker(x_train, train, x_dev, dev, columns, features, seed, threads)
+    boosters, fold_of = cross_fit(x_dev, dev, columns, features, folds, seed, threads)
     t_fit = time.perf_counter() - t0 - t_feat
-    report: dict[str, Any] = {"features": features, "trees": booster.current_iteration()}
+    trees = [b.current_iteration() for b in boosters]
+    report: dict[str, Any] = {"features": features, "trees": trees, "folds": folds, "fit_on": "dev"}
 
-    def scores_of(name: str, t: CandidateTable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores_of(
+        name: str, t: CandidateTable, x: np.ndarray, oof: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         s = t.signals
         if name == "fusion":
-            return predict(booster, x, columns, s.valid), s.valid
-        v = _dense_valid(t)
+            if oof:
+                return out_of_fold(boosters, fold_of, x, columns, s.valid), s.valid
+            return ensemble(boosters, x, columns, s.valid), s.valid
         col = {"mimic": s.mimic[..., 0], "none": s.dense, "drin": s.drin}[name]
         assert col is not None
-        return col, v
+        return col, _dense_valid(t)
 
     rerankers = ["fusion", "mimic", *(["drin"] if has_drin else []), "none"]
     calibration: dict[str, dict[str, float]] = {}
     for name in rerankers:
-        sd, vd = scores_of(name, dev, x_dev)
+        sd, vd = scores_of(name, dev, x_dev, oof=True)
         cal = fit_calibration(sd, vd, _positions_in(vd, dev.gold_positions()))
         calibration[name] = {"temperature": cal.temperature, "none_logit": cal.none_logit}
-    # per reranker on test: ranking, calibration
-    for name in rerankers:
-        st, vt = scores_of(name, test, x_test)
+        st, vt = scores_of(name, test, x_test, oof=False)
         pos = _positions_in(vt, test.gold_positions())
-        m = ranking_metrics(st, vt, pos)
-        cal = Calibration(**calibration[name])
-        probs = cal.probabilities(st, vt)
-        k, conf = top1(probs, vt)
+        k, conf = top1(cal.probabilities(st, vt), vt)
         has_gold = np.array([g is not None for g in test.gold])
         ce = calibration_error(conf[has_gold], (k == pos)[has_gold])
-        report[name] = {"test": m, "ece": ce["ece"], "bins": ce["bins"]}
-        sdv, vdv = scores_of(name, dev, x_dev)
-        report[name]["dev"] = ranking_metrics(sdv, vdv, _positions_in(vdv, dev.gold_positions()))
+        report[name] = {
+            "test": ranking_metrics(st, vt, pos),
+            "dev_out_of_fold" if name == "fusion" else "dev": ranking_metrics(
+                sd, vd, _positions_in(vd, dev.gold_positions())
+            ),
+            "ece": ce["ece"],
+            "bins": ce["bins"],
+        }
     if plot is not None:
-        reliability_png(
-            report["fusion"]["bins"],
-            f"fusion on test: ECE {report['fusion']['ece']:.4f} (15 bins)",
-            plot,
-        )
-    # NIL protocol
+        title = f"fusion on test: ECE {report['fusion']['ece']:.4f} (15 bins)"
+        reliability_png(report["fusion"]["bins"], title, plot)
+    # NIL protocol: a verifier of the answer, fitted on dev's out-of-fold lists, reported
+    # on test; and, for comparison, a threshold on the softmax confidence alone
     removed = nil_split([dev, test], nil_share, seed)
     nil: dict[str, Any] = {"removed_entities": len(removed), "share": nil_share, "seed": seed}
     fusion_cal = Calibration(**calibration["fusion"])
-    threshold = 0.0
+    lists = {}
     for split, t in (("dev", dev), ("test", test)):
         tn = t.without(removed)
         xn = table_features(tn, prior, training=False)
-        sn = predict(booster, xn, columns, tn.signals.valid)
-        probs = fusion_cal.probabilities(sn, tn.signals.valid)
-        pos = tn.gold_positions()
-        if split == "dev":
-            threshold = choose_threshold(probs, tn.signals.valid, pos)
-        nil[split] = nil_decisions(probs, tn.signals.valid, pos, threshold)
+        sn, vn = scores_of("fusion", tn, xn, oof=split == "dev")
+        probs = fusion_cal.probabilities(sn, vn)
+        feats, k = answer_features(sn, probs, xn[..., columns], vn)
+        lists[split] = (feats, k, tn.gold_positions(), top1(probs, vn)[1])
+    fd, kd, pd_, cd = lists["dev"]
+    verifier, q_dev = fit_verifier(fd, (kd == pd_) & (kd >= 0), fold_of, seed, threads)
+    threshold = choose_threshold(q_dev, kd, pd_)
+    ft, kt, pt, ct = lists["test"]
+    q_test = np.where(kt >= 0, verifier.predict(ft), 0.0)
+    nil["dev"] = nil_decisions(q_dev, kd, pd_, threshold)
+    nil["test"] = nil_decisions(q_test, kt, pt, threshold)
+    softmax_t = choose_threshold(cd, kd, pd_)
+    nil["softmax_only"] = {"test": nil_decisions(ct, kt, pt, softmax_t)}
+    # the answer confidence on the full KB too (what nil reads when nothing was removed)
+    s_full = ensemble(boosters, x_test, columns, test.signals.valid)
+    p_full = fusion_cal.probabilities(s_full, test.signals.valid)
+    f_full, k_full = answer_features(s_full, p_full, x_test[..., columns], test.signals.valid)
+    q_full = np.where(k_full >= 0, verifier.predict(f_full), 0.0)
+    right = k_full == test.gold_positions()
+    has_gold = np.array([g is not None for g in test.gold])
+    nil["answer_confidence_ece_full_kb"] = calibration_error(q_full[has_gold], right[has_gold])[
+        "ece"
+    ]
     report["nil"] = nil
     config = FusionConfig(
         features=tuple(features),
@@ -376,16 +491,24 @@ def train_fusion(
         lexical_k=int(meta.get("lexical", lexical_k)),
         calibration=calibration,
         nil_threshold=threshold,
-        meta={"trees": booster.current_iteration(), "seed": seed, "tables": str(tables)},
+        meta={"trees": trees, "folds": folds, "fit_on": "dev", "seed": seed, "tables": str(tables)},
     )
-    FusionModel(config, booster, prior).save_pretrained(out)
+    FusionModel(config, boosters, prior, verifier).save_pretrained(out)
+    if compare_train_fit:  # the same ranker fitted on train, early-stopped on dev
+        x_train = table_features(train, prior, training=True)
+        b = fit_ranker(x_train, train, x_dev, dev, columns, features, seed, threads)
+        st = predict(b, x_test, columns, test.signals.valid)
+        report["fit_on_train"] = {
+            "test": ranking_metrics(st, test.signals.valid, test.gold_positions()),
+            "trees": b.current_iteration(),
+        }
     if ablation:
         report["ablation"] = {}
-        for g, cols in groups.items():
-            keep = [f for f in features if f not in cols]
+        for g, gcols in groups.items():
+            keep = [f for f in features if f not in gcols]
             kc = [names_all.index(f) for f in keep]
-            b2 = fit_ranker(x_train, train, x_dev, dev, kc, keep, seed, threads)
-            st = predict(b2, x_test, kc, test.signals.valid)
+            bs, _ = cross_fit(x_dev, dev, kc, keep, folds, seed, threads)
+            st = ensemble(bs, x_test, kc, test.signals.valid)
             report["ablation"][g] = ranking_metrics(st, test.signals.valid, test.gold_positions())
             logger.info("without %s: test H@1 %.2f", g, 100 * report["ablation"][g]["H@1"])
     report["seconds"] = {
@@ -417,6 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--nil-share", type=float, default=0.1)
     p.add_argument("--ablation", action="store_true", help="retrain without each group")
     p.add_argument("--threads", type=int)
+    p.add_argument("--folds", type=int, default=4, help="cross-fitting folds over dev")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     report = train_fusion(
@@ -428,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.ablation,
         plot=a.plot,
         threads=a.threads,
+        folds=a.folds,
     )
     text = json.dumps(report, indent=1)
     if a.report:

@@ -307,16 +307,27 @@ class Linker:
                     explain=explain.of(j, int(k)) if explain is not None else None,
                 )
             )
-        return LinkResult(candidates=tuple(cands), nil=self._nil(cands), reranker=p.reranker)
+        answer = None
+        if out.answer_confidence is not None and cands:
+            answer = float(out.answer_confidence[j])
+        return LinkResult(
+            candidates=tuple(cands),
+            nil=self._nil(cands, answer),
+            reranker=p.reranker,
+            answer_confidence=answer,
+        )
 
-    def _nil(self, cands: list[CandidateResult]) -> bool:
-        """No candidate, or the best one's confidence under the NIL threshold (a probability;
-        a reranker without calibrated confidence compares its raw score)."""
+    def _nil(self, cands: list[CandidateResult], answer: float | None) -> bool:
+        """No candidate, or the answer's confidence under the NIL threshold (a probability:
+        fusion's verified answer confidence, else the best candidate's confidence; a
+        reranker without calibrated confidences compares its raw score)."""
         thr = self.nil_threshold
         if not cands:
             return True
         if thr is None:
             return False
+        if answer is not None:
+            return answer < thr
         best = cands[0].confidence if cands[0].confidence is not None else cands[0].score
         return best < thr
 

@@ -75,6 +75,7 @@ def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
             for c in r.candidates
         ],
         nil=r.nil,
+        answer_confidence=r.answer_confidence,
         reranker=r.reranker,
         model_version=linker.fingerprint,
         index_version=linker.index_version,

@@ -125,6 +125,7 @@ class LinkResult:
     candidates: tuple[CandidateResult, ...]
     nil: bool
     reranker: str
+    answer_confidence: float | None = None  # P(the first candidate is right), NIL-aware
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,13 @@ class EdgeWeights:
 
 @dataclass(frozen=True)
 class RerankOutput:
-    """scores: ``(B, K)`` float, higher is better; explanation: None when there is none."""
+    """scores: ``(B, K)`` float, higher is better; explanation: None when there is none;
+    answer_confidence: ``(B,)`` probability that each list's best candidate is right (a
+    reranker with a NIL verifier: fusion), else None."""
 
     scores: np.ndarray
     explanation: Explanation | None = None
+    answer_confidence: np.ndarray | None = None
 
 
 class Reranker(Protocol):
@@ -256,7 +259,15 @@ class FusionReranker:
         sig = fusion_signals(batch, candidates, self.searcher, self.mimic, self.drin, self.info)
         texts = [MentionText(it.mention, it.sentence, it.span) for it in batch.inputs]
         x = candidate_features(texts, sig, self.fusion.prior)
-        return RerankOutput(self.fusion.score(x), FeatureContributions(x, self.fusion))
+        scores = self.fusion.score(x)
+        answer = None
+        cal = self.fusion.calibration(self.name)
+        if cal is not None and self.fusion.verifier is not None:
+            valid = candidates.rows >= 0
+            answer = self.fusion.answer_confidence(
+                scores, cal.probabilities(scores, valid), x, valid
+            )
+        return RerankOutput(scores, FeatureContributions(x, self.fusion), answer)
 
 
 def load_rerankers(

@@ -119,6 +119,12 @@ class LinkResponse(BaseModel):
         description="true when there is no candidate or the best one's confidence is under "
         "the NIL threshold (MEL_NIL_THRESHOLD, or the fusion model's dev-chosen one)",
     )
+    answer_confidence: float | None = Field(
+        None,
+        description="probability that the first candidate is the right entity, allowing for "
+        "entities the KB does not hold (fusion's NIL verifier, trained on dev with entities "
+        "removed); nil = answer_confidence < the NIL threshold. Null for other rerankers",
+    )
     reranker: str
     model_version: str
     index_version: str

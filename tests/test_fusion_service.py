@@ -84,7 +84,15 @@ def test_training_report_and_model(fusion_dir: tuple[Path, Path, dict[str, Any]]
     assert 0 <= report["fusion"]["ece"] <= 1
     assert report["nil"]["test"]["mentions"] == 10
     assert (model_dir.parent / "rel.png").stat().st_size > 1000
-    assert fusion.config.nil_threshold is not None
+    assert fusion.config.nil_threshold is not None and fusion.verifier is not None
+    assert set(report["nil"]) >= {"dev", "test", "softmax_only", "answer_confidence_ece_full_kb"}
+
+
+_SERVED: dict[str, Path] = {}
+
+
+def fusion_dir_model(base: str) -> Path:
+    return _SERVED[base]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +100,7 @@ def fusion_server(
     artifacts: tuple[Path, Path], fusion_dir: tuple[Path, Path, dict[str, Any]]
 ) -> Iterator[str]:
     with serve(_settings(artifacts, fusion_model_path=str(fusion_dir[1]))) as (base, _):
+        _SERVED[base] = fusion_dir[1]
         yield base
 
 
@@ -107,6 +116,10 @@ def test_fusion_is_served_with_confidence_and_contributions(fusion_server: str) 
     confs = [c["confidence"] for c in out["candidates"]]
     assert all(0 <= c <= 1 for c in confs) and sum(confs) <= 1 + 1e-6
     assert confs == sorted(confs, reverse=True)  # ranked by score, calibration is monotone
+    # the verified answer confidence, and nil decided on it
+    assert 0 <= out["answer_confidence"] <= 1
+    ready_thr = FusionModel.from_pretrained(fusion_dir_model(fusion_server)).config.nil_threshold
+    assert out["nil"] is (out["answer_confidence"] < ready_thr)
     ex = out["candidates"][0]["explain"]
     assert set(ex) == {"bias", "contributions", "values"}
     total = ex["bias"] + sum(ex["contributions"].values())
