@@ -105,7 +105,7 @@ bench-data: install ## The same protocol on any MELBench/GHMFC or canonical fold
 
 bench-demo: demo-world ## The same protocol on the demo world: bench/results/demo-world.*
 	$(PY) bench/wikimel.py --data $(DEMO_DIR) --name demo-world --work $(ARTIFACTS)/bench-demo \
-		--out bench/results/demo-world.json --ablations $(WIKIMEL_ARGS)
+		--out bench/results/demo-world.json --ablations --skip-drin $(WIKIMEL_ARGS)
 
 clean: ## Remove generated artifacts (keeps .venv)
 	rm -rf $(ARTIFACTS) .pytest_cache .ruff_cache .mypy_cache
