@@ -235,7 +235,7 @@ EXPECTED = {
     "valid_batch_mixed_items": 200,
     "base64_wrapped_76": 200,
     "malformed_json": 422,
-    "invalid_utf8": 400,
+    "invalid_utf8": 422,  # an unparseable body is an invalid request (invalid_body)
     "bad_base64": 400,
     "wrong_types": 422,
     "oversized_content_length": 413,
