@@ -135,6 +135,10 @@ class IndexSearcher:
             for f in names
         ]
 
+    def fields(self, rows: np.ndarray, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """(B, K, ...) float32 of the named store fields only (rows < 0 read row 0)."""
+        return self._fields(rows, names)
+
     def records(self, rows: np.ndarray) -> MimicEntityRecord:
         """(B, K, ...) float32 MIMIC records of the given rows (rows < 0 read row 0)."""
         return MimicEntityRecord(*self._fields(rows, MimicEntityRecord.field_names()))

@@ -385,11 +385,15 @@ class MimicMatcher(nn.Module):
 
     def retrieval_keys(self, entities: MimicEntityRecord) -> Tensor:
         """(N, dt + d) entity retrieval vectors from precomputed records (index side)."""
+        return self.retrieval_keys_of(entities.text_cls, entities.cmfu)
+
+    def retrieval_keys_of(self, text_cls: Tensor, cmfu: Tensor) -> Tensor:
+        """The same from the only two record fields it reads (``text_cls``, ``cmfu``)."""
         wt, wc = self._retrieval_weights()
-        text = entities.text_cls if wt else torch.zeros_like(entities.text_cls)
-        fused = entities.cmfu if wc else torch.zeros_like(entities.cmfu)
+        text = text_cls if wt else torch.zeros_like(text_cls)
+        fused = cmfu if wc else torch.zeros_like(cmfu)
         if not wt and not wc:  # a VDLU-only model: fall back to the fused vector
-            fused = entities.cmfu
+            fused = cmfu
         return torch.cat([text, fused], dim=-1)
 
     def retrieval_queries(self, mentions: MimicFeatures) -> Tensor:

@@ -240,8 +240,11 @@ class Linker:
         retrieval[:, :K] = dense.retrieval
         extra = rows[:, K:]
         if (extra >= 0).any():
-            records = self.searcher.records(extra).map(lambda t: t.to(self.device))
-            keys = self.model.matcher.retrieval_keys(records)
+            # only the two fields a retrieval key is made of, not the whole record
+            text_cls, cmfu = (
+                t.to(self.device) for t in self.searcher.fields(extra, ("text_cls", "cmfu"))
+            )
+            keys = self.model.matcher.retrieval_keys_of(text_cls, cmfu)
             q = self.model.matcher.retrieval_queries(batch.encoded.mimic)
             scores = torch.einsum("bd,bkd->bk", q.float(), keys.float()).cpu().numpy()
             retrieval[:, K:] = np.where(extra >= 0, scores, 0.0)
