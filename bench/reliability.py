@@ -476,20 +476,23 @@ async def phase_redis(
         t_kill = time.perf_counter()
         redis.kill()
         logger.info("redis SIGKILLed")
+
+        async def probe_readyz(up: float) -> tuple[dict[str, Any], float | None]:
+            """One /readyz probe, then how long until the scraped gauge reads ``up``."""
+            probe = await client.get("/readyz")
+            doc = {"status": probe.status_code, "redis": probe.json().get("redis")}
+            t = time.perf_counter()
+            return doc, await wait_for(t, lambda s: s.get("redis_up") == up, 2.0)
+
         # mel_redis_up from /metrics scrapes alone (no /readyz probe), bounded
         out["redis_up_0_after_kill_s"] = await wait_for(
             t_kill, lambda s: s.get("redis_up") == 0.0, a.flip_timeout
         )
         await asyncio.sleep(max(0.0, a.redis_down_s - (time.perf_counter() - t_kill)))
-        probe = await client.get("/readyz")
-        out["readyz_during_outage"] = {
-            "status": probe.status_code,
-            "redis": probe.json().get("redis"),
-        }
-        t_probe = time.perf_counter()
-        out["redis_up_0_after_readyz_probe_s"] = await wait_for(
-            t_probe, lambda s: s.get("redis_up") == 0.0, 2.0
-        )
+        (
+            out["readyz_during_outage"],
+            out["redis_up_0_after_readyz_probe_s"],
+        ) = await probe_readyz(0.0)
         stage = "after"
         t_restart = time.perf_counter()
         out["redis_restart_s"] = round(redis.start(), 3)
@@ -497,15 +500,10 @@ async def phase_redis(
         out["redis_up_1_after_restart_s"] = await wait_for(
             t_restart, lambda s: s.get("redis_up") == 1.0, a.flip_timeout
         )
-        probe = await client.get("/readyz")
-        out["readyz_after_restart"] = {
-            "status": probe.status_code,
-            "redis": probe.json().get("redis"),
-        }
-        t_probe = time.perf_counter()
-        out["redis_up_1_after_readyz_probe_s"] = await wait_for(
-            t_probe, lambda s: s.get("redis_up") == 1.0, 2.0
-        )
+        (
+            out["readyz_after_restart"],
+            out["redis_up_1_after_readyz_probe_s"],
+        ) = await probe_readyz(1.0)
         end = time.perf_counter() + a.flip_timeout
         while time.perf_counter() < end and not any(e[3] and e[0] > t_restart for e in events):
             await asyncio.sleep(0.05)
