@@ -35,7 +35,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,111 @@ def _replace_dir(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+IdfOf = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Postings:
+    """Gram -> name-entry postings with each entry's L2-normalised idf weight (the arrays of
+    the module docstring, memory-mapped from disk or built in memory)."""
+
+    grams: np.ndarray
+    idf: np.ndarray
+    indptr: np.ndarray
+    postings: np.ndarray
+    weights: np.ndarray
+    entry_row: np.ndarray
+
+    @classmethod
+    def from_pairs(
+        cls,
+        keys: np.ndarray,
+        entries: np.ndarray,
+        entry_row: np.ndarray,
+        idf_of: IdfOf | None = None,
+    ) -> Postings:
+        """Postings of (gram key, entry) pairs. ``idf_of(grams, df)`` gives each gram's idf;
+        None = this collection's own, ``log((1 + E) / (1 + df)) + 1``."""
+        n_entries = len(entry_row)
+        order = np.lexsort((entries, keys))  # by gram, then entry
+        keys, entries = keys[order], entries[order]
+        del order
+        grams, gram_of, df = np.unique(keys, return_inverse=True, return_counts=True)
+        if idf_of is None:
+            idf = (np.log((1.0 + n_entries) / (1.0 + df)) + 1.0).astype(np.float32)
+        else:
+            idf = np.asarray(idf_of(grams, df), dtype=np.float32)
+        w = idf[gram_of].astype(np.float64)
+        norm = np.sqrt(np.bincount(entries, weights=w * w, minlength=n_entries))
+        weights = (w / norm[entries]).astype(np.float32)
+        post_dtype = np.int32 if n_entries < 2**31 else np.int64
+        return cls(
+            grams=grams.astype(np.int64),
+            idf=idf,
+            indptr=np.concatenate([[0], np.cumsum(df)]).astype(np.int64),
+            postings=entries.astype(post_dtype),
+            weights=weights,
+            entry_row=entry_row,
+        )
+
+    @classmethod
+    def of_names(cls, names: Sequence[tuple[int, Sequence[str]]], idf_of: IdfOf) -> Postings:
+        """In-memory postings of ``(row, [name, *aliases])`` pairs weighted by ``idf_of``: a
+        small collection scored on another's idf (the live entities of an index folder)."""
+        norms: list[str] = []
+        entry_row: list[int] = []
+        for row, ns in names:
+            for n in dict.fromkeys(norm_name(x) for x in ns):
+                if n:
+                    norms.append(n)
+                    entry_row.append(row)
+        if not norms:
+            z = np.zeros(0, np.int64)
+            return cls(
+                z, np.zeros(0, np.float32), np.zeros(1, np.int64), z, z.astype(np.float32), z
+            )
+        keys, entries = _block_pairs(norms, 0)
+        return cls.from_pairs(keys, entries, np.asarray(entry_row, dtype=np.int64), idf_of)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in _ARRAYS}
+
+    def top(
+        self, keys: np.ndarray, qw: np.ndarray, k: int, skip_df: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` (rows, scores) for a query's gram ``keys`` with weights ``qw``: the best
+        entry of each row; grams held by more than ``skip_df`` entries are skipped (but at
+        least the rarest one is kept)."""
+        none = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if not len(keys) or not len(self.grams):
+            return none
+        pos = np.minimum(np.searchsorted(self.grams, keys), len(self.grams) - 1)
+        found = self.grams[pos] == keys
+        pos, qw = pos[found], qw[found]
+        if not len(pos):
+            return none
+        lo, hi = self.indptr[pos], self.indptr[pos + 1]
+        keep = (hi - lo) <= skip_df
+        if not keep.any():
+            keep = (hi - lo) == (hi - lo).min()
+        lo, hi, qw = lo[keep], hi[keep], qw[keep]
+        entries = np.concatenate([self.postings[s:e] for s, e in zip(lo, hi, strict=True)])
+        contrib = np.concatenate(
+            [self.weights[s:e] for s, e in zip(lo, hi, strict=True)]
+        ) * np.repeat(qw, hi - lo)
+        uniq, inv = np.unique(entries, return_inverse=True)
+        per_entry = np.bincount(inv, weights=contrib)
+        # entries are numbered in row order: a row's entries are adjacent in ``uniq``
+        rows = np.asarray(self.entry_row[uniq])
+        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        rows, score = rows[first], np.maximum.reduceat(per_entry, first)
+        if len(rows) > k:
+            top = np.argpartition(-score, k - 1)[:k]
+            rows, score = rows[top], score[top]
+        order = np.lexsort((rows, -score))  # best first, ties by row
+        return rows[order], np.minimum(score[order], 1.0).astype(np.float32)
+
+
 def build_lexical(folder: str | os.PathLike[str], entity_count: int) -> dict[str, int]:
     """(Re)build ``<folder>/lexical/`` from the first ``entity_count`` rows of the folder's
     ``entities.jsonl``, atomically (a ``.tmp`` folder renamed); returns the manifest's record
@@ -149,26 +255,11 @@ def build_lexical(folder: str | os.PathLike[str], entity_count: int) -> dict[str
     keys = np.concatenate(key_parts) if key_parts else np.zeros(0, np.int64)
     entries = np.concatenate(entry_parts) if entry_parts else np.zeros(0, np.int64)
     del key_parts, entry_parts
-    order = np.lexsort((entries, keys))  # by gram, then entry
-    keys, entries = keys[order], entries[order]
-    del order
-    grams, gram_of, df = np.unique(keys, return_inverse=True, return_counts=True)
-    del keys
-    idf = (np.log((1.0 + n_entries) / (1.0 + df)) + 1.0).astype(np.float32)
-    w = idf[gram_of].astype(np.float64)
-    norm = np.sqrt(np.bincount(entries, weights=w * w, minlength=n_entries))
-    weights = (w / norm[entries]).astype(np.float32)
-    indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
-    post_dtype = np.int32 if n_entries < 2**31 else np.int64
-    arrays = {
-        "grams": grams.astype(np.int64),
-        "idf": idf,
-        "indptr": indptr,
-        "postings": entries.astype(post_dtype),
-        "weights": weights,
-        "entry_row": np.asarray(entry_row, dtype=np.int64),
-    }
-    record = {"entries": n_entries, "grams": len(grams), "postings": len(entries)}
+    post = Postings.from_pairs(keys, entries, np.asarray(entry_row, dtype=np.int64))
+    del keys, entries
+    arrays = post.arrays()
+    grams = post.grams
+    record = {"entries": n_entries, "grams": len(grams), "postings": len(post.postings)}
     meta = {
         "format": LEXICAL_FORMAT,
         "version": LEXICAL_VERSION,
@@ -194,7 +285,7 @@ def build_lexical(folder: str | os.PathLike[str], entity_count: int) -> dict[str
         n_entries,
         entity_count,
         len(grams),
-        len(entries),
+        len(post.postings),
         time.perf_counter() - t0,
     )
     return record
@@ -236,50 +327,38 @@ class LexicalIndex:
         if meta.get("format") != LEXICAL_FORMAT or meta.get("version", 0) > LEXICAL_VERSION:
             raise ValueError(f"{self.folder}: not a {LEXICAL_FORMAT} v<={LEXICAL_VERSION} index")
         self.meta: dict[str, Any] = meta
-        a = {n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
-        self.grams, self.idf, self.indptr = a["grams"], a["idf"], a["indptr"]
-        self.postings, self.weights, self.entry_row = a["postings"], a["weights"], a["entry_row"]
+        self.post = Postings(
+            **{n: np.load(self.folder / f"{n}.npy", mmap_mode="r") for n in _ARRAYS}
+        )
+        self.grams, self.idf = self.post.grams, self.post.idf
         self.entities = int(meta["entities"])
-        n_entries = len(self.entry_row)
+        n_entries = len(self.post.entry_row)
         self.skip_df = max(skip_df_share * n_entries, skip_df_min)
         # the idf of a gram no name has (df = 0): it still counts in the query's norm
         self.unknown_idf = math.log(1.0 + n_entries) + 1.0
 
     def __len__(self) -> int:
         """Name entries (distinct normalised names and aliases)."""
-        return len(self.entry_row)
+        return len(self.post.entry_row)
+
+    def idf_of(self, grams: np.ndarray, df: np.ndarray | None = None) -> np.ndarray:
+        """This index's idf of each gram key (``unknown_idf`` for grams no name has)."""
+        if not len(self.grams):
+            return np.full(len(grams), self.unknown_idf)
+        pos = np.minimum(np.searchsorted(self.grams, grams), len(self.grams) - 1)
+        return np.where(self.grams[pos] == grams, self.idf[pos], self.unknown_idf)
+
+    def query(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """A query's gram keys and their L2-normalised weights under this index's idf."""
+        keys = gram_keys(query)
+        if not len(keys):
+            return keys, np.zeros(0)
+        idf = self.idf_of(keys).astype(np.float64)
+        return keys, idf / np.sqrt(np.sum(idf * idf))
 
     def _one(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = gram_keys(query)
-        if not len(keys) or not len(self.grams):
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        pos = np.minimum(np.searchsorted(self.grams, keys), len(self.grams) - 1)
-        found = self.grams[pos] == keys
-        idf = np.where(found, self.idf[pos], self.unknown_idf).astype(np.float64)
-        qw = idf / np.sqrt(np.sum(idf * idf))
-        pos, qw = pos[found], qw[found]
-        if not len(pos):
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        lo, hi = self.indptr[pos], self.indptr[pos + 1]
-        keep = (hi - lo) <= self.skip_df
-        if not keep.any():
-            keep = (hi - lo) == (hi - lo).min()
-        lo, hi, qw = lo[keep], hi[keep], qw[keep]
-        entries = np.concatenate([self.postings[s:e] for s, e in zip(lo, hi, strict=True)])
-        contrib = np.concatenate(
-            [self.weights[s:e] for s, e in zip(lo, hi, strict=True)]
-        ) * np.repeat(qw, hi - lo)
-        uniq, inv = np.unique(entries, return_inverse=True)
-        per_entry = np.bincount(inv, weights=contrib)
-        # entries are numbered in row order: a row's entries are adjacent in ``uniq``
-        rows = np.asarray(self.entry_row[uniq])
-        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        rows, score = rows[first], np.maximum.reduceat(per_entry, first)
-        if len(rows) > k:
-            top = np.argpartition(-score, k - 1)[:k]
-            rows, score = rows[top], score[top]
-        order = np.lexsort((rows, -score))  # best first, ties by row
-        return rows[order], np.minimum(score[order], 1.0).astype(np.float32)
+        keys, qw = self.query(query)
+        return self.post.top(keys, qw, k, self.skip_df)
 
     def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` entity rows for each query string: ``rows`` (B, k) int64, -1 where fewer
@@ -298,6 +377,7 @@ class LexicalIndex:
 __all__ = [
     "LEXICAL_DIR",
     "LexicalIndex",
+    "Postings",
     "build_lexical",
     "gram_keys",
     "has_lexical",
