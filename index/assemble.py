@@ -132,6 +132,10 @@ def finalize(
     out.mkdir(parents=True, exist_ok=True)
     for name in (ENTITIES_FILE, OFFSETS_FILE, FAISS_FILE):
         (out / name).unlink(missing_ok=True)
+    live = out / "live"  # index.live.LIVE_DIR: updates written against the base replaced here
+    if live.is_dir():
+        logger.warning("%s: a new base replaces the old one; its live updates are dropped", out)
+        shutil.rmtree(live)
     shutil.rmtree(out / STORE_DIR, ignore_errors=True)
     report = RecordReport()
     fields = store_fields(model, bool(info.get("drin_fields", False)))

@@ -52,6 +52,9 @@ class BuildConfig:
     # Store DRIN's per-entity parts too (models/drin_features.py): what the "drin" reranker
     # reads. Off saves ~3.3k float16 values per entity (EffNet widths) when DRIN is not served.
     drin_fields: bool = True
+    # mel-train's raw feature cache: entities it already encoded with the same frozen backbone
+    # are not encoded again (their features are read, then projected by this model)
+    feature_cache: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < self.num_shards:
@@ -84,7 +87,13 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
             "resuming: %d of %d chunks of this shard already done", len(done), len(reader.chunks)
         )
     encoder = ChunkEncoder(
-        model, kb.parent, cfg.batch_size, cfg.workers, resolve_device(cfg.device), cfg.drin_fields
+        model,
+        kb.parent,
+        cfg.batch_size,
+        cfg.workers,
+        resolve_device(cfg.device),
+        cfg.drin_fields,
+        _training_cache(cfg, model, kb),
     )
     bar = tqdm(
         total=sum(reader.chunk_lines(c) for c in reader.chunks if c not in done),
@@ -112,7 +121,32 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         stats.encode_s,
         stats.write_s,
     )
-    return {**shard, "encoded": stats.entities, "seconds": secs}
+    if encoder.from_cache:
+        logger.info(
+            "%d entities' backbone features came from the training cache", encoder.from_cache
+        )
+    return {**shard, "encoded": stats.entities, "seconds": secs, "from_cache": encoder.from_cache}
+
+
+def _training_cache(
+    cfg: BuildConfig, model: LinkingModel, kb: Path
+) -> tuple[Any, dict[str, int]] | None:
+    """The KB's raw backbone features that ``mel-train`` cached (``--feature-cache``), when
+    the KB is a canonical dataset folder's and the model's backbone is frozen and the same."""
+    if not cfg.feature_cache:
+        return None
+    from models.data.schema import load_dataset
+    from models.features import cached_entity_features
+
+    try:
+        ds = load_dataset(kb.parent)
+    except (FileNotFoundError, ValueError) as exc:
+        logger.info("no training cache for %s (%s): encoding", kb, exc)
+        return None
+    hit = cached_entity_features(model.encoder, ds, cfg.feature_cache)
+    if hit is None:
+        logger.info("no training cache of %s under %s: encoding", kb, cfg.feature_cache)
+    return hit
 
 
 def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, Any]:

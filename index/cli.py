@@ -7,6 +7,8 @@
     mel-index merge --out artifacts/index shards/0 shards/1 shards/2 shards/3
     # append new entities without re-encoding the old ones:
     mel-index add --index artifacts/demo-index --kb new_entities.jsonl
+    # fold live updates (the server's admin API) into a new base, dropping tombstones:
+    mel-index compact --index artifacts/demo-index --model artifacts/demo-model/best
     # (re)build the lexical channel (trigram index of names + aliases) of an existing folder:
     mel-index lexical --index artifacts/demo-index
 
@@ -32,9 +34,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from index.build import BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
+from index.live import LiveUpdateError, compact
 from index.store import Manifest
 from models.model import LinkingModel
 
@@ -69,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
     )
     b.add_argument(
+        "--feature-cache",
+        help="mel-train's feature cache folder (--cache-dir): reuse the backbone features it "
+        "holds for this KB instead of encoding them again (frozen-backbone models)",
+    )
+    b.add_argument(
         "--keep-chunks",
         action="store_true",
         help="keep <out>/chunks after finalizing (default: delete, they double disk)",
@@ -87,6 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     a_.add_argument("--batch-size", type=int, default=64)
     a_.add_argument("--workers", type=int, default=4)
     a_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c_ = sub.add_parser(
+        "compact",
+        help="fold live updates (admin API segments, tombstones) into a new base folder",
+    )
+    c_.add_argument("--index", required=True)
+    c_.add_argument("--model", required=True, help="the checkpoint the index was built with")
+    c_.add_argument(
+        "--out",
+        help="write the compacted folder here (default: in place, built beside and renamed "
+        "over; refused while a server writes to the folder)",
+    )
     lx = sub.add_parser(
         "lexical",
         help="(re)build the lexical index (trigram tf-idf of names and aliases) of a folder",
@@ -125,6 +147,7 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 device=a.device,
                 progress=not a.no_progress,
                 drin_fields=not a.no_drin,
+                feature_cache=a.feature_cache,
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
@@ -136,6 +159,18 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
         )
     if a.command == "lexical":
         return rebuild_lexical(a.index)
+    if a.command == "compact":
+        model = LinkingModel.from_pretrained(a.model)
+        Manifest.load(Path(a.index)).check_model(model.fingerprint())
+
+        def keys_of(text_cls: torch.Tensor, cmfu: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode():
+                return model.matcher.retrieval_keys_of(text_cls, cmfu).float().numpy()
+
+        try:
+            return compact(a.index, keys_of, a.out)
+        except LiveUpdateError as exc:
+            raise IndexBuildError(str(exc)) from exc
     return add(
         a.index,
         a.kb,

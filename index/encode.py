@@ -7,19 +7,25 @@ pool, batches encoded (GPU when present) and turned into MIMIC's per-entity reco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from models.data.schema import Entity, RecordReport
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import entity_parts
+from models.encoders import ImageFeatures, TextFeatures
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
 from models.preprocess import entity_text, load_image_or_none
+
+if TYPE_CHECKING:  # the training cache's table; serving (service.kb) never loads that module
+    from models.features import FeatureTable
 
 NAME_FIELD = "name_text"  # (text_dim,) the backbone's global text feature of the name alone
 
@@ -35,8 +41,13 @@ class ChunkEncoder:
         workers: int,
         device: torch.device,
         drin_fields: bool = True,
+        cache: tuple[FeatureTable, dict[str, int]] | None = None,
     ) -> None:
         self.model = model.to(device).eval()
+        # (table, id -> row) of the KB's raw backbone features from the training cache: the
+        # same frozen backbone already encoded them (models.features.cached_entity_features)
+        self.cache = cache
+        self.from_cache = 0
         self.drin_fields = drin_fields
         self.image_root = image_root
         self.batch_size = batch_size
@@ -57,27 +68,78 @@ class ChunkEncoder:
             ),
         )
 
-    @torch.inference_mode()
     def encode(self, entities: list[Entity], report: RecordReport) -> dict[str, np.ndarray]:
         """float16 store fields (MIMIC records, DRIN parts), one row per entity."""
-        parts: dict[str, list[torch.Tensor]] = {}
-        encoder = self.model.encoder
+        parts: dict[str, list[np.ndarray]] = {}
         for s in range(0, len(entities), self.batch_size):
             batch = entities[s : s + self.batch_size]
-            images = list(self.pool.map(lambda e: self._image(e, report), batch))
-            text = encoder.text_features([entity_text(e.name, e.attributes) for e in batch])
-            image = encoder.image_features(images)
-            rec = self.model.matcher.precompute_entities(encoder.project(text, image))
-            fields = {f: getattr(rec, f) for f in MimicEntityRecord.field_names()}
-            # the name alone through the text encoder: the fusion stage's zero-shot
-            # mention-vs-name cosine (the mention side is encoded the same way per request)
-            fields[NAME_FIELD] = encoder.text_features([e.name for e in batch]).global_
-            if self.drin_fields:
-                has = torch.tensor([im is not None for im in images], device=text.global_.device)
-                fields.update(entity_parts(encoder.backbone, text, image, has).to_store())
-            for f, t in fields.items():
-                parts.setdefault(f, []).append(t)
-        return {f: torch.cat(ts).float().cpu().numpy().astype("<f2") for f, ts in parts.items()}
+            cached = self._cached(batch)
+            if cached is not None:
+                fields = encode_features(self.model, batch, *cached, self.drin_fields)
+                self.from_cache += len(batch)
+            else:
+                images = list(self.pool.map(lambda e: self._image(e, report), batch))
+                fields = encode_entities(self.model, batch, images, self.drin_fields)
+            for f, a in fields.items():
+                parts.setdefault(f, []).append(a)
+        return {f: np.concatenate(a) for f, a in parts.items()}
+
+    def _cached(
+        self, batch: list[Entity]
+    ) -> tuple[TextFeatures, ImageFeatures, torch.Tensor] | None:
+        """The batch's cached text and first-image features (the evaluation rule, as
+        :meth:`_image`), or None unless every entity is in the cache."""
+        if self.cache is None:
+            return None
+        table, row_of = self.cache
+        if any(e.id not in row_of for e in batch):
+            return None
+        rows = torch.tensor([row_of[e.id] for e in batch], dtype=torch.long)
+        image_rows = table.first_image_rows(rows)
+        text, image = table.gather(rows, image_rows)
+        dev = self.device
+        return (
+            TextFeatures(text.global_.to(dev), text.tokens.to(dev)),
+            ImageFeatures(image.global_.to(dev), image.tokens.to(dev)),
+            (image_rows > 0).to(dev),
+        )
+
+
+@torch.inference_mode()
+def encode_features(
+    model: LinkingModel,
+    entities: Sequence[Entity],
+    text: TextFeatures,
+    image: ImageFeatures,
+    has_image: torch.Tensor,
+    drin_fields: bool,
+) -> dict[str, np.ndarray]:
+    """float16 store fields from the backbone's raw features of a batch of entities."""
+    encoder = model.encoder
+    rec = model.matcher.precompute_entities(encoder.project(text, image))
+    fields = {f: getattr(rec, f) for f in MimicEntityRecord.field_names()}
+    # the name alone through the text encoder: the fusion stage's zero-shot
+    # mention-vs-name cosine (the mention side is encoded the same way per request)
+    fields[NAME_FIELD] = encoder.text_features([e.name for e in entities]).global_
+    if drin_fields:
+        fields.update(entity_parts(encoder.backbone, text, image, has_image).to_store())
+    return {f: t.float().cpu().numpy().astype("<f2") for f, t in fields.items()}
+
+
+@torch.inference_mode()
+def encode_entities(
+    model: LinkingModel,
+    entities: Sequence[Entity],
+    images: Sequence[Image.Image | None],
+    drin_fields: bool,
+) -> dict[str, np.ndarray]:
+    """float16 store fields of one batch of entities with their decoded first images (None =
+    the no-image rule): what the index job stores, and what a live update appends."""
+    encoder = model.encoder
+    text = encoder.text_features([entity_text(e.name, e.attributes) for e in entities])
+    image = encoder.image_features(list(images))
+    has = torch.tensor([im is not None for im in images], device=text.global_.device)
+    return encode_features(model, entities, text, image, has, drin_fields)
 
 
 def store_fields(model: LinkingModel, drin_fields: bool) -> dict[str, list[int]]:
@@ -112,4 +174,4 @@ def has_drin_fields(fields: dict[str, list[int]]) -> bool:
     return all(f in fields for f in DRIN_FIELDS)
 
 
-__all__ = ["NAME_FIELD", "ChunkEncoder", "has_drin_fields", "store_fields"]
+__all__ = ["NAME_FIELD", "ChunkEncoder", "encode_entities", "has_drin_fields", "store_fields"]

@@ -157,6 +157,10 @@ class IndexSearcher:
     def entity(self, row: int) -> dict[str, Any]:
         return self.store.entity(row)
 
+    def row_of(self, entity_id: str) -> int | None:
+        """Row of an entity id, or None."""
+        return self.store.row_of(entity_id)
+
     def close(self) -> None:
         self.store.close()
 

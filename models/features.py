@@ -219,7 +219,21 @@ def dataset_features(
 ) -> DatasetFeatures:
     """Raw backbone features of ``ds`` (KB + every mention), from the cache when present."""
     mentions = list(ds.mentions.values())
-    key = hashlib.sha256(
+    folder = Path(cache_dir) / cache_key(encoder, ds) if cache_dir is not None else None
+    if folder is not None and (folder / "done.json").is_file():
+        logger.info("feature cache hit: %s", folder)
+        done = json.loads((folder / "done.json").read_text())
+        return DatasetFeatures(
+            FeatureTable.load(folder / "entities"),
+            FeatureTable.load(folder / "mentions"),
+            {mid: i for i, mid in enumerate(done["mention_ids"])},
+        )
+    return _encode_dataset(encoder, ds, mentions, folder, batch_size, workers)
+
+
+def cache_key(encoder: MimicEncoder, ds: MelDataset) -> str:
+    """What a dataset's cached features depend on: backbone weights, preprocessing, files."""
+    return hashlib.sha256(
         json.dumps(
             {
                 "v": CACHE_VERSION,
@@ -232,15 +246,28 @@ def dataset_features(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:20]
-    folder = Path(cache_dir) / key if cache_dir is not None else None
-    if folder is not None and (folder / "done.json").is_file():
-        logger.info("feature cache hit: %s", folder)
-        done = json.loads((folder / "done.json").read_text())
-        return DatasetFeatures(
-            FeatureTable.load(folder / "entities"),
-            FeatureTable.load(folder / "mentions"),
-            {mid: i for i, mid in enumerate(done["mention_ids"])},
-        )
+
+
+def cached_entity_features(
+    encoder: MimicEncoder, ds: MelDataset, cache_dir: str | os.PathLike[str]
+) -> tuple[FeatureTable, dict[str, int]] | None:
+    """The KB's cached features (table, entity id -> row) when training already encoded
+    them with this backbone, else None (nothing is encoded here): the index job's shortcut."""
+    folder = Path(cache_dir) / cache_key(encoder, ds)
+    if not (folder / "done.json").is_file():
+        return None
+    logger.info("entity features from the training cache: %s", folder)
+    return FeatureTable.load(folder / "entities"), {e.id: i for i, e in enumerate(ds.entities)}
+
+
+def _encode_dataset(
+    encoder: MimicEncoder,
+    ds: MelDataset,
+    mentions: list[Mention],
+    folder: Path | None,
+    batch_size: int,
+    workers: int,
+) -> DatasetFeatures:
     report = RecordReport()
     ent = encode_items(
         encoder,
@@ -274,6 +301,8 @@ __all__ = [
     "DatasetFeatures",
     "Entity",
     "FeatureTable",
+    "cache_key",
+    "cached_entity_features",
     "dataset_features",
     "encode_items",
     "entity_inputs",

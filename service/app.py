@@ -8,6 +8,9 @@ and warm (what orchestrators expect).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -18,8 +21,32 @@ from service.linker import Linker
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
 from service.pipeline import LinkService
-from service.routes import entities, link, ops
+from service.routes import admin, entities, link, ops, playground
 from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _on_sighup(service: LinkService) -> bool:
+    """SIGHUP = hot swap to the configured folders, re-read (point a symlink such as
+    ``MEL_INDEX_PATH=artifacts/index-current`` at a new build, then ``kill -HUP``). Only
+    where the loop runs in the main thread (a server, not a test's thread)."""
+    loop = asyncio.get_running_loop()
+
+    def reload() -> None:
+        async def run() -> None:
+            try:
+                await service.swap({})
+            except Exception:
+                logger.exception("SIGHUP reload failed; the old index keeps serving")
+
+        service.spawn(run(), "mel-sighup")
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def create_app(
@@ -33,7 +60,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        hup = _on_sighup(service)
         yield
+        if hup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await service.stop()  # in-flight requests finish first
 
     app = FastAPI(
@@ -45,8 +75,9 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = service
-    for router in (link.router, entities.router, ops.router):
+    for router in (link.router, entities.router, admin.router, ops.router):
         app.include_router(router)
+    app.include_router(playground.router)
     install_handlers(app, metrics)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every status sent

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from service.cache import Cache
 from service.metrics import Metrics
@@ -32,6 +33,7 @@ from service.primitives import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFull(Exception):
@@ -92,6 +94,13 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the model thread, between batches (live KB updates: they
+        must not interleave with a batch reading the index)."""
+        if not self.accepting:
+            raise ShuttingDown("the server is shutting down")
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def submit(self, item: MentionInput, params: LinkParams) -> LinkedMention:
         if not self.accepting:

@@ -42,4 +42,32 @@ async def require_key(request: Request, settings: SettingsDep) -> None:
         )
 
 
-__all__ = ["ServiceDep", "SettingsDep", "get_service", "get_settings", "require_key"]
+async def require_admin(request: Request, settings: SettingsDep) -> None:
+    """An admin key (``X-Admin-Key: <key>`` or ``Authorization: Bearer <key>``): none given
+    is 401; a key that is not an admin key (an API key, say) is 403; no admin key configured
+    (``MEL_ADMIN_KEYS``) refuses every admin call with 403."""
+    key = request.headers.get("x-admin-key")
+    auth = request.headers.get("authorization", "")
+    if not key and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    if not settings.admin_keys:
+        raise ApiError(403, "admin_disabled", "admin routes are off: set MEL_ADMIN_KEYS")
+    if not key:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "an admin key is required (X-Admin-Key or Bearer)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if key not in settings.admin_keys:
+        raise ApiError(403, "forbidden", "this key may not use the admin routes")
+
+
+__all__ = [
+    "ServiceDep",
+    "SettingsDep",
+    "get_service",
+    "get_settings",
+    "require_admin",
+    "require_key",
+]

@@ -41,8 +41,9 @@ def error_response(
 # What each status means here (the OpenAPI descriptions; codes are in the README's table).
 STATUS_MEANING = {
     400: "malformed input (e.g. invalid base64)",
-    401: "missing or wrong API key",
-    403: "refused (image_url disabled or pointing at a non-public address)",
+    401: "missing or wrong API key (admin routes: no admin key given)",
+    403: "refused (image_url disabled or pointing at a non-public address; a key that is not "
+    "an admin key, or admin routes off)",
     404: "no such entity or route",
     405: "method not allowed on this route",
     413: "too large: body, image bytes, batch items or the request's pixel budget",
@@ -50,7 +51,7 @@ STATUS_MEANING = {
     422: "invalid request (field values, limits, undecodable body or image)",
     429: "queue full: retry later",
     502: "image_url fetch failed",
-    503: "not ready yet, or shutting down",
+    503: "not ready yet, shutting down, or the index folder is locked by another writer",
     504: "no result within the request deadline, or image_url fetch timed out",
 }
 

@@ -7,17 +7,20 @@ Retrieval is the model's query vector searched in the index; reranking is whiche
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from index.search import Candidates, IndexSearcher
+from index.live import LiveSearcher
+from index.search import Candidates
+from index.shards import SHARD_FILE
 from models.device import resolve_device
 from models.drin_features import (
     MENTION_REGIONS,
@@ -55,7 +58,7 @@ class Linker:
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()
-        self.searcher = IndexSearcher(
+        self.searcher = LiveSearcher(
             settings.index_path,
             self.fingerprint,
             use_gpu=settings.use_faiss_gpu,
@@ -63,9 +66,7 @@ class Linker:
             nprobe=settings.ivf_nprobe,
         )
         m = self.searcher.manifest
-        self.index_version = hashlib.sha256(
-            f"{m.model_fingerprint}:{m.entity_count}:{m.built_at}:{len(m.history)}".encode()
-        ).hexdigest()[:16]
+        self.index_version = self.searcher.base_version  # live updates add ".<segment>"
         self.drin: DrinModel | None = None
         self.drin_fingerprint: str | None = None
         if settings.drin_model_path:
@@ -335,8 +336,29 @@ class Linker:
         return best < thr
 
     def entity(self, entity_id: str) -> dict[str, Any] | None:
-        row = self.searcher.store.row_of(entity_id)
+        row = self.searcher.row_of(entity_id)
         return None if row is None else {**self.searcher.entity(row), "row": row}
+
+    def image_path(self, entity_id: str) -> Path | None:
+        """The file of an entity's first image: an upload (``uploads/...``, relative to the
+        index folder) or a KB image (relative to the KB's folder: ``MEL_IMAGE_ROOT``, else the
+        one the index job recorded). None when it has none or the file is gone."""
+        ent = self.entity(entity_id)
+        if ent is None or not ent.get("images"):
+            return None
+        rel = str(ent["images"][0])
+        roots = [self.searcher.folder]
+        if self.settings.image_root:
+            roots.append(Path(self.settings.image_root))
+        shard = self.searcher.folder / SHARD_FILE
+        if shard.is_file():
+            roots.append(Path(json.loads(shard.read_text())["image_root"]))
+        for root in roots:
+            path = (root / rel).resolve()
+            # never outside its root: an entity's path is data, not a way out of the folder
+            if path.is_relative_to(root.resolve()) and path.is_file():
+                return path
+        return None
 
     def warmup(self) -> None:
         """One full pass (with and without an image) through every reranker, so first

@@ -47,6 +47,12 @@ class Metrics:
         )
         self.mentions = Counter("mel_mentions_total", "Mentions linked", ["reranker"], registry=r)
         self.ready = Gauge("mel_ready", "1 when model and index are loaded and warm", registry=r)
+        self.swaps = Counter(
+            "mel_swaps_total", "Hot swaps to a newly loaded model / index", registry=r
+        )
+        self.live_updates = Counter(
+            "mel_live_updates_total", "Live KB updates committed", ["kind"], registry=r
+        )
         self.redis_up = Gauge(
             "mel_redis_up", "1 when the Redis cache answered its last ping", registry=r
         )

@@ -17,15 +17,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from pydantic import ValidationError
 
+from index.live import LiveUpdateError
 from service.batcher import MicroBatcher, QueueFull, ShuttingDown
 from service.cache import Cache, LruCache, RedisCache
 from service.errors import ApiError, describe, validation_code
 from service.images import ImageLimits, ImageProbe, decode_base64, fetch_image_url, open_image
 from service.images import probe_image as probe
+from service.kb import EntitiesNotFound, LiveKb, NewEntity, UpdateResult
 from service.linker import Linker
 from service.metrics import Metrics
 from service.primitives import LinkedMention, LinkParams, MentionInput
@@ -78,9 +82,44 @@ def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
         answer_confidence=r.answer_confidence,
         reranker=r.reranker,
         model_version=linker.fingerprint,
-        index_version=linker.index_version,
+        index_version=linker.searcher.version,
         timings=Timings(),
     )
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One loaded generation of what answers requests: a linker, its micro-batcher, the cache
+    prefix of its versions and its live-KB writer. A hot swap replaces it whole."""
+
+    linker: Linker
+    batcher: MicroBatcher
+    prefix: str
+    kb: LiveKb
+    settings: ServiceSettings
+    pending: dict[str, str]  # reranker -> configured folder that is not complete yet
+
+
+# reranker -> the setting that names its folder; a folder is complete once it has config.json
+# (written last by save_pretrained, atomically)
+OPTIONAL_MODELS = {"drin": "drin_model_path", "fusion": "fusion_model_path"}
+STATUS_FILE = "status.json"  # what a job training a model into a folder says about it
+
+
+def _complete(path: str) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def pending_status(path: str) -> dict[str, Any]:
+    """What is known of a reranker folder that is not complete: the training job's
+    ``status.json`` beside it (``<folder>/../status.json``) when it writes one."""
+    out: dict[str, Any] = {"path": path, "state": "waiting"}
+    for f in (Path(path) / STATUS_FILE, Path(path).parent / STATUS_FILE):
+        if f.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                out.update(json.loads(f.read_text(encoding="utf-8")))
+            break
+    return out
 
 
 class LinkService:
@@ -95,57 +134,88 @@ class LinkService:
             settings.max_image_bytes, settings.max_image_pixels, tuple(settings.image_formats)
         )
         self.ready = False
+        self.stopping = False
         self.load_error: str | None = None
-        self.linker: Linker | None = None
+        self.swap_error: str | None = None
+        self.state: Serving | None = None
         self.cache: Cache | None = None
-        self.batcher: MicroBatcher | None = None
-        self.prefix = ""
         self._tasks: list[asyncio.Task[None]] = []
+        self._swap_lock = asyncio.Lock()  # one swap or live update at a time
+
+    @property
+    def linker(self) -> Linker | None:
+        return self.state.linker if self.state is not None else None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Begin loading in the background (the app answers /healthz meanwhile)."""
         self._tasks.append(asyncio.create_task(self._load(), name="mel-load"))
 
-    async def _load(self) -> None:
+    async def _cache(self) -> Cache:
         s = self.settings
+        if not s.redis_url:
+            return LruCache(s.lru_size, s.cache_ttl_s)
+        redis = RedisCache(
+            s.redis_url,
+            s.cache_ttl_s,
+            s.redis_timeout_s,
+            s.redis_retry_s,
+            on_error=lambda e: self.metrics.cache_errors.labels(error=e).inc(),
+            on_state=lambda up: self.metrics.redis_up.set(1 if up else 0),
+        )
+        await redis.ping()
+        self._tasks.append(asyncio.create_task(self._watch(redis), name="mel-redis"))
+        return redis
+
+    async def _build(self, s: ServiceSettings) -> Serving:
+        """Load a generation beside the one serving (model, index, the rerankers whose
+        folders are complete), warm it up and start its batcher."""
+        pending = {
+            name: str(getattr(s, key))
+            for name, key in OPTIONAL_MODELS.items()
+            if getattr(s, key) and not _complete(str(getattr(s, key)))
+        }
+        loadable = s.model_copy(update={OPTIONAL_MODELS[n]: None for n in pending})
+        linker = await asyncio.to_thread(self.linker_factory, loadable)
         try:
-            linker = await asyncio.to_thread(self.linker_factory, s)
             if s.warmup:
                 await asyncio.to_thread(linker.warmup)
-            cache: Cache
-            if s.redis_url:
-                redis = RedisCache(
-                    s.redis_url,
-                    s.cache_ttl_s,
-                    s.redis_timeout_s,
-                    s.redis_retry_s,
-                    on_error=lambda e: self.metrics.cache_errors.labels(error=e).inc(),
-                    on_state=lambda up: self.metrics.redis_up.set(1 if up else 0),
-                )
-                await redis.ping()
-                self._tasks.append(asyncio.create_task(self._watch(redis), name="mel-redis"))
-                cache = redis
-            else:
-                cache = LruCache(s.lru_size, s.cache_ttl_s)
-            self.prefix = f"mel:{linker.cache_version}"
+            prefix = f"mel:{linker.cache_version}"
             batcher = MicroBatcher(
                 linker,
-                cache,
+                self.cache,
                 self.metrics,
                 s.max_batch_size,
                 s.max_wait_ms,
                 s.queue_size,
-                self.prefix,
+                prefix,
             )
             await batcher.start()
-            self.linker, self.cache, self.batcher = linker, cache, batcher
+        except BaseException:
+            linker.close()
+            raise
+        kb = LiveKb(linker.model, linker.searcher, s.lock_timeout_s)
+        return Serving(linker, batcher, prefix, kb, s, pending)
+
+    async def _load(self) -> None:
+        try:
+            self.cache = await self._cache()
+            self.state = await self._build(self.settings)
             self.ready = True
             self.metrics.ready.set(1)
+            linker = self.state.linker
             logger.info("ready: model %s, index %s", linker.fingerprint, linker.index_version)
+            if self.state.pending:
+                logger.info("still training: %s", ", ".join(self.state.pending))
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("failed to load the linker")
+            return
+        s = self.settings
+        if s.reload_poll_s > 0:
+            self._tasks.append(asyncio.create_task(self._watch_pending(), name="mel-pending"))
+        if s.live_poll_s > 0:
+            self._tasks.append(asyncio.create_task(self._watch_live(), name="mel-live"))
 
     async def _watch(self, redis: RedisCache) -> None:
         """Ping Redis on a timer: the gauge and the breaker follow it between requests."""
@@ -153,25 +223,91 @@ class LinkService:
             await asyncio.sleep(self.settings.redis_health_interval_s)
             await redis.ping()
 
+    async def _watch_pending(self) -> None:
+        """Load rerankers still being trained once their folders are complete (a hot swap:
+        the running server picks them up without a restart)."""
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_s)
+            state = self.state
+            if state is None or not any(_complete(p) for p in state.pending.values()):
+                continue
+            try:
+                await self.swap({})
+            except Exception:
+                logger.exception("loading a newly trained reranker failed; still serving")
+
+    async def _watch_live(self) -> None:
+        """Apply index updates that another process (a replica) committed to the folder."""
+        while True:
+            await asyncio.sleep(self.settings.live_poll_s)
+            state = self.state
+            if state is None or self._swap_lock.locked():
+                continue
+            with contextlib.suppress(ShuttingDown):
+                async with self._swap_lock:
+                    n = await state.batcher.call(state.linker.searcher.refresh)
+                if n:
+                    logger.info("applied %d index update(s) written by another process", n)
+
+    async def swap(self, changes: dict[str, Any]) -> Serving:
+        """Hot swap: load the settings with ``changes`` (model / index / reranker folders)
+        beside the serving generation, warm it up, switch atomically, then drain and free
+        the old one. In-flight requests finish on the old one; new ones go to the new one.
+        On failure the old one keeps serving and the error is raised."""
+        async with self._swap_lock:
+            old = self.require_state()
+            new_settings = old.settings.model_copy(update=changes)
+            t0 = time.perf_counter()
+            try:
+                new = await self._build(new_settings)
+            except Exception as exc:
+                self.swap_error = f"{type(exc).__name__}: {exc}"
+                raise
+            self.swap_error = None
+            self.state = new
+            self.metrics.swaps.inc()
+            logger.info(
+                "swapped in %.1fs: model %s, index %s, rerankers %s (was index %s)",
+                time.perf_counter() - t0,
+                new.linker.fingerprint,
+                new.linker.searcher.version,
+                ",".join(new.linker.rerankers),
+                old.linker.searcher.version,
+            )
+        self._tasks.append(asyncio.create_task(self._retire(old), name="mel-retire"))
+        return new
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """A background task the service owns (cancelled at stop)."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _retire(self, old: Serving) -> None:
+        await old.batcher.stop(self.settings.request_timeout_s)
+        old.linker.close()
+
     async def stop(self) -> None:
         """Drain: in-flight requests finish, then everything is closed."""
         self.ready = False
+        self.stopping = True
         self.metrics.ready.set(0)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.batcher is not None:
-            await self.batcher.stop(self.settings.request_timeout_s)
+        if self.state is not None:
+            await self.state.batcher.stop(self.settings.request_timeout_s)
         if self.cache is not None:
             await self.cache.close()
-        if self.linker is not None:
-            self.linker.close()
+        if self.state is not None:
+            self.state.linker.close()
+
+    def require_state(self) -> Serving:
+        if not self.ready or self.state is None:
+            raise ApiError(503, "not_ready", self.load_error or "model and index are loading")
+        return self.state
 
     def require_ready(self) -> Linker:
-        if not self.ready or self.linker is None:
-            raise ApiError(503, "not_ready", self.load_error or "model and index are loading")
-        return self.linker
+        return self.require_state().linker
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         s = self.settings
@@ -179,18 +315,28 @@ class LinkService:
         if self.ready and isinstance(self.cache, RedisCache):
             redis["up"] = await self.cache.ping()
         body: dict[str, Any] = {"ready": self.ready, "redis": redis}
-        if self.linker is not None:
+        if self.state is not None:
+            linker = self.state.linker
+            searcher = linker.searcher
             body.update(
-                model_version=self.linker.fingerprint,
-                index_version=self.linker.index_version,
-                entities=len(self.linker.searcher),
-                rerankers=list(self.linker.rerankers),
-                drin_version=self.linker.drin_fingerprint,
-                fusion_version=self.linker.fusion_fingerprint,
-                default_reranker=self.linker.default_reranker,
+                model_version=linker.fingerprint,
+                index_version=searcher.version,
+                entities=len(searcher),
+                live={
+                    "segments": searcher.generation,
+                    "live_entities": searcher.live_entities,
+                    "tombstones": searcher.tombstones,
+                },
+                rerankers=list(linker.rerankers),
+                pending={n: pending_status(p) for n, p in self.state.pending.items()},
+                drin_version=linker.drin_fingerprint,
+                fusion_version=linker.fusion_fingerprint,
+                default_reranker=linker.default_reranker,
             )
         if self.load_error:
             body["error"] = self.load_error
+        if self.swap_error:
+            body["swap_error"] = self.swap_error
         return self.ready, body
 
     # ------------------------------------------------------------------ validation
@@ -266,8 +412,9 @@ class LinkService:
             )
 
     # ------------------------------------------------------------------ linking
-    def _result_key(self, p: Prepared, image_sha: str | None) -> str:
-        # everything the answer depends on; the NIL threshold is a setting that may change
+    def _result_key(self, state: Serving, p: Prepared, image_sha: str | None) -> str:
+        # everything the answer depends on: the index's live version (updates change
+        # answers), the request, and the NIL threshold (a setting that may change)
         q = p.params
         norm = json.dumps(
             [
@@ -280,17 +427,18 @@ class LinkService:
                 q.reranker,
                 q.explain,
                 self.settings.nil_threshold,
+                state.linker.searcher.version,
             ],
             ensure_ascii=False,
         )
-        return f"{self.prefix}:res:{hashlib.sha256(norm.encode()).hexdigest()}"
+        return f"{state.prefix}:res:{hashlib.sha256(norm.encode()).hexdigest()}"
 
     async def run(self, p: Prepared) -> LinkResponse:
         """Link one prepared request: result cache, decode, batcher, cache the answer."""
-        linker = self.require_ready()
-        assert self.cache is not None and self.batcher is not None
+        state = self.require_state()
+        assert self.cache is not None
         sha = hashlib.sha256(p.image).hexdigest() if p.image is not None else None
-        key = self._result_key(p, sha)
+        key = self._result_key(state, p, sha)
         cached = (await self.cache.get_many([key]))[0]
         self.metrics.cache.labels(kind="result", outcome="hit" if cached else "miss").inc()
         if cached:
@@ -307,7 +455,21 @@ class LinkService:
         item = MentionInput(p.req.mention, p.req.sentence, img, sha, span)
         timeout = self.settings.request_timeout_s
         try:
-            linked = await asyncio.wait_for(self.batcher.submit(item, p.params), timeout)
+            while True:
+                try:
+                    linked = await asyncio.wait_for(state.batcher.submit(item, p.params), timeout)
+                    break
+                except ShuttingDown:
+                    # a hot swap retired this generation after the request chose it: the
+                    # new one answers (unless the server itself is stopping)
+                    if self.stopping or self.state is None or self.state is state:
+                        raise
+                    state = self.state
+                    if p.params.reranker not in state.linker.rerankers:
+                        raise ApiError(
+                            503, "reranker_unavailable", "the reloaded server lacks this reranker"
+                        ) from None
+                    key = self._result_key(state, p, sha)
         except QueueFull as exc:
             raise ApiError(
                 429, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}
@@ -316,6 +478,7 @@ class LinkService:
             raise ApiError(503, "shutting_down", str(exc)) from exc
         except TimeoutError as exc:
             raise ApiError(504, "timeout", f"no result within {timeout}s") from exc
+        linker = state.linker
         out = to_response(linker, linked)
         await self.cache.set_many([(key, out.model_dump_json(exclude={"timings"}).encode())])
         t = linked.times
@@ -377,6 +540,50 @@ class LinkService:
         if ent is None:
             raise ApiError(404, "entity_not_found", f"no entity {entity_id!r} in the index")
         return ent
+
+    def entity_image(self, entity_id: str) -> Path:
+        self.entity(entity_id)  # 404 for an unknown id
+        path = self.require_ready().image_path(entity_id)
+        if path is None:
+            raise ApiError(404, "image_not_found", f"entity {entity_id!r} has no image here")
+        return path
+
+    # ------------------------------------------------------------------ live KB updates
+    async def decode_entity_image(self, raw: bytes) -> tuple[Image.Image, str]:
+        """An admin upload's image: checked and decoded like a link request's."""
+        img_probe = probe(raw, self.limits)
+        img, _ = await asyncio.to_thread(open_image, raw, self.limits)
+        return img, img_probe.format
+
+    async def upsert(self, items: list[NewEntity]) -> UpdateResult:
+        """Add or replace entities: encoded, committed and visible before this returns."""
+        if len(items) > self.settings.max_admin_entities:
+            raise ApiError(
+                413,
+                "batch_too_large",
+                f"{len(items)} entities; at most {self.settings.max_admin_entities} per call",
+            )
+        return await self._update(lambda kb: kb.upsert(items))
+
+    async def delete(self, ids: list[str]) -> UpdateResult:
+        try:
+            return await self._update(lambda kb: kb.delete(ids))
+        except EntitiesNotFound as exc:
+            raise ApiError(
+                404, "entity_not_found", f"not in the index: {', '.join(exc.ids)}"
+            ) from exc
+
+    async def _update(self, work: Callable[[LiveKb], UpdateResult]) -> UpdateResult:
+        async with self._swap_lock:  # never during a swap: the new generation must see it
+            state = self.require_state()
+            try:
+                res = await state.batcher.call(work, state.kb)
+            except ShuttingDown as exc:
+                raise ApiError(503, "shutting_down", str(exc)) from exc
+            except LiveUpdateError as exc:
+                raise ApiError(503, "index_locked", f"{exc}; retry later") from exc
+        self.metrics.live_updates.labels(kind="delete" if res.deleted else "upsert").inc()
+        return res
 
 
 __all__ = ["LinkService", "Prepared", "to_response"]

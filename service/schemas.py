@@ -154,6 +154,19 @@ class RedisStatus(BaseModel):
     up: bool | None = Field(None, description="answered a ping just now (when configured)")
 
 
+class LiveStatus(BaseModel):
+    segments: int = Field(..., description="updates committed since the base was built")
+    live_entities: int = Field(..., description="entities added or replaced since then")
+    tombstones: int = Field(..., description="rows deleted or superseded (mel-index compact)")
+
+
+class PendingModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    path: str
+    state: str = Field(..., description="waiting, training, failed, ... (the job's status.json)")
+
+
 class Readiness(BaseModel):
     """``/readyz``: 200 when ready, 503 with the same shape while loading or draining."""
 
@@ -166,7 +179,69 @@ class Readiness(BaseModel):
     drin_version: str | None = None
     fusion_version: str | None = None
     default_reranker: str | None = None
+    live: LiveStatus | None = Field(None, description="live KB updates applied since the build")
+    pending: dict[str, PendingModel] = Field(
+        {}, description="rerankers configured but still training (loaded once complete)"
+    )
     error: str | None = Field(None, description="why loading failed, if it did")
+    swap_error: str | None = Field(None, description="why the last hot swap failed, if it did")
+
+
+class EntityBody(BaseModel):
+    """An entity to add or replace (``PUT /v1/admin/entities/{id}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=1000, examples=["Jo Ames"])
+    attributes: str = Field(
+        "", max_length=20_000, description="free text, as kb.jsonl's", examples=["Painter."]
+    )
+    aliases: list[str] = Field([], max_length=100, description="other names it goes by")
+    popularity: float | None = Field(None, ge=0, description="any non-negative prior")
+    image: str | None = Field(
+        None, description="base64 image or data:image/...;base64, URI (its KB image)"
+    )
+
+
+class EntityIn(EntityBody):
+    """An entity with its id (``POST /v1/admin/entities``)."""
+
+    id: str = Field(..., min_length=1, max_length=512, examples=["Q42"])
+
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entities: list[EntityIn] = Field(..., min_length=1)
+
+
+class UpdateResponse(BaseModel):
+    """What a live update changed; visible to every request from now on."""
+
+    added: list[str] = []
+    replaced: list[str] = []
+    deleted: list[str] = []
+    entities: int = Field(..., description="entities the index holds now")
+    index_version: str = Field(..., description="the version answering from now on")
+
+
+class SwapRequest(BaseModel):
+    """Folders to load instead of the current ones (omitted = the same path, re-read)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = None
+    index_path: str | None = None
+    drin_model_path: str | None = None
+    fusion_model_path: str | None = None
+
+
+class SwapResponse(BaseModel):
+    model_version: str
+    index_version: str
+    rerankers: list[str]
+    previous_index_version: str
+    seconds: float
 
 
 class Entity(BaseModel):
@@ -186,12 +261,20 @@ __all__ = [
     "BatchResponse",
     "Candidate",
     "Entity",
+    "EntityBody",
+    "EntityIn",
     "ErrorBody",
     "ErrorResponse",
     "LinkRequest",
     "LinkResponse",
+    "LiveStatus",
+    "PendingModel",
     "Readiness",
     "RedisStatus",
     "Reranker",
+    "SwapRequest",
+    "SwapResponse",
     "Timings",
+    "UpdateResponse",
+    "UpsertRequest",
 ]

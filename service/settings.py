@@ -34,6 +34,11 @@ class ServiceSettings(BaseSettings):
         description="lexical-channel candidates merged into the dense ones for rerankers that "
         "use them (None: the fusion model's own setting)",
     )
+    image_root: str | None = Field(
+        None,
+        description="folder the KB's image paths are relative to, for "
+        "GET /v1/entities/{id}/image (None: the one mel-index build recorded)",
+    )
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
@@ -101,6 +106,27 @@ class ServiceSettings(BaseSettings):
 
     # ---- auth
     api_keys: list[str] = Field([], description="accepted X-API-Key values; empty = no auth")
+    admin_keys: list[str] = Field(
+        [],
+        description="keys of the admin routes (/v1/admin: live KB updates, hot swap), sent as "
+        "X-Admin-Key or Bearer; empty = admin routes refused (403)",
+    )
+
+    # ---- live updates and reloads
+    max_admin_entities: int = Field(256, description="entities per admin upsert call (413 above)")
+    live_poll_s: float = Field(
+        2.0,
+        description="look for index updates written by another process (a replica sharing "
+        "the folder) this often; 0 = never",
+    )
+    reload_poll_s: float = Field(
+        5.0,
+        description="look this often for configured reranker folders that are still being "
+        "trained (they are loaded, by a hot swap, once complete); 0 = never",
+    )
+    lock_timeout_s: float = Field(
+        10.0, description="wait this long for the index folder's write lock (503 after)"
+    )
 
     @field_validator("image_formats")
     @classmethod

@@ -331,11 +331,16 @@ def test_known_error_paths_are_documented(open_app: FastAPI) -> None:
 
 
 def test_keyed_server_without_key_answers_documented_401(keyed_app: FastAPI) -> None:
-    """Every /v1 operation without a key: 401, documented, in the error schema."""
+    """Every /v1 operation without a key: 401, documented, in the error schema (the admin
+    routes: 403 admin_disabled, as this server configures no admin key)."""
     bodies: dict[str, Any] = {
         "/v1/link": LINK,
         "/v1/link/form": LINK,
         "/v1/link/batch": {"items": [LINK]},
+        "/v1/admin/entities": {"entities": [{"id": "X", "name": "X"}]},
+        "/v1/admin/entities/form": {"entity": '{"id": "X", "name": "X"}'},
+        "/v1/admin/swap": {},
+        "/v1/admin/entities/{entity_id}": {"name": "X"},
     }
     seen = 0
     for result in KEYED.get_all_operations():
@@ -343,14 +348,17 @@ def test_keyed_server_without_key_answers_documented_401(keyed_app: FastAPI) -> 
         if not operation.path.startswith("/v1/"):
             continue
         kw: dict[str, Any] = {}
-        if operation.method == "post":
+        if operation.method in ("post", "put"):
             kw["body"] = bodies[operation.path]
         if "{entity_id}" in operation.path:
             kw["path_parameters"] = {"entity_id": "E00"}
         response = operation.Case(**kw).call_and_validate(app=keyed_app)
-        assert response.status_code == 401, (operation.label, response.text)
+        admin = operation.path.startswith("/v1/admin/")
+        assert response.status_code == (403 if admin else 401), (operation.label, response.text)
+        if admin:
+            assert response.json()["error"]["code"] == "admin_disabled"
         seen += 1
-    assert seen == 4
+    assert seen == 10
 
 
 def test_answers_while_loading_are_documented(artifacts: tuple[Path, Path]) -> None:
