@@ -273,6 +273,7 @@ class LiveSearcher(IndexSearcher):
         self.base_n = self.manifest.entity_count
         self.base_version = base_version(self.manifest)
         self.generation = 0  # sequence number of the last applied segment
+        self._last_segment = ""
         self._meta: list[dict[str, Any]] = []
         self._live: dict[str, np.ndarray] = {
             f: np.zeros((0, *shape), dtype="<f2") for f, shape in self.manifest.store_fields.items()
@@ -299,6 +300,8 @@ class LiveSearcher(IndexSearcher):
                 self._apply(seg)
                 applied += 1
             self.generation = seq
+            meta = (path / SEGMENT_META).read_bytes()
+            self._last_segment = hashlib.sha256(meta).hexdigest()[:8]
         if applied:
             self._reindex()
         return applied
@@ -370,10 +373,11 @@ class LiveSearcher(IndexSearcher):
 
     @property
     def version(self) -> str:
-        """The base's identity, plus the last applied segment once there is one."""
-        return (
-            self.base_version if not self.generation else f"{self.base_version}.{self.generation}"
-        )
+        """The base's identity, plus the last applied segment (its number and a hash of its
+        meta.json: two copies of one base updated apart never share a version)."""
+        if not self.generation:
+            return self.base_version
+        return f"{self.base_version}.{self.generation}-{self._last_segment}"
 
     def _drop_dead(
         self, rows: np.ndarray, scores: np.ndarray, k: int

@@ -93,6 +93,10 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # what the deadline left queued is failed, never left waiting (a hot swap re-runs
+        # it on the new generation; a stopping server answers 503)
+        while not self.queue.empty():
+            self.queue.get_nowait().fail(ShuttingDown("the server is shutting down"))
         self.executor.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -116,10 +120,14 @@ class MicroBatcher:
 
     async def _collect(self) -> list[LinkJob]:
         batch = [await self.queue.get()]
+        # counted as in flight from the moment they leave the queue: stop() must not take a
+        # batch still filling up for an idle worker (its jobs would never be answered)
+        self.in_flight = len(batch)
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self.queue.get_nowait())
+                self.in_flight = len(batch)
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -128,6 +136,7 @@ class MicroBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
+                self.in_flight = len(batch)
             except TimeoutError:
                 break
         return batch

@@ -172,6 +172,22 @@ def test_stop_lets_queued_jobs_finish() -> None:
     asyncio.run(run())
 
 
+def test_stop_answers_a_batch_that_is_still_filling() -> None:
+    """A job taken off the queue while its batch waits to fill is in flight: stop() must
+    let it finish (a hot swap retires a batcher under load), not cancel it unanswered."""
+
+    async def run() -> None:
+        b = _batcher(FakeLinker(), max_batch_size=8, max_wait_ms=300.0)
+        await b.start()
+        job = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
+        await asyncio.sleep(0.05)  # collected; the batch waits for more
+        assert b.queue.empty()
+        await b.stop(timeout_s=10)
+        assert job.done() and job.result().result.candidates[0].entity_id == "E1"
+
+    asyncio.run(run())
+
+
 def test_lru_cache_evicts_and_expires() -> None:
     now = [0.0]
     c = LruCache(2, ttl_s=10, clock=lambda: now[0])

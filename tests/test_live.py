@@ -64,7 +64,7 @@ def test_add_replace_delete_then_reopen(model: LinkingModel, folder: Path) -> No
     n0 = len(s)
     new = Entity("Z1", "Quentin Zephyrine", "Occupation: astronaut.")
     res = kb.upsert([NewEntity(new)])
-    assert res.added == ("Z1",) and res.entities == n0 + 1 and s.version.endswith(".1")
+    assert res.added == ("Z1",) and res.entities == n0 + 1 and ".1-" in s.version
     q = _query(model, "Quentin Zephyrine", "Quentin Zephyrine flew.")
     assert "Z1" in _ids(s, s.search(q, 5).rows[0])
     # the lexical channel finds it by name, scored on the base's idf
@@ -247,6 +247,7 @@ def test_add_update_delete_round_trip_survives_a_restart(
         assert httpx.get(f"{base}/v1/entities/Y2").json()["attributes"] == "B."
         r = httpx.delete(f"{base}/v1/admin/entities/E00", headers=ADMIN)
         assert r.status_code == 200 and r.json()["deleted"] == ["E00"]
+        last_version = r.json()["index_version"]
         assert httpx.get(f"{base}/v1/entities/E00").status_code == 404
         ames = {"mention": "Jo Ames", "sentence": "Jo Ames the painter.", "top_k": 20}
         out = httpx.post(f"{base}/v1/link", json=ames).json()
@@ -260,7 +261,7 @@ def test_add_update_delete_round_trip_survives_a_restart(
         ready = httpx.get(f"{base}/readyz").json()
         assert ready["live"] == {"segments": 3, "live_entities": 2, "tombstones": 2}
     with serve(settings) as (base, _):  # a restart keeps every acknowledged update
-        assert httpx.get(f"{base}/readyz").json()["index_version"] == version[:-1] + "3"
+        assert httpx.get(f"{base}/readyz").json()["index_version"] == last_version
         assert httpx.post(f"{base}/v1/link", json=link).json()["candidates"][0]["entity_id"] == "Y1"
         assert httpx.get(f"{base}/v1/entities/E00").status_code == 404
         assert httpx.get(f"{base}/v1/entities/Y1/image").status_code == 200
