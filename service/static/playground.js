@@ -110,7 +110,14 @@ async function entityDetails(c, li) {
     const e = await meta.json();
     li.querySelector(".attrs").textContent = e.attributes || "(no attributes)";
   }
-  if (img.ok) li.querySelector(".thumb").src = URL.createObjectURL(await img.blob());
+  const thumb = li.querySelector(".thumb");
+  if (img.ok) thumb.src = URL.createObjectURL(await img.blob());
+  else {
+    const none = document.createElement("div");
+    none.className = "thumb"; none.textContent = "no image";
+    thumb.replaceWith(none);
+  }
+  li.dataset.image = img.ok ? "loaded" : "none";
 }
 
 function render(body) {
