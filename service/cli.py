@@ -14,7 +14,10 @@ import json
 import logging
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from service.settings import ServiceSettings
 
@@ -24,6 +27,21 @@ def settings_table() -> str:
     for name, f in ServiceSettings.model_fields.items():
         rows.append(f"| `MEL_{name.upper()}` | `{json.dumps(f.default)}` | {f.description} |")
     return "\n".join(rows)
+
+
+def _announce(service: Any, since: float) -> None:
+    """Wait until the service is ready, then print the time since ``since``."""
+    while not service.ready:
+        if service.load_error:
+            return
+        time.sleep(0.2)
+    secs = time.time() - since
+    pending = ", ".join(service.state.pending) if service.state is not None else ""
+    print(
+        f"\n*** ready: {int(secs // 60)} min {secs % 60:.0f} s after `make demo` started "
+        f"(still training in the background: {pending or 'nothing'}) ***\n",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-level", default="info")
     p.add_argument(
         "--print-settings", action="store_true", help="print the settings table (markdown) and exit"
+    )
+    p.add_argument(
+        "--announce-since",
+        type=float,
+        metavar="EPOCH",
+        help="print how long after this Unix time the server became ready (make demo's "
+        "'first answer after N min')",
     )
     a = p.parse_args(argv)
     if a.print_settings:
@@ -69,8 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before it started: with the default one the process dies with 143, which supervisors
     # count as a crash. A no-op handler lets a clean drain end as exit code 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    app = create_app(settings)
+    if a.announce_since is not None:
+        threading.Thread(
+            target=_announce, args=(app.state.service, a.announce_since), daemon=True
+        ).start()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=a.host,
         port=a.port,
         log_level=a.log_level,

@@ -2,8 +2,8 @@
 
 Picks the first test mention that has an image and whose gold entity the served pipeline
 (FAISS top-k + MIMIC rerank, exactly what the server runs) puts first, writes its JSON body
-next to the artifacts, and prints the ``curl`` that ``make demo`` shows. With ``--drin`` it
-also writes the same request with ``reranker: "drin"`` (``<out stem>-drin.json``).
+next to the artifacts, and prints the ``curl`` that ``make demo`` shows. It also writes the same
+request with ``reranker: "drin"`` (``<out stem>-drin.json``), answered once DRIN is loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="where to write the JSON request body")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tries", type=int, default=50)
-    p.add_argument("--drin", help="DRIN checkpoint: also write a reranker=drin request")
     a = p.parse_args(argv)
     ds = load_dataset(a.data)
     linker = Linker(
@@ -60,22 +59,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "image": base64.b64encode(ds.resolve(chosen.image).read_bytes()).decode(),
     }
     Path(a.out).write_text(json.dumps(body))
-    drin_out = None
-    if a.drin:
-        drin_out = Path(a.out).with_name(Path(a.out).stem + "-drin.json")
-        drin_out.write_text(json.dumps({**body, "reranker": "drin"}))
+    drin_out = Path(a.out).with_name(Path(a.out).stem + "-drin.json")
+    drin_out.write_text(json.dumps({**body, "reranker": "drin"}))
     print(
         f"\nDemo test mention {chosen.id}: {chosen.mention!r} in {chosen.sentence!r}"
         f"\n(gold entity {chosen.entity_id}; image {chosen.image})\n\nTry it:\n"
         f"  curl -s http://127.0.0.1:{a.port}/v1/link -H 'content-type: application/json' "
         f"-d @{a.out}\n"
     )
-    if drin_out is not None:
-        print(
-            "The DRIN graph over the same candidates (explain = initial / final tt, ti, it, ii "
-            f"edge weights):\n  curl -s http://127.0.0.1:{a.port}/v1/link "
-            f"-H 'content-type: application/json' -d @{drin_out}\n"
-        )
+    print(
+        f"Or open the playground: http://127.0.0.1:{a.port}/\n\n"
+        "Once DRIN has trained in the background (GET /readyz lists it in 'rerankers'), the "
+        "DRIN graph over the same candidates (explain = initial / final tt, ti, it, ii edge "
+        f"weights):\n  curl -s http://127.0.0.1:{a.port}/v1/link "
+        f"-H 'content-type: application/json' -d @{drin_out}\n"
+    )
     linker.close()
     return 0
 
