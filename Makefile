@@ -22,7 +22,9 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The demo recipe: frozen pretrained backbone, fresh MIMIC layers. The released lr 1e-5 is
 # tuned for fine-tuning CLIP end to end; fresh interaction layers need a larger step.
-DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 2 --patience 3 --batch-size 128
+# One validation, after the last epoch: dev H@1 rose at every one of them (93.3, 95.3, 95.8,
+# 96.7 at epochs 2, 4, 6, 8), so the same final model, 3 full-KB validations sooner.
+DEMO_TRAIN_ARGS ?= --lr 1e-3 --epochs 8 --val-every 8 --patience 3 --batch-size 128
 # DRIN over the demo model's retrieved top-20: the released recipe (lr, batch, margin) for 6
 # epochs, not 30: the demo's test Top-1 was the same (76.67 at 6, 76.92 at 30); best dev kept.
 DEMO_DRIN_ARGS ?= --candidates 20 --eval-candidates 100 --epochs 6 --patience 6
