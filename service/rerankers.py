@@ -28,6 +28,7 @@ from models.fusion import (
     candidate_features,
 )
 from models.model import LinkingModel
+from models.rerank_kernel import score_candidates
 from service.primitives import Explain, MentionBatch
 
 
@@ -102,7 +103,9 @@ class RetrievalOnly:
 
 
 class MimicReranker:
-    """``mimic``: MIMIC's three units over the candidates' precomputed store records."""
+    """``mimic``: MIMIC's three units over the candidates' precomputed store records, through
+    the batched serving kernel (``models.rerank_kernel``: the same scores as
+    ``MimicMatcher.score_precomputed`` within float rounding)."""
 
     name: ClassVar[str] = "mimic"
     uses_lexical: ClassVar[bool] = False
@@ -114,7 +117,7 @@ class MimicReranker:
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        s = self.model.matcher.score_precomputed(batch.encoded.mimic, records)
+        s = score_candidates(self.model.matcher, batch.encoded.mimic, records)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()

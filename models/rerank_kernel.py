@@ -1,0 +1,129 @@
+"""The serving kernel: MIMIC over per-mention candidate lists as large batched GEMMs.
+
+The server reranks B mentions, each against its OWN K retrieved candidates, from the
+entities' precomputed records (``MimicMatcher.precompute_entities``, stored by the index job).
+``MimicMatcher.score_precomputed`` does this as the released code is written: one
+(L, h) x (h, L) attention product per (mention, candidate) pair. :func:`score_candidates`
+computes the same scores (equal within float rounding, tests/test_rerank_kernel.py) with one
+attention GEMM per mention for all its candidates and a fused softmax-mean; MIMIC itself
+(models/mimic.py) is unchanged. Inference only; imported by the service, so it imports no
+training code.
+
+Cost (L = 40 tokens, h = 96): almost all of it is the attention logits, 2 B K L^2 h FLOPs
+(31 MFLOP at K = 100); bench/speed.py measures the kernel against a pure GEMM of those FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from models.mimic import (
+    MimicEntityRecord,
+    MimicFeatures,
+    MimicMatcher,
+    MimicScores,
+    TextGlobalLocalUnit,
+)
+
+# Attention elements (B x k x L x L) materialised at once: 64k fp32 = 256 KB, so the softmax
+# passes over a block run in the L2 cache, not from memory (bench/speed.py: block sizes).
+CANDIDATE_BLOCK = 1 << 16
+
+
+@torch.inference_mode()
+def tglu_candidates(
+    tglu: TextGlobalLocalUnit,
+    m_cls: Tensor,
+    m_tokens: Tensor,
+    e_text_cls: Tensor,
+    e_cls_fc: Tensor,
+    e_query: Tensor,
+    block_elements: int = CANDIDATE_BLOCK,
+) -> Tensor:
+    """TGLU scores (B, K) of B mentions, each against its own K candidates.
+
+    Same computation as ``TextGlobalLocalUnit.score(..., shared=False)`` (inputs already
+    LayerNorm'd: m_cls (B, dt), m_tokens (B, L, dt); records e_text_cls (B, K, dt),
+    e_cls_fc (B, K, h), e_query (B, K, L, h)), rearranged:
+
+    * one attention for all of a mention's pairs: its K candidates' queries are one (K L, h)
+      matrix against its (h, L) keys, so a batch is B GEMMs (one ``bmm``) instead of B K
+      products of (L, h) x (h, L);
+    * the softmax in place, its division folded into the mean over query positions:
+      mean_i softmax(a_i)_j = sum_i exp(a_ij - max_j a_ij) / (L s_i), one (1, L) x (L, L)
+      product per pair, so the (L, L) probabilities are never written out;
+    * candidates in blocks of ``block_elements / (B L^2)`` so the attention stays in cache.
+    """
+    b, k, length, h = e_query.shape
+    key = tglu.fc_key(m_tokens)  # (B, L, h)
+    value = tglu.fc_value(m_tokens)  # (B, L, h)
+    key_t = (key * (1.0 / math.sqrt(tglu.hidden))).transpose(1, 2)  # (B, h, L)
+    queries = e_query.reshape(b, k * length, h)
+    pbar = torch.empty(b, k, length, dtype=key.dtype, device=key.device)
+    step = max(1, block_elements // (b * length * length))
+    for s in range(0, k, step):
+        c = min(step, k - s)
+        att = torch.bmm(queries[:, s * length : (s + c) * length], key_t)  # (B, c L, L)
+        att.sub_(att.amax(dim=-1, keepdim=True)).exp_()
+        inv = att.sum(dim=-1).reciprocal_().mul_(1.0 / length)  # (B, c L): 1 / (L s_i)
+        pbar[:, s : s + c] = torch.bmm(
+            inv.view(b * c, 1, length), att.view(b * c, length, length)
+        ).view(b, c, length)
+    ctx = tglu.layer_norm(torch.bmm(pbar, value))  # (B, K, L) @ (B, L, h) -> (B, K, h)
+    g2l = (ctx * e_cls_fc).sum(-1)
+    g2g = (m_cls.unsqueeze(1) * e_text_cls).sum(-1)  # (B, K); summed as the matcher sums
+    return (g2l + g2g) / 2
+
+
+@torch.inference_mode()
+def score_candidates(
+    matcher: MimicMatcher,
+    mentions: MimicFeatures,
+    records: MimicEntityRecord,
+    units: tuple[str, ...] | None = None,
+    block_elements: int = CANDIDATE_BLOCK,
+) -> MimicScores:
+    """``matcher.score_precomputed(mentions, records, units)`` for per-mention candidate
+    records (B, K, ...) -> scores (B, K).
+
+    TGLU goes through :func:`tglu_candidates`; VDLU is the matcher's own batched code
+    ((B K, h) products, no loop); g2g and CMFU are (B, K, d) inner products. Every unit is
+    computed, as ``score_precomputed`` does (the server explains with all three and the
+    fusion stage reads them).
+    """
+    if records.text_cls.dim() != mentions.text_cls.dim() + 1 or (
+        records.text_cls.shape[0] != mentions.text_cls.shape[0]
+    ):
+        raise ValueError(
+            f"score_candidates scores per-mention candidate records (B={len(mentions)}, K, "
+            f"...), got {tuple(records.text_cls.shape)}"
+        )
+    m = matcher._normalise(mentions)
+    records = records.map(lambda t: t.to(m.text_cls.dtype))
+    s_t = tglu_candidates(
+        matcher.tglu,
+        m.text_cls,
+        m.text_tokens,
+        records.text_cls,
+        records.tglu_cls,
+        records.tglu_query,
+        block_elements,
+    )
+    s_v = matcher.vdlu.score(
+        m.image_cls,
+        m.image_tokens,
+        records.e2m_query,
+        records.m2e_key,
+        records.m2e_pooled,
+        False,
+    )
+    h_m = matcher.cmfu.fuse(m.text_cls, m.image_tokens)  # (B, d)
+    # summed as score_precomputed sums (a bmm rounds differently: 4 ulps at |S_C| ~ 60)
+    s_c = (h_m.unsqueeze(1) * records.cmfu).sum(-1)
+    return matcher._combine(s_t, s_v, s_c, units)
+
+
+__all__ = ["CANDIDATE_BLOCK", "score_candidates", "tglu_candidates"]
