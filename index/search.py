@@ -129,7 +129,7 @@ class IndexSearcher:
         """(B, K, ...) float32 store fields of the given rows (rows < 0 read row 0)."""
         flat = np.where(rows < 0, 0, rows).reshape(-1)
         return [
-            torch.from_numpy(self.store.rows(f, flat).astype(np.float32)).reshape(
+            torch.from_numpy(self.store.rows(f, flat)).reshape(
                 *rows.shape, *self.manifest.store_fields[f]
             )
             for f in names

@@ -217,7 +217,7 @@ def fusion_signals(
     if surface is None:
         raise ValueError("mentions were encoded without their surface feature (fusion)")
     flat = np.where(rows < 0, 0, rows).reshape(-1)
-    names = searcher.store.rows(NAME_FIELD, flat).astype(np.float32).reshape(*rows.shape, -1)
+    names = searcher.store.rows(NAME_FIELD, flat).reshape(*rows.shape, -1)
     name_cos = np.einsum("bd,bkd->bk", surface.float().cpu().numpy(), names)
     return CandidateSignals(
         rows=rows,
