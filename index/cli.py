@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
 from index.store import Manifest
 from models.model import LinkingModel
+from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir
+from models.threads import THREAD_RESERVE, configure_threads
 
 # Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
 # gave before the errors were typed); 2 a bad command line (argparse's own code).
@@ -73,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep <out>/chunks after finalizing (default: delete, they double disk)",
     )
+    b.add_argument(
+        "--encoder-runtime",
+        default="torch",
+        choices=ENCODER_RUNTIMES,
+        help="how the encoder towers run (onnx: onnxruntime fp32; onnx-int8: int8 text "
+        "tower); recorded in the manifest, and the server must use the same",
+    )
+    b.add_argument(
+        "--onnx-cache",
+        default=os.environ.get("MEL_ONNX_CACHE"),
+        help="folder for the ONNX exports (default: $MEL_ONNX_CACHE, else <model>/onnx)",
+    )
     m = sub.add_parser("merge", help="combine the shard folders of a sharded build")
     m.add_argument("--out", required=True)
     m.add_argument("--model", required=True)
@@ -87,11 +102,27 @@ def _parser() -> argparse.ArgumentParser:
     a_.add_argument("--batch-size", type=int, default=64)
     a_.add_argument("--workers", type=int, default=4)
     a_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a_.add_argument(
+        "--onnx-cache",
+        default=os.environ.get("MEL_ONNX_CACHE"),
+        help="folder of the ONNX exports, for a folder built with an onnx encoder runtime "
+        "(default: $MEL_ONNX_CACHE, else <model>/onnx)",
+    )
     lx = sub.add_parser(
         "lexical",
         help="(re)build the lexical index (trigram tf-idf of names and aliases) of a folder",
     )
     lx.add_argument("--index", required=True)
+    for sp in (b, m, a_):
+        sp.add_argument(
+            "--threads",
+            type=int,
+            default=int(os.environ["MEL_INTRA_OP_THREADS"])
+            if os.environ.get("MEL_INTRA_OP_THREADS")
+            else None,
+            help="torch / onnxruntime intra-op threads (default: $MEL_INTRA_OP_THREADS, else "
+            f"the cores this process may use minus {THREAD_RESERVE}, at least 1)",
+        )
     return p
 
 
@@ -125,6 +156,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 device=a.device,
                 progress=not a.no_progress,
                 drin_fields=not a.no_drin,
+                encoder_runtime=a.encoder_runtime,
+                onnx_cache=a.onnx_cache,
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
@@ -143,6 +176,7 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
         a.batch_size,
         a.workers,
         device=a.device,
+        onnx_cache=str(default_cache_dir(a.model, a.onnx_cache)),
     )
 
 
@@ -152,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p = _parser()
     a = p.parse_args(argv)
+    if a.command != "lexical":  # the only command without model work
+        try:
+            configure_threads(a.threads)
+        except ValueError as exc:
+            p.error(str(exc))
     try:
         res = _run(p, a)
     except IndexBuildError as exc:

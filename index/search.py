@@ -69,7 +69,8 @@ class LexicalHits:
 
 
 class IndexSearcher:
-    """FAISS + entity store of one index folder, checked against the serving model."""
+    """FAISS + entity store of one index folder, checked against the serving model and the
+    encoder runtime that encodes its mentions (``encoder_runtime``)."""
 
     def __init__(
         self,
@@ -78,10 +79,12 @@ class IndexSearcher:
         use_gpu: bool = False,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        encoder_runtime: str = "torch",
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
         self.manifest.check_model(model_fingerprint)
+        self.manifest.check_encoder_runtime(encoder_runtime)
         self.store = EntityStore(self.folder, self.manifest)
         index = faiss.read_index(str(self.folder / FAISS_FILE))
         if index.ntotal != self.manifest.entity_count:

@@ -35,6 +35,26 @@ class ServiceSettings(BaseSettings):
         "use them (None: the fusion model's own setting)",
     )
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
+    encoder_runtime: str = Field(
+        "torch",
+        description="how the encoder towers run: torch, onnx (onnxruntime fp32) or onnx-int8 "
+        "(int8 text tower); must be the one the index was built with (its manifest says)",
+    )
+    onnx_cache: str | None = Field(
+        None,
+        description="folder for the ONNX exports of the encoder (made on first start, never "
+        "downloaded); None: <model_path>/onnx",
+    )
+    intra_op_threads: int | None = Field(
+        None,
+        description="torch and onnxruntime intra-op threads; None: the cores this process "
+        "may use (its CPU affinity) minus thread_reserve, at least 1",
+    )
+    thread_reserve: int = Field(
+        1,
+        description="cores left to the event loop, Redis and neighbours when "
+        "intra_op_threads is None (a thread on a busy core stalls every op it is part of)",
+    )
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
     ivf_nprobe: int | None = Field(None, description="IVF nprobe (None = index default)")
@@ -101,6 +121,15 @@ class ServiceSettings(BaseSettings):
 
     # ---- auth
     api_keys: list[str] = Field([], description="accepted X-API-Key values; empty = no auth")
+
+    @field_validator("encoder_runtime")
+    @classmethod
+    def _runtime(cls, v: str) -> str:
+        # models.onnx_encoders.ENCODER_RUNTIMES, spelled out so settings import no torch
+        runtimes = ("torch", "onnx", "onnx-int8")
+        if v not in runtimes:
+            raise ValueError(f"encoder_runtime must be one of {runtimes}, got {v!r}")
+        return v
 
     @field_validator("image_formats")
     @classmethod
