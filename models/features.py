@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from models.data.schema import Entity, MelDataset, Mention, RecordReport
 from models.encoders import ImageFeatures, MimicEncoder, TextFeatures
+from models.onnx_encoders import runtime_of
 from models.preprocess import entity_text, load_image_or_none, mention_text
 
 logger = logging.getLogger(__name__)
@@ -219,11 +220,15 @@ def dataset_features(
 ) -> DatasetFeatures:
     """Raw backbone features of ``ds`` (KB + every mention), from the cache when present."""
     mentions = list(ds.mentions.values())
+    runtime = runtime_of(encoder)
     key = hashlib.sha256(
         json.dumps(
             {
                 "v": CACHE_VERSION,
                 "backbone": encoder.backbone.weights_fingerprint(),
+                # features of another encoder runtime (onnx, onnx-int8) are cached apart; the
+                # torch key stays what it was, so existing caches stay valid
+                **({"runtime": runtime} if runtime != "torch" else {}),
                 "text_max_length": encoder.config.text_max_length,
                 "image_size": encoder.config.image_size,
                 "dataset": str(ds.root.resolve()),
