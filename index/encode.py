@@ -146,7 +146,7 @@ def store_fields(model: LinkingModel, drin_fields: bool) -> dict[str, list[int]]
 # Each field's store codec (index/store.py): f16 unless listed here. Chosen by measurement
 # (bench/speed.py, README "The store"): q8 only where the store-vs-direct equality tests
 # (tests/test_index.py) and the demo world's H@1 are unchanged.
-FIELD_CODECS: dict[str, str] = {}
+FIELD_CODECS: dict[str, str] = {"tglu_query": "q8", "drin_image": "q8", "drin_region": "q8"}
 
 
 def store_layout(

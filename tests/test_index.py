@@ -127,16 +127,17 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
         "entity.missing_field": 1,
         "entity.unreadable_image": 1,
     }
-    # every entity: MIMIC's text-side record (dt, d, L x d, d) + the name vector (dt) + DRIN's
-    # text part (32), float16, + its int32 image row; once per image record: VDLU's entity
-    # side (3 d) + DRIN's image parts (image 32, region 24, score 1)
-    assert m.store_layout == {
-        "entity_bytes": 2 * (32 + 12 + 40 * 12 + 12 + 32 + 32) + 4,
-        "image_bytes": 2 * (3 * 12 + 32 + 24 + 1),
-    }
+    # every entity: MIMIC's text-side record (dt, d, d in float16; the L x d TGLU queries as
+    # int8 + a float16 scale per token) + the name vector (dt) + DRIN's text part (32) in
+    # float16, + its int32 image row; once per image record: VDLU's entity side (3 d) and
+    # DRIN's region score in float16, DRIN's image (32) and region (24) as int8 + one scale
+    assert m.field_codecs == {"tglu_query": "q8", "drin_image": "q8", "drin_region": "q8"}
+    entity_bytes = 2 * (32 + 12 + 12 + 32 + 32) + (40 * 12 + 2 * 40) + 4
+    image_bytes = 2 * (3 * 12 + 1) + (32 + 2) + (24 + 2)
+    assert m.store_layout == {"entity_bytes": entity_bytes, "image_bytes": image_bytes}
     # 25 entities with a readable image + the one no-image record the other 15 share
     assert m.image_count == 26 and m.version == 2
-    assert m.store_bytes_per_entity == round((1204 * 40 + 186 * 26) / 40)
+    assert m.store_bytes_per_entity == round((entity_bytes * 40 + image_bytes * 26) / 40)
     assert not (single / "chunks").exists()  # chunks removed after finalize
     model = LinkingModel.from_pretrained(model_dir)
     s = IndexSearcher(single, model.fingerprint())
@@ -189,7 +190,7 @@ def test_build_without_drin_fields(kb: Path, model_dir: Path, tmp_path: Path) ->
     assert isinstance(m, Manifest)
     assert not any(f.startswith("drin_") for f in m.store_fields)
     assert m.store_layout == {
-        "entity_bytes": 2 * (32 + 12 + 40 * 12 + 12 + 32) + 4,
+        "entity_bytes": 2 * (32 + 12 + 12 + 32) + (40 * 12 + 2 * 40) + 4,
         "image_bytes": 2 * 3 * 12,
     }
     s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir).fingerprint())
