@@ -9,6 +9,8 @@
     mel-index add --index artifacts/demo-index --kb new_entities.jsonl
     # (re)build the lexical channel (trigram index of names + aliases) of an existing folder:
     mel-index lexical --index artifacts/demo-index
+    # the encoder towers through onnxruntime (the server must then use the same runtime):
+    mel-index build ... --encoder-runtime onnx [--onnx-cache DIR] [--threads N]
 
 How it works. The KB is streamed in chunks of ``--chunk-size`` raw lines; chunk c belongs to
 shard ``c % num_shards``. Each chunk is parsed (bad records counted), its images decoded by a
@@ -20,6 +22,11 @@ last completed chunk with the same result. ``finalize`` (run by a 1-shard build,
 FAISS index, drops duplicate ids (counted), and writes the manifest. Every build and ``add``
 also (re)builds ``<index>/lexical/``, a character-trigram tf-idf index of entity names and
 aliases (:mod:`index.lexical`); ``lexical`` builds it for a folder made before it existed.
+
+``--encoder-runtime`` (torch, onnx, onnx-int8; models/onnx_encoders.py) says how the encoder
+towers run; the manifest records it, ``add`` reuses the folder's own, and the server refuses a
+folder encoded by another runtime. ``--threads`` sets torch / onnxruntime intra-op threads
+(default: the cores this process may use minus one, at least 1; models/threads.py).
 """
 
 from __future__ import annotations
