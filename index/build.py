@@ -36,7 +36,13 @@ from index.store import FAISS_FILE, IndexMismatchError, Manifest
 from index.writer import CHUNKS_DIR, ChunkWriter
 from models.device import resolve_device
 from models.model import LinkingModel
-from models.onnx_encoders import OnnxRuntimeError, check_runtime, default_cache_dir, use_runtime
+from models.onnx_encoders import (
+    OnnxRuntimeError,
+    check_runtime,
+    default_cache_dir,
+    resolve_runtime,
+    use_runtime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +65,16 @@ class BuildConfig:
     # Store DRIN's per-entity parts too (models/drin_features.py): what the "drin" reranker
     # reads. Off saves ~3.3k float16 values per entity (EffNet widths) when DRIN is not served.
     drin_fields: bool = True
-    # How the encoder towers run (models/onnx_encoders.py): torch, onnx or onnx-int8. The
-    # manifest records it and the server must encode mentions the same way.
-    encoder_runtime: str = "torch"
+    # How the encoder towers run (models/onnx_encoders.py): torch, onnx or onnx-int8; None =
+    # the backend's default (onnx for minilm-effnet, torch for clip). The manifest records the
+    # one used and the server must encode mentions the same way.
+    encoder_runtime: str | None = None
     # Where the ONNX exports are cached (None: <model>/onnx); made here when missing.
     onnx_cache: str | None = None
 
     def __post_init__(self) -> None:
-        check_runtime(self.encoder_runtime)
+        if self.encoder_runtime is not None:
+            check_runtime(self.encoder_runtime)
         if not 0 <= self.shard_id < self.num_shards:
             raise InvalidShardError(
                 f"shard_id {self.shard_id} is outside [0, num_shards={self.num_shards})"
@@ -79,6 +87,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
     if not kb.is_file():
         raise KBNotFoundError(f"no KB file at {kb}")
     out = Path(cfg.out)
+    runtime = resolve_runtime(cfg.encoder_runtime, model.config.encoder.backend)
     writer = ChunkWriter(out)
     reader = KBReader(kb, cfg.chunk_size, cfg.num_shards, cfg.shard_id)
     done = writer.finished(reader.chunks)
@@ -90,7 +99,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         total_chunks=reader.total_chunks,
         model_fingerprint=model.fingerprint(),
         drin_fields=cfg.drin_fields,
-        encoder_runtime=cfg.encoder_runtime,
+        encoder_runtime=runtime,
     )
     claim(out, shard)
     if done:
@@ -101,7 +110,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
     try:
         use_runtime(
             model.encoder,
-            cfg.encoder_runtime,
+            runtime,
             default_cache_dir(cfg.model, cfg.onnx_cache),
             torch.get_num_threads(),  # what the job's thread setting gave torch (index/cli.py)
             device,
@@ -154,7 +163,8 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
             and old.factory == cfg.factory
             and same_kb(out, kb_file(cfg.kb))
             and has_drin_fields(old.store_fields) == cfg.drin_fields
-            and old.encoder_runtime == cfg.encoder_runtime
+            and old.encoder_runtime
+            == resolve_runtime(cfg.encoder_runtime, model.config.encoder.backend)
         ):
             logger.info("index %s is complete for this model and KB: reusing it", out)
             if not old.lexical:  # built before the lexical channel: add it (no re-encoding)

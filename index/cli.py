@@ -85,10 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--encoder-runtime",
-        default="torch",
+        default=None,
         choices=ENCODER_RUNTIMES,
         help="how the encoder towers run (onnx: onnxruntime fp32; onnx-int8: int8 text "
-        "tower); recorded in the manifest, and the server must use the same",
+        "tower; default: onnx for minilm-effnet, torch for clip); recorded in the manifest, "
+        "and the server must use the same",
     )
     b.add_argument(
         "--onnx-cache",

@@ -50,6 +50,11 @@ from models.encoders import (
 logger = logging.getLogger(__name__)
 
 ENCODER_RUNTIMES = ("torch", "onnx", "onnx-int8")
+# What a backend runs when no runtime is asked for (encoder_runtime None, the default of the
+# service setting and of mel-index build), chosen by measurement (bench/speed.py, README
+# "Speed"): onnx is faster than torch at the same quality for the default backbone; CLIP has
+# no ONNX path here.
+BACKEND_RUNTIMES = {"minilm-effnet": "onnx", "clip": "torch"}
 # Bump when the exported graphs change meaning (inputs, outputs, folding): old exports then
 # get new keys and are not reused.
 EXPORT_VERSION = 1
@@ -68,6 +73,13 @@ def check_runtime(name: str) -> str:
     if name not in ENCODER_RUNTIMES:
         raise ValueError(f"encoder runtime must be one of {ENCODER_RUNTIMES}, got {name!r}")
     return name
+
+
+def resolve_runtime(runtime: str | None, backend: str) -> str:
+    """``runtime`` if given, else the backend's default (:data:`BACKEND_RUNTIMES`)."""
+    if runtime is None:
+        return BACKEND_RUNTIMES.get(backend, "torch")
+    return check_runtime(runtime)
 
 
 def default_cache_dir(model_folder: str | os.PathLike[str], cache: str | None = None) -> Path:
@@ -352,6 +364,7 @@ def use_runtime(
 
 
 __all__ = [
+    "BACKEND_RUNTIMES",
     "ENCODER_RUNTIMES",
     "EXPORT_VERSION",
     "OnnxFiles",
@@ -362,6 +375,7 @@ __all__ = [
     "ensure_exports",
     "export_key",
     "providers_for",
+    "resolve_runtime",
     "runtime_of",
     "use_runtime",
 ]

@@ -31,7 +31,7 @@ from models.fusion import Calibration, FusionModel
 from models.fusion import check_compatible as check_fusion
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
-from models.onnx_encoders import default_cache_dir, use_runtime
+from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
 from models.threads import configure_threads
 from service.primitives import (
     CandidateResult,
@@ -58,7 +58,9 @@ class Linker:
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()
-        self.encoder_runtime = settings.encoder_runtime
+        self.encoder_runtime = resolve_runtime(
+            settings.encoder_runtime, self.model.config.encoder.backend
+        )
         self.searcher = IndexSearcher(
             settings.index_path,
             self.fingerprint,

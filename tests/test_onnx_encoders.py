@@ -24,6 +24,7 @@ from models.onnx_encoders import (
     OnnxRuntimeError,
     ensure_exports,
     export_key,
+    resolve_runtime,
     runtime_of,
     use_runtime,
 )
@@ -171,6 +172,13 @@ def onnx_index(
     return root / "model", root / "index"
 
 
+def test_runtime_resolution() -> None:
+    assert resolve_runtime(None, "clip") == "torch"  # CLIP has no ONNX path
+    assert resolve_runtime("onnx-int8", "minilm-effnet") == "onnx-int8"
+    with pytest.raises(ValueError, match="encoder runtime must be one of"):
+        resolve_runtime("tensorrt", "minilm-effnet")
+
+
 def test_the_index_records_the_runtime_and_the_server_must_match(
     onnx_index: tuple[Path, Path], cache: Path
 ) -> None:
@@ -182,10 +190,14 @@ def test_the_index_records_the_runtime_and_the_server_must_match(
         IndexSearcher(index_dir, fp)  # encode mentions with torch against onnx entities
     base = dict(model_path=str(model_dir), index_path=str(index_dir), device="cpu")
     with pytest.raises(IndexMismatchError, match="MEL_ENCODER_RUNTIME"):
-        Linker(ServiceSettings(**base, use_faiss_gpu=False))
-    linker = Linker(
-        ServiceSettings(**base, use_faiss_gpu=False, encoder_runtime="onnx", onnx_cache=str(cache))
+        Linker(ServiceSettings(**base, use_faiss_gpu=False, encoder_runtime="torch"))
+    # no runtime asked for: the backend's default, the one the job used by default too
+    assert (
+        ServiceSettings().encoder_runtime is None
+        and BuildConfig("", "", "").encoder_runtime is None
     )
+    assert resolve_runtime(None, "minilm-effnet") == "onnx"
+    linker = Linker(ServiceSettings(**base, use_faiss_gpu=False, onnx_cache=str(cache)))
     assert runtime_of(linker.model.encoder) == "onnx" and linker.cache_version.endswith(":onnx")
     # an entity's own text, encoded by the server's onnx towers, finds the job's onnx record
     rows = [0, 5, 10, 15]
