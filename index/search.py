@@ -142,6 +142,15 @@ class IndexSearcher:
         """(B, K, ...) float32 of the named store fields only (rows < 0 read row 0)."""
         return self._fields(rows, names)
 
+    def image_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """(B, K) image-record row of each entity row (rows < 0 read row 0): equal values
+        share their image fields. None for a version 1 folder (no image table)."""
+        table = self.store.image_rows
+        if table is None:
+            return None
+        flat = np.where(rows < 0, 0, rows).reshape(-1)
+        return np.asarray(table[flat], dtype=np.int64).reshape(rows.shape)
+
     def records(self, rows: np.ndarray) -> MimicEntityRecord:
         """(B, K, ...) float32 MIMIC records of the given rows (rows < 0 read row 0)."""
         return MimicEntityRecord(*self._fields(rows, MimicEntityRecord.field_names()))

@@ -85,6 +85,49 @@ def tglu_candidates(
     return (g2l + g2g) / 2
 
 
+def vdlu_candidates(
+    matcher: MimicMatcher,
+    m_image_cls: Tensor,
+    m_image_tokens: Tensor,
+    records: MimicEntityRecord,
+    image_groups: Tensor | None = None,
+) -> Tensor:
+    """VDLU scores (B, K) (inputs LayerNorm'd): the matcher's own batched code, run once per
+    distinct (mention, image record) when ``image_groups`` (B, K) says which candidates share
+    their VDLU fields (the store's image row: every candidate without an image shares the
+    no-image record, so a list of imageless candidates costs one VDLU pair per mention)."""
+    if image_groups is None:
+        return matcher.vdlu.score(
+            m_image_cls,
+            m_image_tokens,
+            records.e2m_query,
+            records.m2e_key,
+            records.m2e_pooled,
+            False,
+        )
+    b, k = image_groups.shape
+    groups = image_groups.to(torch.long)
+    pair_key = torch.arange(b, device=groups.device)[:, None] * (int(groups.max()) + 1) + groups
+    _, inverse = torch.unique(pair_key.reshape(-1), return_inverse=True)
+    n = b * k
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=groups.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=groups.device), "amin")
+    bi, ki = first // k, first % k  # one representative candidate per group
+
+    def pick(t: Tensor) -> Tensor:
+        return t[bi, ki].unsqueeze(1)  # (U, 1, h): each group as a list of one
+
+    s = matcher.vdlu.score(
+        m_image_cls[bi],
+        m_image_tokens[bi],
+        pick(records.e2m_query),
+        pick(records.m2e_key),
+        pick(records.m2e_pooled),
+        False,
+    )  # (U, 1)
+    return s[:, 0][inverse].view(b, k)
+
+
 @torch.inference_mode()
 def score_candidates(
     matcher: MimicMatcher,
@@ -92,14 +135,15 @@ def score_candidates(
     records: MimicEntityRecord,
     units: tuple[str, ...] | None = None,
     block_elements: int = CANDIDATE_BLOCK,
+    image_groups: Tensor | None = None,
 ) -> MimicScores:
     """``matcher.score_precomputed(mentions, records, units)`` for per-mention candidate
     records (B, K, ...) -> scores (B, K).
 
-    TGLU goes through :func:`tglu_candidates`; VDLU is the matcher's own batched code
-    ((B K, h) products, no loop); g2g and CMFU are (B, K, d) inner products. Every unit is
-    computed, as ``score_precomputed`` does (the server explains with all three and the
-    fusion stage reads them).
+    TGLU goes through :func:`tglu_candidates`; VDLU through :func:`vdlu_candidates` (once per
+    distinct image record of a mention's list when ``image_groups`` (B, K) is given); g2g and
+    CMFU are (B, K, d) inner products. Every unit is computed, as ``score_precomputed`` does
+    (the server explains with all three and the fusion stage reads them).
     """
     if records.text_cls.dim() != mentions.text_cls.dim() + 1 or (
         records.text_cls.shape[0] != mentions.text_cls.shape[0]
@@ -107,6 +151,11 @@ def score_candidates(
         raise ValueError(
             f"score_candidates scores per-mention candidate records (B={len(mentions)}, K, "
             f"...), got {tuple(records.text_cls.shape)}"
+        )
+    if image_groups is not None and tuple(image_groups.shape) != tuple(records.text_cls.shape[:2]):
+        raise ValueError(
+            f"image_groups {tuple(image_groups.shape)} must be (B, K) = "
+            f"{tuple(records.text_cls.shape[:2])}"
         )
     m = matcher._normalise(mentions)
     records = records.map(lambda t: t.to(m.text_cls.dtype))
@@ -119,18 +168,17 @@ def score_candidates(
         records.tglu_query,
         block_elements,
     )
-    s_v = matcher.vdlu.score(
-        m.image_cls,
-        m.image_tokens,
-        records.e2m_query,
-        records.m2e_key,
-        records.m2e_pooled,
-        False,
-    )
+    s_v = vdlu_candidates(matcher, m.image_cls, m.image_tokens, records, image_groups)
     h_m = matcher.cmfu.fuse(m.text_cls, m.image_tokens)  # (B, d)
     # summed as score_precomputed sums (a bmm rounds differently: 4 ulps at |S_C| ~ 60)
     s_c = (h_m.unsqueeze(1) * records.cmfu).sum(-1)
     return matcher._combine(s_t, s_v, s_c, units)
 
 
-__all__ = ["CANDIDATE_BLOCK", "LOGIT_FLOOR", "score_candidates", "tglu_candidates"]
+__all__ = [
+    "CANDIDATE_BLOCK",
+    "LOGIT_FLOOR",
+    "score_candidates",
+    "tglu_candidates",
+    "vdlu_candidates",
+]

@@ -117,7 +117,13 @@ class MimicReranker:
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        s = score_candidates(self.model.matcher, batch.encoded.mimic, records)
+        groups = self.searcher.image_rows(candidates.rows)  # VDLU once per image record
+        s = score_candidates(
+            self.model.matcher,
+            batch.encoded.mimic,
+            records,
+            image_groups=torch.from_numpy(groups).to(self.device) if groups is not None else None,
+        )
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()

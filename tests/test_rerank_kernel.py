@@ -93,6 +93,30 @@ def test_kernel_at_serving_sizes_fp16_records_and_entities_without_images() -> N
         torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
 
 
+def test_vdlu_once_per_image_record_equals_every_pair() -> None:
+    """Candidates sharing an image record (the no-image one, or one image of two entities)
+    score VDLU once per mention and group, with the same result."""
+    m = _matcher(seed=6)
+    gen = torch.Generator().manual_seed(7)
+    b, k = 3, 9
+    men = _feats(b, dtype=torch.float32, gen=gen)
+    ent = _feats(b, k, dtype=torch.float32, gen=gen)
+    table = _feats(4, dtype=torch.float32, gen=gen)  # image records 0..3 (0: "no image")
+    groups = torch.randint(0, 4, (b, k), generator=gen)
+    groups[0] = 0  # a list of imageless candidates only
+    ent = MimicFeatures(
+        ent.text_cls, ent.text_tokens, table.image_cls[groups], table.image_tokens[groups]
+    )
+    rec = m.precompute_entities(ent)
+    with torch.inference_mode():
+        ref = m.score_precomputed(men, rec)
+        got = score_candidates(m, men, rec, image_groups=groups)
+        with pytest.raises(ValueError, match="image_groups"):
+            score_candidates(m, men, rec, image_groups=groups[:1])
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
+
+
 def test_tglu_candidates_is_the_tglu_unit() -> None:
     m = _matcher(seed=4)
     gen = torch.Generator().manual_seed(5)

@@ -29,6 +29,7 @@ from index.store import (
 from models.encoders import ClipBackbone
 from models.model import LinkingModel
 from models.preprocess import entity_text
+from models.rerank_kernel import score_candidates
 
 
 def _kb(root: Path, start: int, n: int) -> Path:
@@ -142,6 +143,17 @@ def test_version_1_folders_read_and_extend_as_before(
     for f in a.manifest.store_fields:  # every field, MIMIC's and DRIN's, by entity row
         (x,), (y,) = a.fields(rows, (f,)), b.fields(rows, (f,))
         _same(x.numpy(), y.numpy(), codecs.get(f, "f16"))
+    # the image rows group candidates for the reranking kernel's VDLU (none in v1)
+    groups = a.image_rows(rows)
+    assert b.image_rows(rows) is None and groups is not None
+    ir = [int(r) for r in a.store.image_rows]  # even entities: no image, record 0
+    assert groups.tolist() == [[0, ir[3], ir[13]], [ir[5], 0, 0]] and 0 not in (ir[3], ir[13])
+    men = model.encoder.encode([entity_text("Name 1", "Attr 1."), "x"], [None, None])
+    with torch.inference_mode():
+        rec = a.records(rows)
+        want = model.matcher.score_precomputed(men, rec)
+        got = score_candidates(model.matcher, men, rec, image_groups=torch.from_numpy(groups))
+    torch.testing.assert_close(got.score, want.score, rtol=0, atol=1e-5)
     a.close()
     b.close()
     # `add` keeps a version 1 folder in its own layout, and adds what a v2 folder adds
