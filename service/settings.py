@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
     onnx_cache: str | None = Field(
         None,
         description="folder for the ONNX exports of the encoder (made on first start, never "
-        "downloaded); None: <model_path>/onnx",
+        "downloaded); None: the onnx/ folder inside model_path",
     )
     intra_op_threads: int | None = Field(
         None,
