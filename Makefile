@@ -35,6 +35,10 @@ WIKIMEL_ARGS ?=
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
+# One ONNX export folder for every demo step (mel-train's feature cache, the index job, the
+# server): the towers are exported once (models/onnx_encoders.py), never downloaded.
+demo demo-world demo-model demo-index demo-train demo-drin: export MEL_ONNX_CACHE ?= $(abspath $(ARTIFACTS))/onnx
+
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev lint format typecheck unit test demo demo-world demo-model demo-drin demo-index demo-train serve clean bench-wikimel bench-data bench-demo
 

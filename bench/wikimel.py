@@ -472,6 +472,8 @@ def stage_index(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
             out=str(a.work / "index"),
             factory="Flat",
             progress=False,
+            # the protocol's mentions are the torch-encoded feature cache: entities alike
+            encoder_runtime="torch",
         )
     )
     assert not isinstance(manifest, dict)

@@ -23,7 +23,7 @@ import torch
 
 from index.ann import build_index
 from index.dedupe import IdDeduper
-from index.encode import store_fields
+from index.encode import store_fields, store_layout
 from index.errors import ModelMismatchError
 from index.lexical import build_lexical
 from index.shards import collect_chunks
@@ -36,7 +36,7 @@ from index.store import (
     Manifest,
     write_id_table,
 )
-from index.writer import append_chunks, report_from_json, write_faiss
+from index.writer import StoreLayout, append_chunks, report_from_json, write_faiss
 from models.data.schema import RecordReport
 from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
@@ -139,9 +139,11 @@ def finalize(
     shutil.rmtree(out / STORE_DIR, ignore_errors=True)
     report = RecordReport()
     fields = store_fields(model, bool(info.get("drin_fields", False)))
-    n, hashes = append_chunks(out, chunks, IdDeduper(chunks, None), 0, report, list(fields))
+    image_fields, codecs, sizes = store_layout(fields)
+    layout = StoreLayout(tuple(fields), tuple(image_fields), codecs)
+    n, hashes, images = append_chunks(out, chunks, IdDeduper(chunks, None), 0, report, layout)
     write_id_table(out, hashes)
-    per_entity = sum(2 * int(np.prod(s)) for s in fields.values())
+    per_entity = _bytes_per_entity(sizes, n, images)
     manifest = Manifest(
         model_fingerprint=model.fingerprint(),
         backbone=model.config.encoder.backend,
@@ -156,6 +158,12 @@ def finalize(
         git_commit=_git_commit(),
         bad_entities=report.to_json(),
         store_bytes_per_entity=per_entity,
+        image_fields=image_fields,
+        image_count=images,
+        field_codecs=codecs,
+        store_layout=sizes,
+        # shard records from before the setting: their chunks were encoded by torch
+        encoder_runtime=str(info.get("encoder_runtime", "torch")),
     )
     manifest.save(out)  # the store is readable from here on; FAISS comes next
     _build_faiss(out, model, factory, train_sample, use_gpu=device != "cpu")
@@ -163,8 +171,22 @@ def finalize(
     manifest.build_seconds = round(build_seconds + time.perf_counter() - t0, 2)
     manifest.save(out)
     report.log(f"index {out}")
-    logger.info("index %s: %d entities, %s, %d store bytes/entity", out, n, factory, per_entity)
+    logger.info(
+        "index %s: %d entities (%d image records), %s, %d store bytes/entity",
+        out,
+        n,
+        images,
+        factory,
+        per_entity,
+    )
     return manifest
+
+
+def _bytes_per_entity(sizes: dict[str, int], entities: int, images: int) -> int:
+    """What the store takes per entity: every entity's own bytes, plus the image records
+    (stored once each; the no-image record once in all) shared out over the entities."""
+    total = sizes["entity_bytes"] * entities + sizes["image_bytes"] * images
+    return round(total / entities) if entities else sizes["entity_bytes"]
 
 
 def extend_index(
@@ -187,8 +209,14 @@ def extend_index(
     start = manifest.entity_count
     store = EntityStore(out, manifest)
     try:
-        added, new_hashes = append_chunks(
-            out, chunks, IdDeduper(chunks, store), start, report, list(manifest.store_fields)
+        layout = StoreLayout(
+            tuple(manifest.store_fields),
+            tuple(manifest.image_fields),  # none: a version 1 folder, appended as such
+            dict(manifest.field_codecs),
+            manifest.image_count,
+        )
+        added, new_hashes, new_images = append_chunks(
+            out, chunks, IdDeduper(chunks, store), start, report, layout
         )
         row_hashes = np.empty(start, dtype=np.uint64)  # the id table in row order
         row_hashes[np.asarray(store.id_rows)] = np.asarray(store.id_hashes)
@@ -196,6 +224,11 @@ def extend_index(
         store.close()
     write_id_table(out, np.concatenate([row_hashes, new_hashes]))
     manifest.entity_count = start + added
+    manifest.image_count += new_images
+    if manifest.store_layout:
+        manifest.store_bytes_per_entity = _bytes_per_entity(
+            manifest.store_layout, manifest.entity_count, manifest.image_count
+        )
     index = faiss.read_index(str(out / FAISS_FILE))
     store = EntityStore(out, manifest)
     try:

@@ -17,11 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from index.assemble import RETRIEVAL_VECTOR, extend_index, finalize, retrieval_keys
 from index.encode import ChunkEncoder, has_drin_fields
-from index.errors import InvalidShardError, KBNotFoundError, ModelMismatchError
+from index.errors import (
+    EncoderRuntimeError,
+    InvalidShardError,
+    KBNotFoundError,
+    ModelMismatchError,
+)
 from index.lexical import rebuild_lexical
 from index.reader import KBReader, kb_file
 from index.runner import Runner
@@ -30,6 +36,13 @@ from index.store import FAISS_FILE, IndexMismatchError, Manifest
 from index.writer import CHUNKS_DIR, ChunkWriter
 from models.device import resolve_device
 from models.model import LinkingModel
+from models.onnx_encoders import (
+    OnnxRuntimeError,
+    check_runtime,
+    default_cache_dir,
+    resolve_runtime,
+    use_runtime,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +66,18 @@ class BuildConfig:
     # reads. Off saves ~3.3k float16 values per entity (EffNet widths) when DRIN is not served.
     drin_fields: bool = True
     # mel-train's raw feature cache: entities it already encoded with the same frozen backbone
-    # are not encoded again (their features are read, then projected by this model)
+    # (and encoder runtime) are not encoded again (their features are read, then projected)
     feature_cache: str | None = None
+    # How the encoder towers run (models/onnx_encoders.py): torch, onnx or onnx-int8; None =
+    # the backend's default (onnx for minilm-effnet, torch for clip). The manifest records the
+    # one used and the server must encode mentions the same way.
+    encoder_runtime: str | None = None
+    # Where the ONNX exports are cached (None: <model>/onnx); made here when missing.
+    onnx_cache: str | None = None
 
     def __post_init__(self) -> None:
+        if self.encoder_runtime is not None:
+            check_runtime(self.encoder_runtime)
         if not 0 <= self.shard_id < self.num_shards:
             raise InvalidShardError(
                 f"shard_id {self.shard_id} is outside [0, num_shards={self.num_shards})"
@@ -69,6 +90,7 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
     if not kb.is_file():
         raise KBNotFoundError(f"no KB file at {kb}")
     out = Path(cfg.out)
+    runtime = resolve_runtime(cfg.encoder_runtime, model.config.encoder.backend)
     writer = ChunkWriter(out)
     reader = KBReader(kb, cfg.chunk_size, cfg.num_shards, cfg.shard_id)
     done = writer.finished(reader.chunks)
@@ -80,20 +102,32 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         total_chunks=reader.total_chunks,
         model_fingerprint=model.fingerprint(),
         drin_fields=cfg.drin_fields,
+        encoder_runtime=runtime,
     )
     claim(out, shard)
     if done:
         logger.info(
             "resuming: %d of %d chunks of this shard already done", len(done), len(reader.chunks)
         )
+    device = resolve_device(cfg.device)
+    try:
+        use_runtime(
+            model.encoder,
+            runtime,
+            default_cache_dir(cfg.model, cfg.onnx_cache),
+            torch.get_num_threads(),  # what the job's thread setting gave torch (index/cli.py)
+            device,
+        )
+    except OnnxRuntimeError as exc:
+        raise EncoderRuntimeError(str(exc)) from exc
     encoder = ChunkEncoder(
         model,
         kb.parent,
         cfg.batch_size,
         cfg.workers,
-        resolve_device(cfg.device),
+        device,
         cfg.drin_fields,
-        _training_cache(cfg, model, kb),
+        _training_cache(cfg, model, kb),  # after the runtime switch: its features, cached
     )
     bar = tqdm(
         total=sum(reader.chunk_lines(c) for c in reader.chunks if c not in done),
@@ -165,6 +199,8 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
             and old.factory == cfg.factory
             and same_kb(out, kb_file(cfg.kb))
             and has_drin_fields(old.store_fields) == cfg.drin_fields
+            and old.encoder_runtime
+            == resolve_runtime(cfg.encoder_runtime, model.config.encoder.backend)
         ):
             logger.info("index %s is complete for this model and KB: reusing it", out)
             if not old.lexical:  # built before the lexical channel: add it (no re-encoding)
@@ -197,18 +233,26 @@ def add(
     chunk_size: int = 1024,
     device: str = "auto",
     progress: bool = True,
+    onnx_cache: str | None = None,
 ) -> Manifest:
     """Append the entities of ``kb`` to an existing index folder (old ones are not re-encoded).
 
     Ids already in the index are counted as duplicates and skipped. FAISS gets the new vectors
     with ``add`` (Flat, HNSW and trained IVF indexes support it); the lexical index of names
-    and aliases is rebuilt by streaming ``entities.jsonl`` (O(N), simple, no re-encoding)."""
+    and aliases is rebuilt by streaming ``entities.jsonl`` (O(N), simple, no re-encoding).
+    The new entities are encoded with the folder's own encoder runtime (its manifest), whose
+    ONNX exports are cached in ``onnx_cache`` (needed unless that runtime is torch)."""
     out = Path(index_dir)
     manifest = Manifest.load(out)
     try:
         manifest.check_model(model.fingerprint())
     except IndexMismatchError as exc:
         raise ModelMismatchError(str(exc)) from exc
+    if manifest.encoder_runtime != "torch" and onnx_cache is None:
+        raise EncoderRuntimeError(
+            f"{out} was encoded with encoder runtime {manifest.encoder_runtime!r}: "
+            f"say where its ONNX exports are cached (--onnx-cache; default <model>/onnx)"
+        )
     work = out / f"add-{len(manifest.history) + 1:03d}"
     t0 = time.perf_counter()
     encode_shard(
@@ -222,6 +266,8 @@ def add(
             device=device,
             progress=progress,
             drin_fields=has_drin_fields(manifest.store_fields),
+            encoder_runtime=manifest.encoder_runtime,
+            onnx_cache=onnx_cache,
         ),
         model,
     )

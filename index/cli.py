@@ -11,6 +11,8 @@
     mel-index compact --index artifacts/demo-index --model artifacts/demo-model/best
     # (re)build the lexical channel (trigram index of names + aliases) of an existing folder:
     mel-index lexical --index artifacts/demo-index
+    # the encoder towers through onnxruntime (the server must then use the same runtime):
+    mel-index build ... --encoder-runtime onnx [--onnx-cache DIR] [--threads N]
 
 How it works. The KB is streamed in chunks of ``--chunk-size`` raw lines; chunk c belongs to
 shard ``c % num_shards``. Each chunk is parsed (bad records counted), its images decoded by a
@@ -22,6 +24,11 @@ last completed chunk with the same result. ``finalize`` (run by a 1-shard build,
 FAISS index, drops duplicate ids (counted), and writes the manifest. Every build and ``add``
 also (re)builds ``<index>/lexical/``, a character-trigram tf-idf index of entity names and
 aliases (:mod:`index.lexical`); ``lexical`` builds it for a folder made before it existed.
+
+``--encoder-runtime`` (torch, onnx, onnx-int8; models/onnx_encoders.py) says how the encoder
+towers run; the manifest records it, ``add`` reuses the folder's own, and the server refuses a
+folder encoded by another runtime. ``--threads`` sets torch / onnxruntime intra-op threads
+(default: the cores this process may use minus one, at least 1; models/threads.py).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +51,8 @@ from index.lexical import rebuild_lexical
 from index.live import LiveUpdateError, compact
 from index.store import Manifest
 from models.model import LinkingModel
+from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir
+from models.threads import THREAD_RESERVE, configure_threads
 
 # Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
 # gave before the errors were typed); 2 a bad command line (argparse's own code).
@@ -84,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep <out>/chunks after finalizing (default: delete, they double disk)",
     )
+    b.add_argument(
+        "--encoder-runtime",
+        default=None,
+        choices=ENCODER_RUNTIMES,
+        help="how the encoder towers run (onnx: onnxruntime fp32; onnx-int8: int8 text "
+        "tower; default: onnx for minilm-effnet, torch for clip); recorded in the manifest, "
+        "and the server must use the same",
+    )
+    b.add_argument(
+        "--onnx-cache",
+        default=os.environ.get("MEL_ONNX_CACHE"),
+        help="folder for the ONNX exports (default: $MEL_ONNX_CACHE, else <model>/onnx)",
+    )
     m = sub.add_parser("merge", help="combine the shard folders of a sharded build")
     m.add_argument("--out", required=True)
     m.add_argument("--model", required=True)
@@ -98,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     a_.add_argument("--batch-size", type=int, default=64)
     a_.add_argument("--workers", type=int, default=4)
     a_.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a_.add_argument(
+        "--onnx-cache",
+        default=os.environ.get("MEL_ONNX_CACHE"),
+        help="folder of the ONNX exports, for a folder built with an onnx encoder runtime "
+        "(default: $MEL_ONNX_CACHE, else <model>/onnx)",
+    )
     c_ = sub.add_parser(
         "compact",
         help="fold live updates (admin API segments, tombstones) into a new base folder",
@@ -114,6 +143,16 @@ def _parser() -> argparse.ArgumentParser:
         help="(re)build the lexical index (trigram tf-idf of names and aliases) of a folder",
     )
     lx.add_argument("--index", required=True)
+    for sp in (b, m, a_):
+        sp.add_argument(
+            "--threads",
+            type=int,
+            default=int(os.environ["MEL_INTRA_OP_THREADS"])
+            if os.environ.get("MEL_INTRA_OP_THREADS")
+            else None,
+            help="torch / onnxruntime intra-op threads (default: $MEL_INTRA_OP_THREADS, else "
+            f"the cores this process may use minus {THREAD_RESERVE}, at least 1)",
+        )
     return p
 
 
@@ -148,6 +187,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 progress=not a.no_progress,
                 drin_fields=not a.no_drin,
                 feature_cache=a.feature_cache,
+                encoder_runtime=a.encoder_runtime,
+                onnx_cache=a.onnx_cache,
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
@@ -178,6 +219,7 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
         a.batch_size,
         a.workers,
         device=a.device,
+        onnx_cache=str(default_cache_dir(a.model, a.onnx_cache)),
     )
 
 
@@ -187,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p = _parser()
     a = p.parse_args(argv)
+    if a.command != "lexical":  # the only command without model work
+        try:
+            configure_threads(a.threads)
+        except ValueError as exc:
+            p.error(str(exc))
     try:
         res = _run(p, a)
     except IndexBuildError as exc:

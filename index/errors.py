@@ -47,9 +47,14 @@ class EmptyTrainingSetError(IndexBuildError, ValueError):
     """A FAISS type that needs training (IVF, PQ) over an index with no vectors."""
 
 
+class EncoderRuntimeError(IndexBuildError):
+    """The encoder runtime asked for cannot run this model (backend, package, export)."""
+
+
 __all__ = [
     "DuplicateChunkError",
     "EmptyTrainingSetError",
+    "EncoderRuntimeError",
     "ForeignChunksError",
     "IncompleteBuildError",
     "IndexBuildError",

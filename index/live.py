@@ -425,11 +425,18 @@ class LiveSearcher(IndexSearcher):
         out = []
         for f in names:
             shape = self.manifest.store_fields[f]
-            arr = np.empty((len(flat), *shape), dtype="<f2")
-            arr[~live] = self.store.rows(f, flat[~live])
+            arr = np.empty((len(flat), *shape), dtype=np.float32)
+            arr[~live] = self.store.rows(f, flat[~live])  # decoded by the base's codec
             arr[live] = self._live[f][flat[live] - self.base_n]
-            out.append(torch.from_numpy(arr.astype(np.float32)).reshape(*rows.shape, *shape))
+            out.append(torch.from_numpy(arr).reshape(*rows.shape, *shape))
         return out
+
+    def image_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """The base's image-record rows (shared image fields), or None once a live row is
+        among ``rows``: live entities store every field per entity, so nothing is shared."""
+        if (rows >= self.base_n).any():
+            return None
+        return super().image_rows(rows)
 
     def entity(self, row: int) -> dict[str, Any]:
         if row >= self.base_n:
@@ -514,7 +521,20 @@ def compact(
                 m.retrieval_dim, m.factory, n, lambda a, b: keys[a:b], use_gpu=False
             )
             write_faiss(index, dst)
-            new = dataclasses.replace(m, entity_count=n, built_at=_now())
+            # the version 1 layout (every field per entity, float16): what this writer makes
+            new = dataclasses.replace(
+                m,
+                entity_count=n,
+                built_at=_now(),
+                version=1,
+                image_fields=[],
+                image_count=0,
+                field_codecs={},
+                store_layout={},
+                store_bytes_per_entity=sum(
+                    2 * int(np.prod(shape)) for shape in m.store_fields.values()
+                ),
+            )
             new.history = [
                 *m.history,
                 {

@@ -69,7 +69,8 @@ class LexicalHits:
 
 
 class IndexSearcher:
-    """FAISS + entity store of one index folder, checked against the serving model."""
+    """FAISS + entity store of one index folder, checked against the serving model and the
+    encoder runtime that encodes its mentions (``encoder_runtime``)."""
 
     def __init__(
         self,
@@ -78,10 +79,12 @@ class IndexSearcher:
         use_gpu: bool = False,
         ef_search: int | None = None,
         nprobe: int | None = None,
+        encoder_runtime: str = "torch",
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
         self.manifest.check_model(model_fingerprint)
+        self.manifest.check_encoder_runtime(encoder_runtime)
         self.store = EntityStore(self.folder, self.manifest)
         index = faiss.read_index(str(self.folder / FAISS_FILE))
         if index.ntotal != self.manifest.entity_count:
@@ -129,7 +132,7 @@ class IndexSearcher:
         """(B, K, ...) float32 store fields of the given rows (rows < 0 read row 0)."""
         flat = np.where(rows < 0, 0, rows).reshape(-1)
         return [
-            torch.from_numpy(self.store.rows(f, flat).astype(np.float32)).reshape(
+            torch.from_numpy(self.store.rows(f, flat)).reshape(
                 *rows.shape, *self.manifest.store_fields[f]
             )
             for f in names
@@ -138,6 +141,15 @@ class IndexSearcher:
     def fields(self, rows: np.ndarray, names: tuple[str, ...]) -> list[torch.Tensor]:
         """(B, K, ...) float32 of the named store fields only (rows < 0 read row 0)."""
         return self._fields(rows, names)
+
+    def image_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """(B, K) image-record row of each entity row (rows < 0 read row 0): equal values
+        share their image fields. None for a version 1 folder (no image table)."""
+        table = self.store.image_rows
+        if table is None:
+            return None
+        flat = np.where(rows < 0, 0, rows).reshape(-1)
+        return np.asarray(table[flat], dtype=np.int64).reshape(rows.shape)
 
     def records(self, rows: np.ndarray) -> MimicEntityRecord:
         """(B, K, ...) float32 MIMIC records of the given rows (rows < 0 read row 0)."""

@@ -30,6 +30,7 @@ SAME_BUILD_KEYS = (
     "model_fingerprint",
     "num_shards",
     "drin_fields",
+    "encoder_runtime",
 )
 
 
@@ -42,6 +43,7 @@ def shard_record(
     total_chunks: int,
     model_fingerprint: str,
     drin_fields: bool,
+    encoder_runtime: str = "torch",
 ) -> dict[str, Any]:
     """The ``shard.json`` of one shard's build (key order is the file's)."""
     st = kb.stat()
@@ -56,6 +58,7 @@ def shard_record(
         "model_fingerprint": model_fingerprint,
         "image_root": str(kb.parent.resolve()),
         "drin_fields": drin_fields,
+        "encoder_runtime": encoder_runtime,
     }
 
 

@@ -6,6 +6,12 @@ One build = one self-describing folder::
     <index>/faiss.index            FAISS index over the retrieval vectors (row = entity row)
     <index>/store/<field>.f16      raw little-endian float16, shape (N, *field_shape) from the
                                    manifest; memory-mapped at serving time; appendable
+    <index>/store/<field>.q8       (fields the manifest codes ``q8``) int8 values, with
+    <index>/store/<field>.q8s.f16  one float16 scale per last-axis row: value = q x scale
+    <index>/store/image/<field>.*  (v2) the fields that depend on the entity's image alone,
+                                   one row per stored image record; row 0 is the "no image"
+                                   record, shared by every entity without an image
+    <index>/store/image_row.i32    (v2) int32 (N,) each entity's row in store/image/
     <index>/entities.jsonl         entity metadata, one line per row (id, name, attributes, images)
     <index>/entities.offsets       uint64 (N + 1,) byte offsets into entities.jsonl (O(1) row reads)
     <index>/ids.u64                uint64 (N,) sorted 64-bit hashes of entity ids ...
@@ -14,6 +20,9 @@ One build = one self-describing folder::
 
 Raw files (not .npy) so that incremental adds append in place without rewriting a header.
 Nothing here needs the whole KB in RAM: readers memory-map, writers stream.
+
+Version 1 folders (every field per entity, float16) stay readable; a version 2 folder is
+refused by code from before it with "not a mel-index v<=1 manifest".
 """
 
 from __future__ import annotations
@@ -35,8 +44,11 @@ ENTITIES_FILE = "entities.jsonl"
 OFFSETS_FILE = "entities.offsets"
 IDS_HASH_FILE = "ids.u64"
 IDS_ROWS_FILE = "ids.rows"
+IMAGE_DIR = "image"  # under STORE_DIR
+IMAGE_ROW_FILE = "image_row.i32"  # under STORE_DIR
 INDEX_FORMAT = "mel-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the image table and per-field codecs; 1 is still read
+CODECS = ("f16", "q8")
 
 
 class IndexMismatchError(RuntimeError):
@@ -63,6 +75,17 @@ class Manifest:
     # {"entries", "grams", "postings"} of <index>/lexical/ (index/lexical.py); {} = none (a
     # folder built before the lexical channel: `mel-index lexical --index DIR` adds it)
     lexical: dict[str, int] = field(default_factory=dict)
+    # How the encoder's frozen towers ran when the entities were encoded
+    # (models/onnx_encoders.py: torch, onnx, onnx-int8); the server must encode mentions the
+    # same way. Folders from before the setting were all encoded by torch.
+    encoder_runtime: str = "torch"
+    # (v2) fields stored once per image record (store/image/) instead of once per entity,
+    # how many image records there are, and each field's codec (absent: f16)
+    image_fields: list[str] = field(default_factory=list)
+    image_count: int = 0
+    field_codecs: dict[str, str] = field(default_factory=dict)
+    # (v2) {"entity_bytes": bytes every entity has, "image_bytes": bytes per image record}
+    store_layout: dict[str, int] = field(default_factory=dict)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 
@@ -89,6 +112,77 @@ class Manifest:
                 f"{fingerprint}: rebuild the index with this model (mel-index build) or load "
                 f"the model it was built with"
             )
+
+    def check_encoder_runtime(self, runtime: str) -> None:
+        if runtime != self.encoder_runtime:
+            raise IndexMismatchError(
+                f"index entities were encoded with encoder runtime {self.encoder_runtime!r}, "
+                f"but mentions would be encoded with {runtime!r}: set encoder_runtime="
+                f"{self.encoder_runtime} (MEL_ENCODER_RUNTIME) or rebuild the index with "
+                f"`mel-index build --encoder-runtime {runtime}`"
+            )
+
+
+def codec_of(manifest: Manifest, name: str) -> str:
+    return manifest.field_codecs.get(name, "f16")
+
+
+def field_files(name: str, codec: str) -> tuple[str, ...]:
+    """The files (under the store folder) of one field: values, then the scales of ``q8``."""
+    if codec == "f16":
+        return (f"{name}.f16",)
+    if codec == "q8":
+        return (f"{name}.q8", f"{name}.q8s.f16")
+    raise ValueError(f"unknown store codec {codec!r} (known: {CODECS})")
+
+
+def row_bytes(shape: Sequence[int], codec: str) -> int:
+    """Bytes one row of a field of per-row ``shape`` takes with ``codec``."""
+    n = int(np.prod(shape))
+    if codec == "f16":
+        return 2 * n
+    return n + 2 * int(np.prod(shape[:-1]))  # int8 values + a float16 scale per last-axis row
+
+
+def encode_rows(values: np.ndarray, codec: str) -> list[np.ndarray]:
+    """Rows (n, *shape) coded for storage, one array per file of :func:`field_files`.
+
+    ``q8``: symmetric int8 per last-axis row, scale = max |x| / 127 rounded to float16 first
+    (so the decoded value is exactly q x the stored scale; |error| <= scale / 2).
+    """
+    if codec == "f16":
+        return [np.asarray(values, dtype="<f2")]
+    if codec != "q8":
+        raise ValueError(f"unknown store codec {codec!r} (known: {CODECS})")
+    x = np.asarray(values, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1) / 127.0).astype("<f2")
+    s32 = scale.astype(np.float32)[..., None]
+    q = np.divide(x, s32, out=np.zeros_like(x), where=s32 > 0)
+    return [np.clip(np.rint(q), -127, 127).astype(np.int8), scale]
+
+
+class StoredField:
+    """Read side of one field (per entity, or per image record): float32 rows by index."""
+
+    def __init__(self, folder: Path, name: str, shape: Sequence[int], n: int, codec: str) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.codec = codec
+        files = field_files(name, codec)
+        if codec == "f16":
+            self.values = raw_memmap(folder / files[0], "<f2", (n, *self.shape))
+            self.scales: np.ndarray | None = None
+        else:
+            self.values = raw_memmap(folder / files[0], np.int8, (n, *self.shape))
+            self.scales = raw_memmap(folder / files[1], "<f2", (n, *self.shape[:-1]))
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """float32 rows ``idx`` (decoded)."""
+        v = np.asarray(self.values[idx])
+        if self.scales is None:
+            return v.astype(np.float32)
+        out = v.astype(np.float32)
+        out *= np.asarray(self.scales[idx]).astype(np.float32)[..., None]
+        return out
 
 
 def id_hash(entity_id: str) -> int:
@@ -128,11 +222,23 @@ class EntityStore:
     def __init__(self, folder: str | os.PathLike[str], manifest: Manifest | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = manifest or Manifest.load(self.folder)
-        n = self.manifest.entity_count
-        self.fields: dict[str, np.ndarray] = {
-            name: raw_memmap(self.folder / STORE_DIR / f"{name}.f16", "<f2", (n, *shape))
-            for name, shape in self.manifest.store_fields.items()
+        m = self.manifest
+        n = m.entity_count
+        store = self.folder / STORE_DIR
+        images = set(m.image_fields)
+        self.fields: dict[str, StoredField] = {
+            name: StoredField(
+                store / IMAGE_DIR if name in images else store,
+                name,
+                shape,
+                m.image_count if name in images else n,
+                codec_of(m, name),
+            )
+            for name, shape in m.store_fields.items()
         }
+        self.image_rows = (
+            raw_memmap(store / IMAGE_ROW_FILE, "<i4", (n,)) if m.image_fields else None
+        )
         self.offsets = raw_memmap(self.folder / OFFSETS_FILE, "<u8", (n + 1,))
         self.id_hashes = raw_memmap(self.folder / IDS_HASH_FILE, "<u8", (n,))
         self.id_rows = raw_memmap(self.folder / IDS_ROWS_FILE, "<i8", (n,))
@@ -145,8 +251,12 @@ class EntityStore:
         self._meta.close()
 
     def rows(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
-        """float16 rows of one store field (fancy-indexed from the memory map)."""
-        return np.asarray(self.fields[name][np.asarray(rows, dtype=np.int64)])
+        """float32 rows of one store field, by entity row (fancy-indexed from the memory map,
+        through the image table for the fields stored once per image)."""
+        idx = np.asarray(rows, dtype=np.int64)
+        if self.image_rows is not None and name in self.manifest.image_fields:
+            idx = np.asarray(self.image_rows[idx], dtype=np.int64)
+        return self.fields[name].take(idx)
 
     def entity(self, row: int) -> dict[str, Any]:
         """Metadata of one row: {"id", "name", "attributes", "images"}."""
@@ -170,16 +280,24 @@ class EntityStore:
 
 
 __all__ = [
+    "CODECS",
     "ENTITIES_FILE",
     "FAISS_FILE",
+    "IMAGE_DIR",
+    "IMAGE_ROW_FILE",
     "MANIFEST_FILE",
     "OFFSETS_FILE",
     "STORE_DIR",
     "EntityStore",
     "IndexMismatchError",
     "Manifest",
+    "StoredField",
     "append_raw",
+    "codec_of",
+    "encode_rows",
+    "field_files",
     "id_hash",
     "raw_memmap",
+    "row_bytes",
     "write_id_table",
 ]

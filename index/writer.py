@@ -1,10 +1,12 @@
 """Writer stage of the index job, and every file it writes: chunk folders, the store, FAISS.
 
 A chunk folder ``<out>/chunks/cNNNNNNN/`` holds one encoded chunk: ``<field>.npy`` (float16
-store fields), ``entities.jsonl``, ``report.json`` (its bad records) and ``done``. It is
-written under a ``.tmp`` name and renamed, so a folder without ``.tmp`` is complete and a killed
-build resumes from the last finished chunk. Finished chunks are appended, in KB order and without
-duplicate ids, to the store files of an index folder (:mod:`index.store`).
+store fields, one row per entity), ``has_image.npy``, ``blank.<field>.npy`` (the no-image
+record of the image fields), ``entities.jsonl``, ``report.json`` (its bad records) and
+``done``. It is written under a ``.tmp`` name and renamed, so a folder without ``.tmp`` is
+complete and a killed build resumes from the last finished chunk. Finished chunks are
+appended, in KB order and without duplicate ids, to the store files of an index folder
+(:mod:`index.store`), as the folder's :class:`StoreLayout` says.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,24 @@ import numpy as np
 
 from index.dedupe import IdDeduper
 from index.reader import KBChunk
-from index.store import ENTITIES_FILE, FAISS_FILE, OFFSETS_FILE, STORE_DIR, append_raw
+from index.store import (
+    ENTITIES_FILE,
+    FAISS_FILE,
+    IMAGE_DIR,
+    IMAGE_ROW_FILE,
+    OFFSETS_FILE,
+    STORE_DIR,
+    append_raw,
+    encode_rows,
+    field_files,
+)
 from models.data.schema import Entity, RecordReport
 
 CHUNKS_DIR = "chunks"
+# Per-chunk extras beside the fields (index/encode.py writes them): which entities have an
+# image (bool per entity), and the "no image" record of each image field (one row).
+HAS_IMAGE = "has_image"
+BLANK_PREFIX = "blank."
 DONE_FILE = "done"
 REPORT_FILE = "report.json"
 
@@ -89,17 +106,48 @@ def chunk_report(chunk: Path) -> RecordReport:
     return report_from_json(json.loads((chunk / REPORT_FILE).read_text()))
 
 
+@dataclass(frozen=True)
+class StoreLayout:
+    """How the store of a folder lays its fields out (index/store.py): ``image_fields`` are
+    kept once per image record (none: a version 1 store, every field per entity), each field
+    coded by ``codecs`` (absent: f16); ``image_count`` records are there already."""
+
+    fields: tuple[str, ...]
+    image_fields: tuple[str, ...] = ()
+    codecs: dict[str, str] = field(default_factory=dict)
+    image_count: int = 0
+
+
+def _append_field(folder: Path, name: str, values: np.ndarray, codec: str) -> None:
+    for fname, arr in zip(field_files(name, codec), encode_rows(values, codec), strict=True):
+        append_raw(folder / fname, arr)
+
+
 def append_chunks(
     out: Path,
     chunks: Sequence[Path],
     dedupe: IdDeduper,
     start_row: int,
     report: RecordReport,
-    field_names: Sequence[str],
-) -> tuple[int, np.ndarray]:
-    """Append chunk contents to the store/metadata files; returns (new rows, their id hashes)."""
+    layout: StoreLayout,
+) -> tuple[int, np.ndarray, int]:
+    """Append chunk contents to the store/metadata files; returns (new rows, their id hashes,
+    new image records).
+
+    With image fields, an entity with an image appends its image fields as a new record of
+    ``store/image/``; one without points at record 0, the "no image" record, written from the
+    first chunk when the table is started."""
     store = out / STORE_DIR
     store.mkdir(exist_ok=True)
+    images = set(layout.image_fields)
+    image_store = store / IMAGE_DIR
+    next_image = layout.image_count
+    if images and next_image == 0 and chunks:
+        image_store.mkdir(exist_ok=True)
+        for name in layout.image_fields:  # record 0: the no-image record
+            blank = np.load(chunks[0] / f"{BLANK_PREFIX}{name}.npy")
+            _append_field(image_store, name, blank, layout.codecs.get(name, "f16"))
+        next_image = 1
     offset = (out / ENTITIES_FILE).stat().st_size if (out / ENTITIES_FILE).exists() else 0
     if start_row == 0:
         append_raw(out / OFFSETS_FILE, np.zeros(1, dtype="<u8"))
@@ -118,8 +166,19 @@ def append_chunks(
                 keep.append(i)
             if not lines:
                 continue
-            for name in field_names:
-                append_raw(store / f"{name}.f16", np.load(chunk / f"{name}.npy")[keep])
+            has = np.load(chunk / f"{HAS_IMAGE}.npy")[keep] if images else None
+            for name in layout.fields:
+                values = np.load(chunk / f"{name}.npy")[keep]
+                codec = layout.codecs.get(name, "f16")
+                if name in images:
+                    _append_field(image_store, name, values[has], codec)
+                else:
+                    _append_field(store, name, values, codec)
+            if has is not None:
+                image_rows = np.zeros(len(keep), dtype="<i4")
+                image_rows[has] = next_image + np.arange(int(has.sum()))
+                next_image += int(has.sum())
+                append_raw(store / IMAGE_ROW_FILE, image_rows)
             sizes = np.array([len(lines[i]) for i in keep], dtype=np.int64)
             append_raw(out / OFFSETS_FILE, (offset + np.cumsum(sizes)).astype("<u8"))
             offset += int(sizes.sum())
@@ -127,7 +186,7 @@ def append_chunks(
             kept_hashes.append(dedupe.hashes_of(ci, keep))
             rows += len(keep)
     hashes = np.concatenate(kept_hashes) if kept_hashes else np.zeros(0, np.uint64)
-    return rows, hashes
+    return rows, hashes, next_image - layout.image_count
 
 
 def write_faiss(index: Any, folder: Path) -> None:
@@ -138,8 +197,11 @@ def write_faiss(index: Any, folder: Path) -> None:
 
 
 __all__ = [
+    "BLANK_PREFIX",
     "CHUNKS_DIR",
+    "HAS_IMAGE",
     "ChunkWriter",
+    "StoreLayout",
     "append_chunks",
     "chunk_folder",
     "chunk_report",

@@ -53,7 +53,7 @@ from models.drin_features import (
     span_token_mask,
 )
 from models.evaluate import emit_json
-from models.features import DatasetFeatures, FeatureTable, dataset_features
+from models.features import DatasetFeatures, FeatureTable, dataset_features, default_runtime
 from models.fit import FitState, Validation, fit, optimizer_step, reproducible, shuffled_batches
 from models.metrics import candidate_ranks, drin_candidate_metrics
 from models.mimic import MimicEntityRecord
@@ -310,7 +310,10 @@ def _train_drin(
     if data is None:
         ds = load_dataset(cfg.data)
         model = LinkingModel.from_pretrained(cfg.model)
-        data = DrinData(model, ds, dataset_features(model.encoder, ds, cfg.cache_dir))
+        feats = dataset_features(
+            model.encoder, ds, cfg.cache_dir, runtime=default_runtime(model.encoder)
+        )
+        data = DrinData(model, ds, feats)
     model = data.model
     train = data.split("train", cfg.candidates)
     val = data.split(cfg.val_split, cfg.eval_candidates, cfg.val_limit)
@@ -460,7 +463,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     model = LinkingModel.from_pretrained(a.model)
     drin = DrinReranker.from_pretrained(a.drin)
     check_compatible(drin, model)
-    feats = dataset_features(model.encoder, ds, a.cache_dir or None)
+    feats = dataset_features(
+        model.encoder, ds, a.cache_dir or None, runtime=default_runtime(model.encoder)
+    )
     data = DrinData(model, ds, feats)
     split = data.split(a.split, a.candidates, a.limit)
     metrics = evaluate_drin(drin, data, split)

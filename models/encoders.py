@@ -315,6 +315,12 @@ class MiniLmEffNetBackbone(Backbone):
         tokens = self.text_model(
             input_ids=input_ids, attention_mask=attention_mask
         ).last_hidden_state
+        return self.pool_text(tokens, attention_mask)
+
+    @staticmethod
+    def pool_text(tokens: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """Token states (B, L, dt) -> features with the sentence embedding (masked mean,
+        L2-normalised): shared by every runtime of the text tower."""
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         return TextFeatures(F.normalize(pooled, dim=-1), tokens)
@@ -328,6 +334,12 @@ class MiniLmEffNetBackbone(Backbone):
             fmap = self._fused.extract_features(
                 pixel_values.contiguous(memory_format=torch.channels_last)
             )
+        return self.map_features(fmap)
+
+    @staticmethod
+    def map_features(fmap: Tensor) -> ImageFeatures:
+        """The final feature map (B, C, h, w) -> 49 local tokens and their average pool:
+        shared by every runtime of the image tower."""
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
         return ImageFeatures(tokens.mean(dim=1), tokens)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from models.data.schema import MelDataset, load_dataset
-from models.features import DatasetFeatures, dataset_features
+from models.features import DatasetFeatures, dataset_features, default_runtime
 from models.metrics import candidate_metrics, candidate_ranks, gold_ranks, ranking_metrics
 from models.mimic import UNITS, MimicEntityRecord
 from models.model import LinkingModel
@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not units:
         p.error("every unit dropped")
     ds = load_dataset(a.data)
-    feats = dataset_features(model.encoder, ds, a.cache_dir or None)
+    feats = dataset_features(
+        model.encoder, ds, a.cache_dir or None, runtime=default_runtime(model.encoder)
+    )
     metrics = evaluate_split(
         model, ds, feats, a.split, units, a.batch_size, candidates=a.candidates
     )

@@ -13,11 +13,12 @@ Layout of one :class:`FeatureTable` (rows = items: KB entities or mentions):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from models.data.schema import Entity, MelDataset, Mention, RecordReport
 from models.encoders import ImageFeatures, MimicEncoder, TextFeatures
+from models.onnx_encoders import resolve_runtime, runtime_of, use_runtime
 from models.preprocess import entity_text, load_image_or_none, mention_text
 
 logger = logging.getLogger(__name__)
@@ -216,28 +218,66 @@ def dataset_features(
     cache_dir: str | os.PathLike[str] | None,
     batch_size: int = 32,
     workers: int = 4,
+    runtime: str | None = None,
 ) -> DatasetFeatures:
-    """Raw backbone features of ``ds`` (KB + every mention), from the cache when present."""
+    """Raw backbone features of ``ds`` (KB + every mention), from the cache when present.
+
+    The frozen towers run with ``runtime`` (None: as ``encoder`` runs them). The CLIs pass the
+    backend's default (:func:`default_runtime`), what the index job and the server run (onnx
+    for minilm-effnet, equal to torch within 1e-4), so the index job finds these features
+    under the same key (``mel-index build --feature-cache``)."""
     mentions = list(ds.mentions.values())
-    folder = Path(cache_dir) / cache_key(encoder, ds) if cache_dir is not None else None
-    if folder is not None and (folder / "done.json").is_file():
-        logger.info("feature cache hit: %s", folder)
-        done = json.loads((folder / "done.json").read_text())
-        return DatasetFeatures(
-            FeatureTable.load(folder / "entities"),
-            FeatureTable.load(folder / "mentions"),
-            {mid: i for i, mid in enumerate(done["mention_ids"])},
-        )
-    return _encode_dataset(encoder, ds, mentions, folder, batch_size, workers)
+    with frozen_runtime(encoder, runtime, cache_dir):
+        folder = Path(cache_dir) / cache_key(encoder, ds) if cache_dir is not None else None
+        if folder is not None and (folder / "done.json").is_file():
+            logger.info("feature cache hit: %s", folder)
+            done = json.loads((folder / "done.json").read_text())
+            return DatasetFeatures(
+                FeatureTable.load(folder / "entities"),
+                FeatureTable.load(folder / "mentions"),
+                {mid: i for i, mid in enumerate(done["mention_ids"])},
+            )
+        return _encode_dataset(encoder, ds, mentions, folder, batch_size, workers)
+
+
+def default_runtime(encoder: MimicEncoder, runtime: str | None = None) -> str:
+    """``runtime`` if given, else the encoder backend's default (the index job's and the
+    server's when they are not told otherwise)."""
+    return resolve_runtime(runtime, encoder.config.backend)
+
+
+@contextlib.contextmanager
+def frozen_runtime(
+    encoder: MimicEncoder, runtime: str | None, cache_dir: str | os.PathLike[str] | None
+) -> Iterator[None]:
+    """Run the frozen towers with ``runtime`` inside the block, then as before. ONNX exports
+    go to ``$MEL_ONNX_CACHE``, else ``<cache_dir>/onnx`` (shared with the index job and the
+    server when they are given the same folder)."""
+    before = runtime_of(encoder)
+    want = before if runtime is None else runtime
+    if want == before:
+        yield
+        return
+    onnx = os.environ.get("MEL_ONNX_CACHE") or str(Path(cache_dir or "artifacts/cache") / "onnx")
+    use_runtime(encoder, want, onnx, torch.get_num_threads())
+    try:
+        yield
+    finally:
+        use_runtime(encoder, before, onnx, torch.get_num_threads())
 
 
 def cache_key(encoder: MimicEncoder, ds: MelDataset) -> str:
-    """What a dataset's cached features depend on: backbone weights, preprocessing, files."""
+    """What a dataset's cached features depend on: backbone weights and runtime,
+    preprocessing, files."""
+    runtime = runtime_of(encoder)
     return hashlib.sha256(
         json.dumps(
             {
                 "v": CACHE_VERSION,
                 "backbone": encoder.backbone.weights_fingerprint(),
+                # features of another encoder runtime (onnx, onnx-int8) are cached apart; the
+                # torch key stays what it was, so existing caches stay valid
+                **({"runtime": runtime} if runtime != "torch" else {}),
                 "text_max_length": encoder.config.text_max_length,
                 "image_size": encoder.config.image_size,
                 "dataset": str(ds.root.resolve()),
@@ -304,7 +344,9 @@ __all__ = [
     "cache_key",
     "cached_entity_features",
     "dataset_features",
+    "default_runtime",
     "encode_items",
     "entity_inputs",
+    "frozen_runtime",
     "mention_inputs",
 ]

@@ -50,6 +50,7 @@ from models.evaluate import evaluate_split, format_metrics
 from models.features import (
     DatasetFeatures,
     dataset_features,
+    default_runtime,
     encode_items,
     entity_inputs,
     mention_inputs,
@@ -101,6 +102,9 @@ class TrainConfig:
     hard_negative_pool: int = 16
     eval_batch_size: int = 32
     cache_dir: str | None = "artifacts/cache"
+    # how the frozen towers encode the feature cache (None: the backend's default, what the
+    # index job and the server run; models/onnx_encoders.py)
+    encoder_runtime: str | None = None
     workers: int = 4
     resume: bool = False
     progress: bool = True
@@ -261,7 +265,13 @@ def _train(cfg: TrainConfig, gen: torch.Generator) -> dict[str, Any]:
     feats: DatasetFeatures | None = None
     full: _FullModeBatches | None = None
     if frozen:
-        feats = dataset_features(model.encoder, ds, cfg.cache_dir, workers=cfg.workers)
+        feats = dataset_features(
+            model.encoder,
+            ds,
+            cfg.cache_dir,
+            workers=cfg.workers,
+            runtime=default_runtime(model.encoder, cfg.encoder_runtime),
+        )
     else:
         full = _FullModeBatches(model, ds, cfg.workers)
     gold_row = torch.tensor([ds.entity_row[m.entity_id] for m in train_mentions if m.entity_id])
@@ -430,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw them from the top P by the retrieval vector, re-mined every epoch",
     )
     p.add_argument("--cache-dir", default=d.cache_dir, help="raw feature cache ('' = off)")
+    p.add_argument(
+        "--encoder-runtime",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="how the frozen towers encode the feature cache (default: the backend's, as "
+        "mel-index build and the server)",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="image decoding threads")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--no-progress", action="store_true")
@@ -465,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hard_negatives=a.hard_negatives,
         hard_negative_pool=a.hard_negative_pool,
         cache_dir=a.cache_dir or None,
+        encoder_runtime=a.encoder_runtime,
         workers=a.workers,
         resume=a.resume,
         progress=not a.no_progress,

@@ -34,6 +34,8 @@ from models.fusion import Calibration, FusionModel
 from models.fusion import check_compatible as check_fusion
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
+from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
+from models.threads import configure_threads
 from service.primitives import (
     CandidateResult,
     EncodedMentions,
@@ -55,15 +57,28 @@ class Linker:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
+        self.threads = configure_threads(settings.intra_op_threads, settings.thread_reserve)
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()
+        self.encoder_runtime = resolve_runtime(
+            settings.encoder_runtime, self.model.config.encoder.backend
+        )
         self.searcher = LiveSearcher(
             settings.index_path,
             self.fingerprint,
             use_gpu=settings.use_faiss_gpu,
             ef_search=settings.hnsw_ef_search,
             nprobe=settings.ivf_nprobe,
+            encoder_runtime=self.encoder_runtime,
+        )
+        # after the index check, so a mismatch is refused before any export work
+        use_runtime(
+            self.model.encoder,
+            self.encoder_runtime,
+            default_cache_dir(settings.model_path, settings.onnx_cache),
+            self.threads,
+            self.device,
         )
         m = self.searcher.manifest
         self.index_version = self.searcher.base_version  # live updates add ".<segment>"
@@ -105,13 +120,16 @@ class Linker:
             else (self.fusion.config.nil_threshold if self.fusion is not None else None)
         )
         logger.info(
-            "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s",
+            "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s, encoder "
+            "runtime %s, %d threads",
             time.perf_counter() - t0,
             self.fingerprint,
             self.index_version,
             len(self.searcher),
             m.factory,
             self.device,
+            self.encoder_runtime,
+            self.threads,
         )
 
     @property
@@ -119,7 +137,7 @@ class Linker:
         """Identity of everything a cached encoding or result depends on."""
         return (
             f"{self.fingerprint}:{self.drin_fingerprint or '-'}:"
-            f"{self.fusion_fingerprint or '-'}:{self.index_version}"
+            f"{self.fusion_fingerprint or '-'}:{self.index_version}:{self.encoder_runtime}"
         )
 
     @property

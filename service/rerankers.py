@@ -28,6 +28,7 @@ from models.fusion import (
     candidate_features,
 )
 from models.model import LinkingModel
+from models.rerank_kernel import score_candidates
 from service.primitives import Explain, MentionBatch
 
 
@@ -102,7 +103,9 @@ class RetrievalOnly:
 
 
 class MimicReranker:
-    """``mimic``: MIMIC's three units over the candidates' precomputed store records."""
+    """``mimic``: MIMIC's three units over the candidates' precomputed store records, through
+    the batched serving kernel (``models.rerank_kernel``: the same scores as
+    ``MimicMatcher.score_precomputed`` within float rounding)."""
 
     name: ClassVar[str] = "mimic"
     uses_lexical: ClassVar[bool] = False
@@ -114,7 +117,13 @@ class MimicReranker:
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        s = self.model.matcher.score_precomputed(batch.encoded.mimic, records)
+        groups = self.searcher.image_rows(candidates.rows)  # VDLU once per image record
+        s = score_candidates(
+            self.model.matcher,
+            batch.encoded.mimic,
+            records,
+            image_groups=torch.from_numpy(groups).to(self.device) if groups is not None else None,
+        )
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
@@ -214,7 +223,7 @@ def fusion_signals(
     if surface is None:
         raise ValueError("mentions were encoded without their surface feature (fusion)")
     flat = np.where(rows < 0, 0, rows).reshape(-1)
-    names = searcher.store.rows(NAME_FIELD, flat).astype(np.float32).reshape(*rows.shape, -1)
+    names = searcher.store.rows(NAME_FIELD, flat).reshape(*rows.shape, -1)
     name_cos = np.einsum("bd,bkd->bk", surface.float().cpu().numpy(), names)
     return CandidateSignals(
         rows=rows,

@@ -40,6 +40,28 @@ class ServiceSettings(BaseSettings):
         "GET /v1/entities/{id}/image (None: the one mel-index build recorded)",
     )
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
+    encoder_runtime: str | None = Field(
+        None,
+        description="how the encoder towers run: torch, onnx (onnxruntime fp32) or onnx-int8 "
+        "(int8 text tower); None: the backend's default, onnx for minilm-effnet (measured "
+        "faster, same quality), torch for clip; must be the one the index was built with "
+        "(its manifest says)",
+    )
+    onnx_cache: str | None = Field(
+        None,
+        description="folder for the ONNX exports of the encoder (made on first start, never "
+        "downloaded); None: the onnx/ folder inside model_path",
+    )
+    intra_op_threads: int | None = Field(
+        None,
+        description="torch and onnxruntime intra-op threads; None: the cores this process "
+        "may use (its CPU affinity) minus thread_reserve, at least 1",
+    )
+    thread_reserve: int = Field(
+        1,
+        description="cores left to the event loop, Redis and neighbours when "
+        "intra_op_threads is None (a thread on a busy core stalls every op it is part of)",
+    )
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
     ivf_nprobe: int | None = Field(None, description="IVF nprobe (None = index default)")
@@ -127,6 +149,15 @@ class ServiceSettings(BaseSettings):
     lock_timeout_s: float = Field(
         10.0, description="wait this long for the index folder's write lock (503 after)"
     )
+
+    @field_validator("encoder_runtime")
+    @classmethod
+    def _runtime(cls, v: str | None) -> str | None:
+        # models.onnx_encoders.ENCODER_RUNTIMES, spelled out so settings import no torch
+        runtimes = ("torch", "onnx", "onnx-int8")
+        if v is not None and v not in runtimes:
+            raise ValueError(f"encoder_runtime must be one of {runtimes}, got {v!r}")
+        return v
 
     @field_validator("image_formats")
     @classmethod

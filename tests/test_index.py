@@ -101,8 +101,9 @@ def _cfg(kb: Path, model_dir: Path, out: Path, **kw: object) -> BuildConfig:
 
 
 def _store_bytes(folder: Path) -> dict[str, bytes]:
-    names = [p for p in sorted((folder / STORE_DIR).iterdir())]
-    out = {p.name: p.read_bytes() for p in names}
+    store = folder / STORE_DIR
+    names = [p for p in sorted(store.rglob("*")) if p.is_file()]  # with store/image/
+    out = {str(p.relative_to(store)): p.read_bytes() for p in names}
     for f in ("entities.jsonl", "entities.offsets", "ids.u64", "ids.rows"):
         out[f] = (folder / f).read_bytes()
     for p in sorted((folder / LEXICAL_DIR).iterdir()):  # the lexical index, derived from them
@@ -126,8 +127,17 @@ def test_build_load_search(single: Path, model_dir: Path, kb: Path) -> None:
         "entity.missing_field": 1,
         "entity.unreadable_image": 1,
     }
-    # MIMIC records (dt, d, L x d, 4 d) + the name vector (dt) + DRIN parts (text 32, image 32, region 24, score 1)
-    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32 + 32 + 32 + 24 + 1)
+    # every entity: MIMIC's text-side record (dt, d, d in float16; the L x d TGLU queries as
+    # int8 + a float16 scale per token) + the name vector (dt) + DRIN's text part (32) in
+    # float16, + its int32 image row; once per image record: VDLU's entity side (3 d) and
+    # DRIN's region score in float16, DRIN's image (32) and region (24) as int8 + one scale
+    assert m.field_codecs == {"tglu_query": "q8", "drin_image": "q8", "drin_region": "q8"}
+    entity_bytes = 2 * (32 + 12 + 12 + 32 + 32) + (40 * 12 + 2 * 40) + 4
+    image_bytes = 2 * (3 * 12 + 1) + (32 + 2) + (24 + 2)
+    assert m.store_layout == {"entity_bytes": entity_bytes, "image_bytes": image_bytes}
+    # 25 entities with a readable image + the one no-image record the other 15 share
+    assert m.image_count == 26 and m.version == 2
+    assert m.store_bytes_per_entity == round((entity_bytes * 40 + image_bytes * 26) / 40)
     assert not (single / "chunks").exists()  # chunks removed after finalize
     model = LinkingModel.from_pretrained(model_dir)
     s = IndexSearcher(single, model.fingerprint())
@@ -179,7 +189,10 @@ def test_build_without_drin_fields(kb: Path, model_dir: Path, tmp_path: Path) ->
     m = build(_cfg(kb, model_dir, out, drin_fields=False))
     assert isinstance(m, Manifest)
     assert not any(f.startswith("drin_") for f in m.store_fields)
-    assert m.store_bytes_per_entity == 2 * (32 + 12 + 40 * 12 + 12 * 4 + 32)
+    assert m.store_layout == {
+        "entity_bytes": 2 * (32 + 12 + 12 + 32) + (40 * 12 + 2 * 40) + 4,
+        "image_bytes": 2 * 3 * 12,
+    }
     s = IndexSearcher(out, LinkingModel.from_pretrained(model_dir).fingerprint())
     assert not s.has_drin
     with pytest.raises(ValueError, match="without DRIN"):
@@ -281,9 +294,7 @@ def test_incremental_add_equals_rebuild(kb: Path, model_dir: Path, tmp_path: Pat
         assert [si.entity(r)["id"] for r in range(33)] == [sf.entity(r)["id"] for r in range(33)]
         assert si.row_of("Q25") == sf.row_of("Q25") == 25
         for f in si.fields:
-            np.testing.assert_allclose(
-                si.fields[f].astype(np.float32), sf.fields[f].astype(np.float32), atol=2e-3
-            )
+            np.testing.assert_allclose(si.rows(f, range(33)), sf.rows(f, range(33)), atol=2e-3)
         a = faiss.read_index(str(inc / FAISS_FILE))
         b = faiss.read_index(str(full / FAISS_FILE))
         assert a.ntotal == b.ntotal == 33
