@@ -12,8 +12,8 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,14 @@ from tqdm import tqdm
 
 from index.assemble import RETRIEVAL_VECTOR, extend_index, finalize, retrieval_keys
 from index.encode import ChunkEncoder, has_drin_fields
-from index.errors import InvalidShardError, KBNotFoundError, ModelMismatchError
+from index.errors import (
+    InvalidShardError,
+    KBNotFoundError,
+    ModelMismatchError,
+    UnknownEngineError,
+)
 from index.lexical import rebuild_lexical
+from index.ray_engine import RayOptions
 from index.reader import KBReader, kb_file
 from index.runner import Runner
 from index.shards import SHARD_FILE, claim, same_kb, shard_record
@@ -52,11 +58,19 @@ class BuildConfig:
     # Store DRIN's per-entity parts too (models/drin_features.py): what the "drin" reranker
     # reads. Off saves ~3.3k float16 values per entity (EffNet widths) when DRIN is not served.
     drin_fields: bool = True
+    # Who runs the chunk plan (ENGINES): "local", this process; "ray", a Ray actor pool
+    # (index/ray_engine.py; the same chunk folders, so the same index bytes).
+    engine: str = "local"
+    ray: RayOptions = field(default_factory=RayOptions)
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < self.num_shards:
             raise InvalidShardError(
                 f"shard_id {self.shard_id} is outside [0, num_shards={self.num_shards})"
+            )
+        if self.engine not in ENGINES:
+            raise UnknownEngineError(
+                f"engine {self.engine!r} is not one of {', '.join(sorted(ENGINES))}"
             )
 
 
@@ -115,6 +129,19 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
     return {**shard, "encoded": stats.entities, "seconds": secs}
 
 
+def _encode_ray(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
+    from index.ray_engine import encode_shard_ray  # imports Ray only when it runs
+
+    return encode_shard_ray(cfg, model, cfg.ray)
+
+
+# The engines that run a build's chunk plan, by name (``mel-index build --engine``).
+ENGINES: dict[str, Callable[[BuildConfig, LinkingModel], dict[str, Any]]] = {
+    "local": encode_shard,
+    "ray": _encode_ray,
+}
+
+
 def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, Any]:
     """Encode (this shard of) the KB; a 1-shard build also finalizes the index folder.
 
@@ -138,7 +165,7 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
             return old
         # a different model, factory or KB: build afresh (the old shard record must not block)
         (out / SHARD_FILE).unlink(missing_ok=True)
-    info = encode_shard(cfg, model)
+    info = ENGINES[cfg.engine](cfg, model)
     if cfg.num_shards > 1:
         logger.info(
             "shard %d/%d done; run `mel-index merge` once every shard is built",
@@ -212,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "CHUNKS_DIR",
+    "ENGINES",
     "RETRIEVAL_VECTOR",
     "SHARD_FILE",
     "BuildConfig",

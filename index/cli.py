@@ -4,6 +4,8 @@
                     --out artifacts/demo-index [--factory Flat|HNSW32|IVF1024,PQ32]
     # the same on N machines / processes, then one merge:
     mel-index build ... --num-shards 4 --shard-id 2 --out shards/2
+    # the chunks encoded by a Ray actor pool (a local Ray, or the cluster at $RAY_ADDRESS):
+    mel-index build ... --engine ray [--ray-address auto] [--ray-actors 8]
     mel-index merge --out artifacts/index shards/0 shards/1 shards/2 shards/3
     # append new entities without re-encoding the old ones:
     mel-index add --index artifacts/demo-index --kb new_entities.jsonl
@@ -32,9 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from index.build import BuildConfig, add, build, finalize
+from index.build import ENGINES, BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
+from index.ray_engine import RayOptions
 from index.store import Manifest
 from models.model import LinkingModel
 
@@ -67,6 +70,22 @@ def _parser() -> argparse.ArgumentParser:
         "--no-drin",
         action="store_true",
         help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
+    )
+    b.add_argument(
+        "--engine",
+        default="local",
+        choices=sorted(ENGINES),
+        help="who encodes the chunks: this process, or a Ray actor pool (pip install '.[ray]')",
+    )
+    b.add_argument(
+        "--ray-address",
+        help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray started for the build)",
+    )
+    b.add_argument(
+        "--ray-actors", type=int, help="actors (default: one per GPU, else CPUs / cpus-per-actor)"
+    )
+    b.add_argument(
+        "--ray-cpus-per-actor", type=int, default=1, help="CPUs (torch threads) of each actor"
     )
     b.add_argument(
         "--keep-chunks",
@@ -125,6 +144,12 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 device=a.device,
                 progress=not a.no_progress,
                 drin_fields=not a.no_drin,
+                engine=a.engine,
+                ray=RayOptions(
+                    address=a.ray_address,
+                    actors=a.ray_actors,
+                    cpus_per_actor=a.ray_cpus_per_actor,
+                ),
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
