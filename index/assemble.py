@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import faiss
 import numpy as np
 import torch
 
-from index.ann import build_index
+from index.ann import AnnSpec, build_index, max_key_norm, mips_to_l2
 from index.dedupe import IdDeduper
 from index.encode import store_fields
-from index.errors import ModelMismatchError
+from index.errors import ModelMismatchError, RefineUnavailableError
 from index.lexical import build_lexical
 from index.shards import collect_chunks
 from index.store import (
@@ -64,21 +65,51 @@ def retrieval_keys(store: EntityStore, model: LinkingModel, start: int, end: int
 
 
 def _build_faiss(
-    out: Path, model: LinkingModel, factory: str, train_sample: int, use_gpu: bool
-) -> None:
+    out: Path,
+    model: LinkingModel,
+    factory: str,
+    train_sample: int,
+    use_gpu: bool,
+    ann: AnnSpec,
+) -> AnnSpec:
+    """Build and write ``faiss.index``; returns the spec it was built with (M filled in)."""
     store = EntityStore(out)
     try:
+
+        def read(s: int, e: int) -> np.ndarray:
+            return retrieval_keys(store, model, s, e)
+
+        norm = None
+        if ann.mips_l2:
+            norm = max_key_norm(len(store), read, ADD_BLOCK)
+            ann = replace(ann, max_norm=norm)
         index = build_index(
             model.matcher.retrieval_dim(),
             factory,
             len(store),
-            lambda s, e: retrieval_keys(store, model, s, e),
+            read,
             train_sample=train_sample,
             use_gpu=use_gpu,
+            mips_l2_norm=norm,
         )
     finally:
         store.close()
     write_faiss(index, out)
+    return ann
+
+
+def retrieval_fields(store: EntityStore, model: LinkingModel) -> list[str]:
+    """``["text_cls", "cmfu"]`` when each row's retrieval vector is exactly those two store
+    fields side by side (MIMIC with TGLU and CMFU, the default), checked on up to 1,024 rows;
+    else ``[]`` (an ablated model zeroes a part): what a refining searcher may rescore with."""
+    names = ["text_cls", "cmfu"]
+    n = len(store)
+    if n == 0 or any(f not in store.fields for f in names):
+        return []
+    rows = np.linspace(0, n - 1, min(n, 1024)).astype(np.int64)
+    keys = np.concatenate([retrieval_keys(store, model, int(r), int(r) + 1) for r in rows])
+    cat = np.concatenate([store.rows(f, rows).astype(np.float32) for f in names], axis=1)
+    return names if cat.shape == keys.shape and np.array_equal(cat, keys) else []
 
 
 def _git_commit() -> str:
@@ -121,8 +152,11 @@ def finalize(
     train_sample: int = 100_000,
     device: str = "auto",
     build_seconds: float = 0.0,
+    ann: AnnSpec | None = None,
 ) -> Manifest:
-    """Concatenate a complete set of chunks into the index folder ``out``."""
+    """Concatenate a complete set of chunks into the index folder ``out``; ``ann`` asks for
+    the MIPS-to-L2 transform and / or exact refining (:class:`index.ann.AnnSpec`)."""
+    ann = ann or AnnSpec()
     t0 = time.perf_counter()
     chunks, info = collect_chunks(shard_dirs)
     if info["model_fingerprint"] != model.fingerprint():
@@ -153,8 +187,20 @@ def finalize(
         bad_entities=report.to_json(),
         store_bytes_per_entity=per_entity,
     )
+    store = EntityStore(out, manifest)
+    try:
+        manifest.retrieval_fields = retrieval_fields(store, model)
+    finally:
+        store.close()
+    if ann.refine and not manifest.retrieval_fields:
+        raise RefineUnavailableError(
+            "refine rescores with the store's [text_cls ; cmfu], but this model's retrieval "
+            "vector is not that concatenation (a model without TGLU or CMFU): build without "
+            "--refine"
+        )
     manifest.save(out)  # the store is readable from here on; FAISS comes next
-    _build_faiss(out, model, factory, train_sample, use_gpu=device != "cpu")
+    ann = _build_faiss(out, model, factory, train_sample, device != "cpu", ann)
+    manifest.ann = ann.to_json()
     manifest.lexical = build_lexical(out, n)
     manifest.build_seconds = round(build_seconds + time.perf_counter() - t0, 2)
     manifest.save(out)
@@ -193,12 +239,25 @@ def extend_index(
     write_id_table(out, np.concatenate([row_hashes, new_hashes]))
     manifest.entity_count = start + added
     index = faiss.read_index(str(out / FAISS_FILE))
+    ann = AnnSpec.from_json(manifest.ann)
     store = EntityStore(out, manifest)
+    over = 0
     try:
         for s in range(start, start + added, ADD_BLOCK):
-            index.add(retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK)))
+            keys = retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK))
+            if ann.mips_l2:  # the transform of the build (its M): new keys are ranked alike
+                over += int((np.linalg.norm(keys, axis=1) > ann.max_norm).sum())
+                keys = mips_to_l2(keys, ann.max_norm, index.d)
+            index.add(keys)
     finally:
         store.close()
+    if over:
+        logger.warning(
+            "%d added vectors are longer than the index's M = %.3f: FAISS under-ranks them "
+            "slightly (refine rescores exactly); rebuild to reset M",
+            over,
+            ann.max_norm,
+        )
     write_faiss(index, out)
     # the lexical index is rebuilt from entities.jsonl (streamed, nothing re-encoded): simple,
     # and the idf of every gram stays exact
@@ -219,4 +278,10 @@ def extend_index(
     return manifest
 
 
-__all__ = ["RETRIEVAL_VECTOR", "extend_index", "finalize", "retrieval_keys"]
+__all__ = [
+    "RETRIEVAL_VECTOR",
+    "extend_index",
+    "finalize",
+    "retrieval_fields",
+    "retrieval_keys",
+]

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from index.ann import AnnSpec
 from index.assemble import RETRIEVAL_VECTOR, extend_index, finalize, retrieval_keys
 from index.encode import ChunkEncoder, has_drin_fields
 from index.errors import (
@@ -62,6 +63,11 @@ class BuildConfig:
     # (index/ray_engine.py; the same chunk folders, so the same index bytes).
     engine: str = "local"
     ray: RayOptions = field(default_factory=RayOptions)
+    # index/ann.py's options over the FAISS factory: index the MIPS-to-L2 transformed keys
+    # (IVF then clusters in the geometry it is made for), and rescore FAISS's top `refine`
+    # exactly from the store (0 = FAISS's own scores)
+    mips_l2: bool = False
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if not 0 <= self.shard_id < self.num_shards:
@@ -156,6 +162,8 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
         if (
             old.model_fingerprint == model.fingerprint()
             and old.factory == cfg.factory
+            and (AnnSpec.from_json(old.ann).mips_l2, AnnSpec.from_json(old.ann).refine)
+            == (cfg.mips_l2, cfg.refine)
             and same_kb(out, kb_file(cfg.kb))
             and has_drin_fields(old.store_fields) == cfg.drin_fields
         ):
@@ -174,7 +182,14 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
         )
         return info
     manifest = finalize(
-        out, [out], model, cfg.factory, cfg.train_sample, cfg.device, time.perf_counter() - t0
+        out,
+        [out],
+        model,
+        cfg.factory,
+        cfg.train_sample,
+        cfg.device,
+        time.perf_counter() - t0,
+        AnnSpec(mips_l2=cfg.mips_l2, refine=cfg.refine),
     )
     if not keep_chunks:  # the store now holds the same data; chunks would double the disk use
         shutil.rmtree(out / CHUNKS_DIR, ignore_errors=True)

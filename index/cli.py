@@ -2,6 +2,9 @@
 
     mel-index build --kb artifacts/demo-world/kb.jsonl --model artifacts/demo-model/best \\
                     --out artifacts/demo-index [--factory Flat|HNSW32|IVF1024,PQ32]
+    # 1M+ entities in 1/10 of Flat's RAM: compressed IVF over MIPS-to-L2 vectors, the top 1000
+    # rescored exactly from the store (bench/results/retrieval-scale.md):
+    mel-index build ... --factory IVF4096,PQ96 --mips-l2 --refine 1000
     # the same on N machines / processes, then one merge:
     mel-index build ... --num-shards 4 --shard-id 2 --out shards/2
     # the chunks encoded by a Ray actor pool (a local Ray, or the cluster at $RAY_ADDRESS):
@@ -34,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from index.ann import AnnSpec
 from index.build import ENGINES, BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
@@ -44,6 +48,20 @@ from models.model import LinkingModel
 # Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
 # gave before the errors were typed); 2 a bad command line (argparse's own code).
 EXIT_USER_ERROR = 1
+
+
+def _ann_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mips-l2",
+        action="store_true",
+        help="index the MIPS-to-L2 transformed vectors (for IVF: see index/ann.py)",
+    )
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="the server rescores FAISS's top N exactly from the store (0 = FAISS's scores)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
     )
+    _ann_args(b)
     b.add_argument(
         "--engine",
         default="local",
@@ -97,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True)
     m.add_argument("--factory", default="Flat")
     m.add_argument("--train-sample", type=int, default=100_000)
+    _ann_args(m)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("shards", nargs="+")
     a_ = sub.add_parser("add", help="append new entities to an existing index folder")
@@ -121,6 +141,7 @@ def _summary(res: Manifest | dict[str, Any]) -> dict[str, Any]:
     return {
         "entities": res.entity_count,
         "factory": res.factory,
+        "ann": res.ann,
         "store_bytes_per_entity": res.store_bytes_per_entity,
         "bad_entities": res.bad_entities.get("total", 0),
         "lexical": res.lexical,
@@ -144,6 +165,8 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 device=a.device,
                 progress=not a.no_progress,
                 drin_fields=not a.no_drin,
+                mips_l2=a.mips_l2,
+                refine=a.refine,
                 engine=a.engine,
                 ray=RayOptions(
                     address=a.ray_address,
@@ -157,7 +180,13 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
     if a.command == "merge":
         model = LinkingModel.from_pretrained(a.model)
         return finalize(
-            Path(a.out), [Path(s) for s in a.shards], model, a.factory, a.train_sample, a.device
+            Path(a.out),
+            [Path(s) for s in a.shards],
+            model,
+            a.factory,
+            a.train_sample,
+            a.device,
+            ann=AnnSpec(mips_l2=a.mips_l2, refine=a.refine),
         )
     if a.command == "lexical":
         return rebuild_lexical(a.index)

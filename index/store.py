@@ -63,6 +63,11 @@ class Manifest:
     # {"entries", "grams", "postings"} of <index>/lexical/ (index/lexical.py); {} = none (a
     # folder built before the lexical channel: `mel-index lexical --index DIR` adds it)
     lexical: dict[str, int] = field(default_factory=dict)
+    # how faiss.index is searched (index.ann.AnnSpec: MIPS-to-L2 transform, refine); {} = plain
+    ann: dict[str, Any] = field(default_factory=dict)
+    # store fields whose concatenation is each row's retrieval vector (what a refining searcher
+    # rescores with); [] when the model's vector is not such a concatenation
+    retrieval_fields: list[str] = field(default_factory=list)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 

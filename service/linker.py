@@ -61,6 +61,7 @@ class Linker:
             use_gpu=settings.use_faiss_gpu,
             ef_search=settings.hnsw_ef_search,
             nprobe=settings.ivf_nprobe,
+            refine=settings.refine_k,
         )
         m = self.searcher.manifest
         self.index_version = hashlib.sha256(
