@@ -1140,7 +1140,7 @@ def generate_retrieval_world(
             )
             jobs.append((pl.mention.image, 1, j, look))
     _render_all(work, config, jobs)
-    summary = {
+    summary: dict[str, Any] = {
         "entities": len(people),
         "entity_images": 0,
         "queries": len(picked),
