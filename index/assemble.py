@@ -25,16 +25,18 @@ import torch
 from index.ann import AnnSpec, build_index, max_key_norm, mips_to_l2
 from index.dedupe import IdDeduper
 from index.encode import store_fields
-from index.errors import ModelMismatchError, RefineUnavailableError
+from index.errors import ModelMismatchError
 from index.lexical import build_lexical
 from index.shards import collect_chunks
 from index.store import (
     ENTITIES_FILE,
     FAISS_FILE,
     OFFSETS_FILE,
+    RETRIEVAL_FILE,
     STORE_DIR,
     EntityStore,
     Manifest,
+    append_raw,
     write_id_table,
 )
 from index.writer import append_chunks, report_from_json, write_faiss
@@ -79,6 +81,10 @@ def _build_faiss(
         def read(s: int, e: int) -> np.ndarray:
             return retrieval_keys(store, model, s, e)
 
+        (out / RETRIEVAL_FILE).unlink(missing_ok=True)
+        if ann.refine:  # the exact vectors a refining searcher rescores with
+            for s in range(0, len(store), ADD_BLOCK):
+                append_raw(out / RETRIEVAL_FILE, read(s, min(len(store), s + ADD_BLOCK)))
         norm = None
         if ann.mips_l2:
             norm = max_key_norm(len(store), read, ADD_BLOCK)
@@ -96,20 +102,6 @@ def _build_faiss(
         store.close()
     write_faiss(index, out)
     return ann
-
-
-def retrieval_fields(store: EntityStore, model: LinkingModel) -> list[str]:
-    """``["text_cls", "cmfu"]`` when each row's retrieval vector is exactly those two store
-    fields side by side (MIMIC with TGLU and CMFU, the default), checked on up to 1,024 rows;
-    else ``[]`` (an ablated model zeroes a part): what a refining searcher may rescore with."""
-    names = ["text_cls", "cmfu"]
-    n = len(store)
-    if n == 0 or any(f not in store.fields for f in names):
-        return []
-    rows = np.linspace(0, n - 1, min(n, 1024)).astype(np.int64)
-    keys = np.concatenate([retrieval_keys(store, model, int(r), int(r) + 1) for r in rows])
-    cat = np.concatenate([store.rows(f, rows).astype(np.float32) for f in names], axis=1)
-    return names if cat.shape == keys.shape and np.array_equal(cat, keys) else []
 
 
 def _git_commit() -> str:
@@ -187,17 +179,6 @@ def finalize(
         bad_entities=report.to_json(),
         store_bytes_per_entity=per_entity,
     )
-    store = EntityStore(out, manifest)
-    try:
-        manifest.retrieval_fields = retrieval_fields(store, model)
-    finally:
-        store.close()
-    if ann.refine and not manifest.retrieval_fields:
-        raise RefineUnavailableError(
-            "refine rescores with the store's [text_cls ; cmfu], but this model's retrieval "
-            "vector is not that concatenation (a model without TGLU or CMFU): build without "
-            "--refine"
-        )
     manifest.save(out)  # the store is readable from here on; FAISS comes next
     ann = _build_faiss(out, model, factory, train_sample, device != "cpu", ann)
     manifest.ann = ann.to_json()
@@ -245,6 +226,8 @@ def extend_index(
     try:
         for s in range(start, start + added, ADD_BLOCK):
             keys = retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK))
+            if ann.refine:
+                append_raw(out / RETRIEVAL_FILE, keys)
             if ann.mips_l2:  # the transform of the build (its M): new keys are ranked alike
                 over += int((np.linalg.norm(keys, axis=1) > ann.max_norm).sum())
                 keys = mips_to_l2(keys, ann.max_norm, index.d)
@@ -282,6 +265,5 @@ __all__ = [
     "RETRIEVAL_VECTOR",
     "extend_index",
     "finalize",
-    "retrieval_fields",
     "retrieval_keys",
 ]

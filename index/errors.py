@@ -47,10 +47,6 @@ class UnknownEngineError(IndexBuildError, ValueError):
     """An ``--engine`` that is not one of ``index.build.ENGINES``."""
 
 
-class RefineUnavailableError(IndexBuildError, ValueError):
-    """``--refine`` for a model whose retrieval vector is not the store's [text_cls ; cmfu]."""
-
-
 class EmptyTrainingSetError(IndexBuildError, ValueError):
     """A FAISS type that needs training (IVF, PQ) over an index with no vectors."""
 
@@ -64,7 +60,6 @@ __all__ = [
     "InvalidShardError",
     "KBNotFoundError",
     "ModelMismatchError",
-    "RefineUnavailableError",
     "ShardMismatchError",
     "UnknownEngineError",
 ]

@@ -20,7 +20,7 @@ import torch
 
 from index.ann import AnnSpec, search, set_search_params, to_search_device
 from index.lexical import LexicalIndex, has_lexical
-from index.store import FAISS_FILE, EntityStore, Manifest
+from index.store import FAISS_FILE, RETRIEVAL_FILE, EntityStore, Manifest, raw_memmap
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import DrinEntityParts
 from models.mimic import MimicEntityRecord
@@ -77,6 +77,8 @@ def refine_rows(
 
     Returns (scores, rows), (B, min(k, R)), in exact score order (ties by candidate order)."""
     B, R = rows.shape
+    if B == 0 or R == 0:
+        return np.zeros((B, 0), np.float32), np.zeros((B, 0), rows.dtype)
     safe = np.where(rows < 0, 0, rows)
     keys = np.asarray(read_keys(safe.reshape(-1)), dtype=np.float32).reshape(B, R, -1)
     exact = np.einsum("bd,brd->br", np.asarray(queries, dtype=np.float32), keys)
@@ -90,7 +92,7 @@ class IndexSearcher:
 
     The manifest's ``ann`` (:class:`index.ann.AnnSpec`) says how to search it: MIPS-to-L2
     indexes get the query transform, and ``refine`` > 0 rescores FAISS's top ``refine`` exactly
-    from the retrieval vectors in the memory-mapped store (``retrieval_fields``)."""
+    from the memory-mapped float32 retrieval vectors (``retrieval.f32``)."""
 
     def __init__(
         self,
@@ -115,11 +117,16 @@ class IndexSearcher:
         self.index: Any = to_search_device(index, use_gpu)
         self.ann = AnnSpec.from_json(self.manifest.ann)
         self.refine = self.ann.refine if refine is None else refine
-        if self.refine and not self.manifest.retrieval_fields:
-            raise ValueError(
-                f"{self.folder}: refine needs the retrieval vectors' store fields, which this "
-                f"folder's manifest does not name (built before refine existed?)"
-            )
+        self._vectors: np.ndarray | None = None
+        if self.refine:
+            path = self.folder / RETRIEVAL_FILE
+            if not path.is_file():
+                raise ValueError(
+                    f"{self.folder}: refine needs {RETRIEVAL_FILE}, written by "
+                    f"`mel-index build --refine N`; this folder has none"
+                )
+            dim = self.manifest.retrieval_dim
+            self._vectors = raw_memmap(path, "<f4", (self.manifest.entity_count, dim))
         self._lexical: LexicalIndex | None = None
         if has_lexical(self.folder):  # folders built before the lexical channel have none
             self._lexical = LexicalIndex(self.folder)
@@ -146,16 +153,11 @@ class IndexSearcher:
         return Candidates.dense(rows, scores)
 
     def retrieval_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """(n, dim) float16 retrieval vectors of store rows: the concatenated store fields the
-        manifest names (``[text_cls ; cmfu]``), the very values FAISS was built from."""
-        flat = np.asarray(rows, dtype=np.int64)
-        return np.concatenate(
-            [
-                self.store.rows(f, flat).reshape(len(flat), -1)
-                for f in self.manifest.retrieval_fields
-            ],
-            axis=1,
-        )
+        """(n, dim) float32 retrieval vectors of rows (``retrieval.f32``, memory-mapped): the
+        very vectors FAISS was built from."""
+        if self._vectors is None:
+            raise ValueError(f"{self.folder} does not refine (no {RETRIEVAL_FILE} loaded)")
+        return np.take(self._vectors, np.asarray(rows, dtype=np.int64), axis=0)
 
     @property
     def has_lexical(self) -> bool:

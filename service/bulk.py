@@ -503,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BulkLinkError(f"no input file at {a.inp}")
         linker = Linker(settings)
         try:
+            if settings.warmup:  # first batches pay no lazy setup, as the server's do not
+                linker.warmup()
             report = link_file(
                 linker, a.inp, a.out, opts, settings, restart=a.restart, progress=not a.no_progress
             )

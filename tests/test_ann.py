@@ -12,7 +12,6 @@ import torch
 
 from index.ann import build_index, max_key_norm, mips_l2_dim, mips_to_l2, search
 from index.build import BuildConfig, add, build, retrieval_keys
-from index.errors import RefineUnavailableError
 from index.search import IndexSearcher, refine_rows
 from index.store import EntityStore, Manifest
 from models.data.demo_world import DemoWorldConfig, generate_demo_world, generate_retrieval_world
@@ -89,7 +88,6 @@ def test_compressed_mips_l2_index_with_refine_returns_the_exact_top_k(
         _cfg(root / "kb.jsonl", model_dir, comp, factory="IVF4,PQ8x4", mips_l2=True, refine=120)
     )
     assert isinstance(m, Manifest)
-    assert m.retrieval_fields == ["text_cls", "cmfu"]
     assert m.ann["mips_l2"] and m.ann["refine"] == 120 and m.ann["max_norm"] > 0
     model = LinkingModel.from_pretrained(model_dir)
     a = IndexSearcher(flat, model.fingerprint())
@@ -101,7 +99,7 @@ def test_compressed_mips_l2_index_with_refine_returns_the_exact_top_k(
     # without refine the compressed index does not give the exact answer (else: vacuous)
     raw = IndexSearcher(comp, model.fingerprint(), nprobe=1, refine=0)
     assert not np.array_equal(raw.search(q, 10).rows, exact.rows)
-    # the store's [text_cls ; cmfu] are the vectors FAISS was built from, bit for bit
+    # retrieval.f32 holds the vectors FAISS was built from, bit for bit
     store = EntityStore(comp)
     keys = retrieval_keys(store, model, 0, len(store))
     np.testing.assert_array_equal(b.retrieval_vectors(np.arange(len(store))), keys)
@@ -119,19 +117,15 @@ def test_compressed_mips_l2_index_with_refine_returns_the_exact_top_k(
         s.close()
 
 
-def test_refine_is_refused_for_a_model_whose_vector_is_not_the_stored_fields(
-    tiny_clip_dir: Path, tmp_path: Path
-) -> None:
-    torch.manual_seed(3)
-    ablated = LinkingModel.for_backbone(
-        ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12, units=("tglu", "vdlu")
-    )  # no CMFU: its retrieval vector zeroes the cmfu half, so it is not the stored fields
-    ablated.save_pretrained(tmp_path / "m")
+def test_refine_on_a_folder_built_without_it_is_refused(model_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "kb"
     root.mkdir()
-    (root / "kb.jsonl").write_text("\n".join(_entity_lines(root, 0, 20)) + "\n")
-    with pytest.raises(RefineUnavailableError, match="refine"):
-        build(_cfg(root / "kb.jsonl", tmp_path / "m", tmp_path / "out", refine=10))
+    (root / "kb.jsonl").write_text("\n".join(_entity_lines(root, 0, 12)) + "\n")
+    build(_cfg(root / "kb.jsonl", model_dir, tmp_path / "plain"))
+    fp = LinkingModel.from_pretrained(model_dir).fingerprint()
+    with pytest.raises(ValueError, match=r"refine needs retrieval\.f32"):
+        IndexSearcher(tmp_path / "plain", fp, refine=50)
+    IndexSearcher(tmp_path / "plain", fp).close()  # and without refine it serves as before
 
 
 def test_retrieval_world_is_the_demo_world_text_only_with_its_first_queries(
