@@ -346,8 +346,19 @@ _DONE = object()
 def _batches(
     inp: Path, skip: int, parser: LineParser, size: int, prefetch: int
 ) -> Iterator[list[LineItem]]:
-    """Batches of parsed lines, produced by a reader thread ``prefetch`` batches ahead."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+    """Batches of parsed lines, produced by a reader thread ``prefetch`` batches ahead
+    (``prefetch`` 0: parsed in the caller's thread, between the model's batches)."""
+    if prefetch <= 0:
+        batch: list[LineItem] = []
+        for lineno, raw in read_lines(inp, skip):
+            batch.append(parser(lineno, raw))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        return
+    q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
     def put(obj: Any) -> bool:
