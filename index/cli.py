@@ -141,7 +141,6 @@ def _summary(res: Manifest | dict[str, Any]) -> dict[str, Any]:
     return {
         "entities": res.entity_count,
         "factory": res.factory,
-        "ann": res.ann,
         "store_bytes_per_entity": res.store_bytes_per_entity,
         "bad_entities": res.bad_entities.get("total", 0),
         "lexical": res.lexical,
