@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import faiss
 import numpy as np
 import torch
 
-from index.ann import build_index
+from index.ann import AnnSpec, build_index, max_key_norm, mips_to_l2
 from index.dedupe import IdDeduper
 from index.encode import store_fields, store_layout
 from index.errors import ModelMismatchError
@@ -31,9 +32,11 @@ from index.store import (
     ENTITIES_FILE,
     FAISS_FILE,
     OFFSETS_FILE,
+    RETRIEVAL_FILE,
     STORE_DIR,
     EntityStore,
     Manifest,
+    append_raw,
     write_id_table,
 )
 from index.writer import StoreLayout, append_chunks, report_from_json, write_faiss
@@ -64,21 +67,41 @@ def retrieval_keys(store: EntityStore, model: LinkingModel, start: int, end: int
 
 
 def _build_faiss(
-    out: Path, model: LinkingModel, factory: str, train_sample: int, use_gpu: bool
-) -> None:
+    out: Path,
+    model: LinkingModel,
+    factory: str,
+    train_sample: int,
+    use_gpu: bool,
+    ann: AnnSpec,
+) -> AnnSpec:
+    """Build and write ``faiss.index``; returns the spec it was built with (M filled in)."""
     store = EntityStore(out)
     try:
+
+        def read(s: int, e: int) -> np.ndarray:
+            return retrieval_keys(store, model, s, e)
+
+        (out / RETRIEVAL_FILE).unlink(missing_ok=True)
+        if ann.refine:  # the exact vectors a refining searcher rescores with
+            for s in range(0, len(store), ADD_BLOCK):
+                append_raw(out / RETRIEVAL_FILE, read(s, min(len(store), s + ADD_BLOCK)))
+        norm = None
+        if ann.mips_l2:
+            norm = max_key_norm(len(store), read, ADD_BLOCK)
+            ann = replace(ann, max_norm=norm)
         index = build_index(
             model.matcher.retrieval_dim(),
             factory,
             len(store),
-            lambda s, e: retrieval_keys(store, model, s, e),
+            read,
             train_sample=train_sample,
             use_gpu=use_gpu,
+            mips_l2_norm=norm,
         )
     finally:
         store.close()
     write_faiss(index, out)
+    return ann
 
 
 def _git_commit() -> str:
@@ -121,8 +144,11 @@ def finalize(
     train_sample: int = 100_000,
     device: str = "auto",
     build_seconds: float = 0.0,
+    ann: AnnSpec | None = None,
 ) -> Manifest:
-    """Concatenate a complete set of chunks into the index folder ``out``."""
+    """Concatenate a complete set of chunks into the index folder ``out``; ``ann`` asks for
+    the MIPS-to-L2 transform and / or exact refining (:class:`index.ann.AnnSpec`)."""
+    ann = ann or AnnSpec()
     t0 = time.perf_counter()
     chunks, info = collect_chunks(shard_dirs)
     if info["model_fingerprint"] != model.fingerprint():
@@ -166,7 +192,8 @@ def finalize(
         encoder_runtime=str(info.get("encoder_runtime", "torch")),
     )
     manifest.save(out)  # the store is readable from here on; FAISS comes next
-    _build_faiss(out, model, factory, train_sample, use_gpu=device != "cpu")
+    ann = _build_faiss(out, model, factory, train_sample, device != "cpu", ann)
+    manifest.ann = ann.to_json()
     manifest.lexical = build_lexical(out, n)
     manifest.build_seconds = round(build_seconds + time.perf_counter() - t0, 2)
     manifest.save(out)
@@ -230,12 +257,27 @@ def extend_index(
             manifest.store_layout, manifest.entity_count, manifest.image_count
         )
     index = faiss.read_index(str(out / FAISS_FILE))
+    ann = AnnSpec.from_json(manifest.ann)
     store = EntityStore(out, manifest)
+    over = 0
     try:
         for s in range(start, start + added, ADD_BLOCK):
-            index.add(retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK)))
+            keys = retrieval_keys(store, model, s, min(start + added, s + ADD_BLOCK))
+            if ann.refine:
+                append_raw(out / RETRIEVAL_FILE, keys)
+            if ann.mips_l2:  # the transform of the build (its M): new keys are ranked alike
+                over += int((np.linalg.norm(keys, axis=1) > ann.max_norm).sum())
+                keys = mips_to_l2(keys, ann.max_norm, index.d)
+            index.add(keys)
     finally:
         store.close()
+    if over:
+        logger.warning(
+            "%d added vectors are longer than the index's M = %.3f: FAISS under-ranks them "
+            "slightly (refine rescores exactly); rebuild to reset M",
+            over,
+            ann.max_norm,
+        )
     write_faiss(index, out)
     # the lexical index is rebuilt from entities.jsonl (streamed, nothing re-encoded): simple,
     # and the idf of every gram stays exact
@@ -256,4 +298,9 @@ def extend_index(
     return manifest
 
 
-__all__ = ["RETRIEVAL_VECTOR", "extend_index", "finalize", "retrieval_keys"]
+__all__ = [
+    "RETRIEVAL_VECTOR",
+    "extend_index",
+    "finalize",
+    "retrieval_keys",
+]

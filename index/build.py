@@ -12,14 +12,15 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from index.ann import AnnSpec
 from index.assemble import RETRIEVAL_VECTOR, extend_index, finalize, retrieval_keys
 from index.encode import ChunkEncoder, has_drin_fields
 from index.errors import (
@@ -27,8 +28,10 @@ from index.errors import (
     InvalidShardError,
     KBNotFoundError,
     ModelMismatchError,
+    UnknownEngineError,
 )
 from index.lexical import rebuild_lexical
+from index.ray_engine import RayOptions
 from index.reader import KBReader, kb_file
 from index.runner import Runner
 from index.shards import SHARD_FILE, claim, same_kb, shard_record
@@ -74,6 +77,15 @@ class BuildConfig:
     encoder_runtime: str | None = None
     # Where the ONNX exports are cached (None: <model>/onnx); made here when missing.
     onnx_cache: str | None = None
+    # Who runs the chunk plan (ENGINES): "local", this process; "ray", a Ray actor pool
+    # (index/ray_engine.py; the same chunk folders, so the same index bytes).
+    engine: str = "local"
+    ray: RayOptions = field(default_factory=RayOptions)
+    # index/ann.py's options over the FAISS factory: index the MIPS-to-L2 transformed keys
+    # (IVF then clusters in the geometry it is made for), and rescore FAISS's top `refine`
+    # exactly from the store (0 = FAISS's own scores)
+    mips_l2: bool = False
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.encoder_runtime is not None:
@@ -81,6 +93,10 @@ class BuildConfig:
         if not 0 <= self.shard_id < self.num_shards:
             raise InvalidShardError(
                 f"shard_id {self.shard_id} is outside [0, num_shards={self.num_shards})"
+            )
+        if self.engine not in ENGINES:
+            raise UnknownEngineError(
+                f"engine {self.engine!r} is not one of {', '.join(sorted(ENGINES))}"
             )
 
 
@@ -183,6 +199,19 @@ def _training_cache(
     return hit
 
 
+def _encode_ray(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
+    from index.ray_engine import encode_shard_ray  # imports Ray only when it runs
+
+    return encode_shard_ray(cfg, model, cfg.ray)
+
+
+# The engines that run a build's chunk plan, by name (``mel-index build --engine``).
+ENGINES: dict[str, Callable[[BuildConfig, LinkingModel], dict[str, Any]]] = {
+    "local": encode_shard,
+    "ray": _encode_ray,
+}
+
+
 def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, Any]:
     """Encode (this shard of) the KB; a 1-shard build also finalizes the index folder.
 
@@ -197,6 +226,8 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
         if (
             old.model_fingerprint == model.fingerprint()
             and old.factory == cfg.factory
+            and (AnnSpec.from_json(old.ann).mips_l2, AnnSpec.from_json(old.ann).refine)
+            == (cfg.mips_l2, cfg.refine)
             and same_kb(out, kb_file(cfg.kb))
             and has_drin_fields(old.store_fields) == cfg.drin_fields
             and old.encoder_runtime
@@ -208,7 +239,7 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
             return old
         # a different model, factory or KB: build afresh (the old shard record must not block)
         (out / SHARD_FILE).unlink(missing_ok=True)
-    info = encode_shard(cfg, model)
+    info = ENGINES[cfg.engine](cfg, model)
     if cfg.num_shards > 1:
         logger.info(
             "shard %d/%d done; run `mel-index merge` once every shard is built",
@@ -217,7 +248,14 @@ def build(cfg: BuildConfig, keep_chunks: bool = False) -> Manifest | dict[str, A
         )
         return info
     manifest = finalize(
-        out, [out], model, cfg.factory, cfg.train_sample, cfg.device, time.perf_counter() - t0
+        out,
+        [out],
+        model,
+        cfg.factory,
+        cfg.train_sample,
+        cfg.device,
+        time.perf_counter() - t0,
+        AnnSpec(mips_l2=cfg.mips_l2, refine=cfg.refine),
     )
     if not keep_chunks:  # the store now holds the same data; chunks would double the disk use
         shutil.rmtree(out / CHUNKS_DIR, ignore_errors=True)
@@ -292,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = [
     "CHUNKS_DIR",
+    "ENGINES",
     "RETRIEVAL_VECTOR",
     "SHARD_FILE",
     "BuildConfig",

@@ -2,8 +2,13 @@
 
     mel-index build --kb artifacts/demo-world/kb.jsonl --model artifacts/demo-model/best \\
                     --out artifacts/demo-index [--factory Flat|HNSW32|IVF1024,PQ32]
+    # 1M+ entities in 1/10 of Flat's RAM: compressed IVF over MIPS-to-L2 vectors, the top 1000
+    # rescored exactly from the store (bench/results/retrieval-scale.md):
+    mel-index build ... --factory IVF4096,PQ96 --mips-l2 --refine 1000
     # the same on N machines / processes, then one merge:
     mel-index build ... --num-shards 4 --shard-id 2 --out shards/2
+    # the chunks encoded by a Ray actor pool (a local Ray, or the cluster at $RAY_ADDRESS):
+    mel-index build ... --engine ray [--ray-address auto] [--ray-actors 8]
     mel-index merge --out artifacts/index shards/0 shards/1 shards/2 shards/3
     # append new entities without re-encoding the old ones:
     mel-index add --index artifacts/demo-index --kb new_entities.jsonl
@@ -45,10 +50,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from index.build import BuildConfig, add, build, finalize
+from index.ann import AnnSpec
+from index.build import ENGINES, BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
 from index.live import LiveUpdateError, compact
+from index.ray_engine import RayOptions
 from index.store import Manifest
 from models.model import LinkingModel
 from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir
@@ -57,6 +64,20 @@ from models.threads import THREAD_RESERVE, configure_threads
 # Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
 # gave before the errors were typed); 2 a bad command line (argparse's own code).
 EXIT_USER_ERROR = 1
+
+
+def _ann_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mips-l2",
+        action="store_true",
+        help="index the MIPS-to-L2 transformed vectors (for IVF: see index/ann.py)",
+    )
+    p.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="the server rescores FAISS's top N exactly from the store (0 = FAISS's scores)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +104,23 @@ def _parser() -> argparse.ArgumentParser:
         "--no-drin",
         action="store_true",
         help="do not store DRIN's entity parts (the server then offers no 'drin' reranker)",
+    )
+    _ann_args(b)
+    b.add_argument(
+        "--engine",
+        default="local",
+        choices=sorted(ENGINES),
+        help="who encodes the chunks: this process, or a Ray actor pool (pip install '.[ray]')",
+    )
+    b.add_argument(
+        "--ray-address",
+        help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray started for the build)",
+    )
+    b.add_argument(
+        "--ray-actors", type=int, help="actors (default: one per GPU, else CPUs / cpus-per-actor)"
+    )
+    b.add_argument(
+        "--ray-cpus-per-actor", type=int, default=1, help="CPUs (torch threads) of each actor"
     )
     b.add_argument(
         "--feature-cache",
@@ -112,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True)
     m.add_argument("--factory", default="Flat")
     m.add_argument("--train-sample", type=int, default=100_000)
+    _ann_args(m)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     m.add_argument("shards", nargs="+")
     a_ = sub.add_parser("add", help="append new entities to an existing index folder")
@@ -189,6 +228,14 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 feature_cache=a.feature_cache,
                 encoder_runtime=a.encoder_runtime,
                 onnx_cache=a.onnx_cache,
+                mips_l2=a.mips_l2,
+                refine=a.refine,
+                engine=a.engine,
+                ray=RayOptions(
+                    address=a.ray_address,
+                    actors=a.ray_actors,
+                    cpus_per_actor=a.ray_cpus_per_actor,
+                ),
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
@@ -196,7 +243,13 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
     if a.command == "merge":
         model = LinkingModel.from_pretrained(a.model)
         return finalize(
-            Path(a.out), [Path(s) for s in a.shards], model, a.factory, a.train_sample, a.device
+            Path(a.out),
+            [Path(s) for s in a.shards],
+            model,
+            a.factory,
+            a.train_sample,
+            a.device,
+            ann=AnnSpec(mips_l2=a.mips_l2, refine=a.refine),
         )
     if a.command == "lexical":
         return rebuild_lexical(a.index)

@@ -43,6 +43,10 @@ class ModelMismatchError(IndexBuildError, IndexMismatchError):
     """Chunks, or an index folder, encoded by another model than the one given."""
 
 
+class UnknownEngineError(IndexBuildError, ValueError):
+    """An ``--engine`` that is not one of ``index.build.ENGINES``."""
+
+
 class EmptyTrainingSetError(IndexBuildError, ValueError):
     """A FAISS type that needs training (IVF, PQ) over an index with no vectors."""
 
@@ -62,4 +66,5 @@ __all__ = [
     "KBNotFoundError",
     "ModelMismatchError",
     "ShardMismatchError",
+    "UnknownEngineError",
 ]

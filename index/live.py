@@ -471,7 +471,7 @@ def compact(
     factory; it is rebuilt from the stored records by ``keys_of(text_cls, cmfu)``, the model's
     retrieval keys (nothing is re-encoded). Holds the folder's
     lock throughout, so no update is written meanwhile and none is lost."""
-    from index.ann import build_index
+    from index.ann import AnnSpec, build_index
     from index.writer import write_faiss
 
     src = Path(folder)
@@ -481,6 +481,12 @@ def compact(
     t0 = time.perf_counter()
     with folder_lock(src, timeout_s=60):
         m = Manifest.load(src)
+        spec = AnnSpec.from_json(m.ann)
+        if spec.mips_l2 or spec.refine:  # the transform / refine vectors: the index job's
+            raise LiveUpdateError(
+                f"{src} was built with ANN options {m.ann}: compaction rebuilds plain "
+                "indexes only; rebuild it with mel-index build (same options)"
+            )
         searcher = LiveSearcher(src, m.model_fingerprint)
         try:
             dst.mkdir(parents=True)

@@ -9,6 +9,7 @@ channel: mention strings against entity names and aliases (:mod:`index.lexical`)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import faiss
 import numpy as np
 import torch
 
-from index.ann import search, set_search_params, to_search_device
+from index.ann import AnnSpec, search, set_search_params, to_search_device
 from index.lexical import LexicalIndex, has_lexical
-from index.store import FAISS_FILE, EntityStore, Manifest
+from index.store import FAISS_FILE, RETRIEVAL_FILE, EntityStore, Manifest, raw_memmap
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import DrinEntityParts
 from models.mimic import MimicEntityRecord
@@ -68,9 +69,31 @@ class LexicalHits:
     scores: np.ndarray
 
 
+def refine_rows(
+    queries: np.ndarray, rows: np.ndarray, read_keys: Callable[[np.ndarray], np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top ``k`` of candidate ``rows`` (B, R) (-1 = none): their keys are read with
+    ``read_keys(flat rows) -> (B * R, d)`` and scored by inner product with ``queries`` (B, d).
+
+    Returns (scores, rows), (B, min(k, R)), in exact score order (ties by candidate order)."""
+    B, R = rows.shape
+    if B == 0 or R == 0:
+        return np.zeros((B, 0), np.float32), np.zeros((B, 0), rows.dtype)
+    safe = np.where(rows < 0, 0, rows)
+    keys = np.asarray(read_keys(safe.reshape(-1)), dtype=np.float32).reshape(B, R, -1)
+    exact = np.einsum("bd,brd->br", np.asarray(queries, dtype=np.float32), keys)
+    exact = np.where(rows >= 0, exact, np.finfo(np.float32).min)
+    order = np.argsort(-exact, axis=1, kind="stable")[:, : min(k, R)]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
+
+
 class IndexSearcher:
     """FAISS + entity store of one index folder, checked against the serving model and the
-    encoder runtime that encodes its mentions (``encoder_runtime``)."""
+    encoder runtime that encodes its mentions (``encoder_runtime``).
+
+    The manifest's ``ann`` (:class:`index.ann.AnnSpec`) says how to search it: MIPS-to-L2
+    indexes get the query transform, and ``refine`` > 0 rescores FAISS's top ``refine`` exactly
+    from the memory-mapped float32 retrieval vectors (``retrieval.f32``)."""
 
     def __init__(
         self,
@@ -80,6 +103,7 @@ class IndexSearcher:
         ef_search: int | None = None,
         nprobe: int | None = None,
         encoder_runtime: str = "torch",
+        refine: int | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.load(self.folder)
@@ -94,6 +118,18 @@ class IndexSearcher:
             )
         set_search_params(index, ef_search=ef_search, nprobe=nprobe)
         self.index: Any = to_search_device(index, use_gpu)
+        self.ann = AnnSpec.from_json(self.manifest.ann)
+        self.refine = self.ann.refine if refine is None else refine
+        self._vectors: np.ndarray | None = None
+        if self.refine:
+            path = self.folder / RETRIEVAL_FILE
+            if not path.is_file():
+                raise ValueError(
+                    f"{self.folder}: refine needs {RETRIEVAL_FILE}, written by "
+                    f"`mel-index build --refine N`; this folder has none"
+                )
+            dim = self.manifest.retrieval_dim
+            self._vectors = raw_memmap(path, "<f4", (self.manifest.entity_count, dim))
         self._lexical: LexicalIndex | None = None
         if has_lexical(self.folder):  # folders built before the lexical channel have none
             self._lexical = LexicalIndex(self.folder)
@@ -108,9 +144,23 @@ class IndexSearcher:
         return len(self.store)
 
     def search(self, queries: np.ndarray, k: int) -> Candidates:
-        """Top ``k`` rows by inner product for float32 queries ``(B, dim)``."""
-        scores, rows = search(self.index, np.ascontiguousarray(queries, dtype=np.float32), k)
+        """Top ``k`` rows by inner product for float32 queries ``(B, dim)`` (rescored exactly
+        from the store when the folder refines)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        norm = self.ann.max_norm if self.ann.mips_l2 else None
+        if not self.refine:
+            scores, rows = search(self.index, q, k, norm)
+            return Candidates.dense(rows, scores)
+        _, cand = search(self.index, q, max(k, self.refine), norm)
+        scores, rows = refine_rows(q, cand, self.retrieval_vectors, k)
         return Candidates.dense(rows, scores)
+
+    def retrieval_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(n, dim) float32 retrieval vectors of rows (``retrieval.f32``, memory-mapped): the
+        very vectors FAISS was built from."""
+        if self._vectors is None:
+            raise ValueError(f"{self.folder} does not refine (no {RETRIEVAL_FILE} loaded)")
+        return np.take(self._vectors, np.asarray(rows, dtype=np.int64), axis=0)
 
     @property
     def has_lexical(self) -> bool:
@@ -177,4 +227,4 @@ class IndexSearcher:
         self.store.close()
 
 
-__all__ = ["Candidates", "IndexSearcher", "LexicalHits"]
+__all__ = ["Candidates", "IndexSearcher", "LexicalHits", "refine_rows"]

@@ -17,6 +17,7 @@ One build = one self-describing folder::
     <index>/ids.u64                uint64 (N,) sorted 64-bit hashes of entity ids ...
     <index>/ids.rows               int64 (N,) ... and the row of each, for id -> row lookups
     <index>/lexical/               trigram tf-idf index of names and aliases (index/lexical.py)
+    <index>/retrieval.f32          float32 (N, d) retrieval vectors, when the index refines
 
 Raw files (not .npy) so that incremental adds append in place without rewriting a header.
 Nothing here needs the whole KB in RAM: readers memory-map, writers stream.
@@ -46,6 +47,10 @@ IDS_HASH_FILE = "ids.u64"
 IDS_ROWS_FILE = "ids.rows"
 IMAGE_DIR = "image"  # under STORE_DIR
 IMAGE_ROW_FILE = "image_row.i32"  # under STORE_DIR
+# float32 (N, retrieval_dim): each row's retrieval vector, written when the index refines
+# (index/ann.py): the exact rescoring reads it memory-mapped. float32, not float16: this CPU
+# has no fast float16 conversion (measured: 22 ns per value, 330 ms for one batch of 32 x 1000)
+RETRIEVAL_FILE = "retrieval.f32"
 INDEX_FORMAT = "mel-index"
 INDEX_VERSION = 2  # 2: the image table and per-field codecs; 1 is still read
 CODECS = ("f16", "q8")
@@ -86,6 +91,8 @@ class Manifest:
     field_codecs: dict[str, str] = field(default_factory=dict)
     # (v2) {"entity_bytes": bytes every entity has, "image_bytes": bytes per image record}
     store_layout: dict[str, int] = field(default_factory=dict)
+    # how faiss.index is searched (index.ann.AnnSpec: MIPS-to-L2 transform, refine); {} = plain
+    ann: dict[str, Any] = field(default_factory=dict)
     format: str = INDEX_FORMAT
     version: int = INDEX_VERSION
 
@@ -287,6 +294,7 @@ __all__ = [
     "IMAGE_ROW_FILE",
     "MANIFEST_FILE",
     "OFFSETS_FILE",
+    "RETRIEVAL_FILE",
     "STORE_DIR",
     "EntityStore",
     "IndexMismatchError",

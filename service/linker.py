@@ -70,6 +70,7 @@ class Linker:
             use_gpu=settings.use_faiss_gpu,
             ef_search=settings.hnsw_ef_search,
             nprobe=settings.ivf_nprobe,
+            refine=settings.refine_k,
             encoder_runtime=self.encoder_runtime,
         )
         # after the index check, so a mismatch is refused before any export work

@@ -65,6 +65,11 @@ class ServiceSettings(BaseSettings):
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")
     hnsw_ef_search: int | None = Field(None, description="HNSW efSearch (None = index default)")
     ivf_nprobe: int | None = Field(None, description="IVF nprobe (None = index default)")
+    refine_k: int | None = Field(
+        None,
+        description="rescore FAISS's top N exactly from the store (None = the index's "
+        "mel-index build --refine; 0 = off)",
+    )
 
     # ---- request defaults and bounds
     top_k_default: int = Field(10, description="candidates returned when top_k is not given")

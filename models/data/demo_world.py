@@ -1104,6 +1104,60 @@ def generate_demo_world(out: Path, config: DemoWorldConfig) -> dict[str, Any]:
     return summary
 
 
+def generate_retrieval_world(
+    out: Path, config: DemoWorldConfig, queries: int = 1000, split: str = "test"
+) -> dict[str, Any]:
+    """The demo world of ``config`` cut down for retrieval benchmarks at scale: its whole KB
+    **text-only** (every entity's ``images`` emptied: the no-image rule) and only the first
+    ``queries`` mentions of ``split``, with their images rendered.
+
+    The people, mentions and splits are planned exactly as :func:`generate_demo_world` plans
+    them (same config, same entities, same query mentions and images); only the rendering of
+    KB images and of the other mentions' images is skipped, which is what makes a
+    million-entity world cheap to write.
+    """
+    out = Path(out)
+    t0 = time.perf_counter()
+    rng = random.Random(config.seed)
+    people = _build_people(rng, config)
+    plans = _plan_mentions(rng, people, config)
+    splits = _split(rng, [pl.mention.id for pl in plans], config.split_fractions)
+    wanted = splits[split][:queries]
+    by_id = {pl.mention.id: (j, pl) for j, pl in enumerate(plans)}
+    work = _prepare_target(out)
+    write_jsonl(
+        work / KB_FILE,
+        (Entity(id=p.id, name=p.name, attributes=_attributes(p), images=()) for p in people),
+    )
+    picked = [by_id[mid] for mid in wanted]
+    write_jsonl(work / MENTIONS_FILE, (pl.mention for _, pl in picked))
+    write_json(work / SPLITS_FILE, {name: (wanted if name == split else []) for name in splits})
+    jobs: list[_Job] = []
+    for j, pl in picked:
+        if pl.mention.image is not None:
+            look = (
+                people[pl.shown_row].look if pl.shown_row is not None else _nil_look(config.seed, j)
+            )
+            jobs.append((pl.mention.image, 1, j, look))
+    _render_all(work, config, jobs)
+    summary: dict[str, Any] = {
+        "entities": len(people),
+        "entity_images": 0,
+        "queries": len(picked),
+        "queries_with_image": len(jobs),
+        "split": split,
+    }
+    write_meta(
+        work,
+        name=f"retrieval-world-{config.num_entities}-s{config.seed}",
+        source=SOURCE,
+        **summary,
+    )
+    _swap_in(work, out)
+    logger.info("retrieval world %s: %s in %.1fs", out, summary, time.perf_counter() - t0)
+    return summary
+
+
 def _nil_look(seed: int, index: int) -> tuple[int, int, int, int]:
     r = random.Random(f"{seed}/nil-look/{index}")
     return (
@@ -1198,4 +1252,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-__all__ = ["DemoWorldConfig", "generate_demo_world", "image_blind_top1"]
+__all__ = [
+    "DemoWorldConfig",
+    "generate_demo_world",
+    "generate_retrieval_world",
+    "image_blind_top1",
+]

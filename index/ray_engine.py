@@ -1,0 +1,275 @@
+"""``mel-index build --engine ray``: the chunk plan of a build run by a Ray actor pool.
+
+The same job as :func:`index.build.encode_shard`, spread over a Ray cluster: the driver reads
+``kb.jsonl`` once, in the job's chunks (:func:`index.reader.iter_raw_chunks`), skips the chunks
+an earlier run finished, and hands the others' raw lines to a pool of :class:`ChunkActor`\\ s.
+Each actor loads the model once, parses, encodes (:class:`index.encode.ChunkEncoder`, the very
+encoder of a local build) and writes its chunk folder atomically (:func:`index.writer.write_chunk`)
+under ``<out>/chunks``; the driver then runs the usual :func:`index.assemble.finalize`. So the
+folder is byte for byte the one a single-process build writes.
+
+Faults: an actor whose process dies (OOM, a lost node, a SIGKILL) is restarted by Ray, which
+loads the model again and retries the chunk it was working on (``max_restarts`` /
+``max_task_retries``). A chunk folder exists only once complete (renamed from ``.tmp``), a
+retried chunk overwrites its own half-written ``.tmp``, and the merge refuses duplicate chunks,
+so nothing is lost or written twice. A killed driver is resumed like a local build: re-run the
+same command, finished chunks are skipped.
+
+Resources: one actor per GPU (``num_gpus=1`` each) when the cluster has GPUs, else one per
+``cpus_per_actor`` CPUs, each running torch with that many threads. Every actor needs the KB's
+images (paths relative to the KB file) and ``--out`` on a filesystem it can reach: on a
+multi-node cluster, a shared one. Ray is an optional dependency (``pip install '.[ray]'``);
+only this module imports it, and only ``--engine ray`` imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from index.errors import IndexBuildError
+
+logger = logging.getLogger(__name__)
+
+# A retried chunk runs again from its raw lines: losing an actor costs one chunk of work.
+MAX_RESTARTS = 8
+MAX_TASK_RETRIES = 8
+
+
+class RayUnavailableError(IndexBuildError):
+    """``--engine ray`` without Ray installed, or with no cluster to reach."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a Ray build runs."""
+
+    # None: $RAY_ADDRESS when set (an existing cluster, e.g. "auto" or "ray://head:10001"),
+    # else a local Ray instance started for this build (and stopped after it)
+    address: str | None = None
+    actors: int | None = None  # None: one per GPU, else cluster CPUs // cpus_per_actor
+    cpus_per_actor: int = 1  # torch intra-op threads of each actor
+    in_flight: int = 2  # chunks queued per actor: its next chunk is there when it finishes
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailableError(
+            "--engine ray needs Ray: pip install 'mel-service[ray]' (or pip install ray)"
+        ) from exc
+    return ray
+
+
+class ChunkActor:
+    """One model, loaded once; encodes and writes whole chunks (the body of a Ray actor)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        image_root: str,
+        out: str,
+        batch_size: int,
+        workers: int,
+        device: str,
+        drin_fields: bool,
+        threads: int,
+    ) -> None:
+        import torch
+
+        from index.encode import ChunkEncoder
+        from models.device import resolve_device
+        from models.model import LinkingModel
+
+        torch.set_num_threads(max(1, threads))
+        model = LinkingModel.from_pretrained(model_path)
+        self.encoder = ChunkEncoder(
+            model, Path(image_root), batch_size, workers, resolve_device(device), drin_fields
+        )
+        self.out = Path(out)
+
+    def encode_chunk(self, chunk: int, first_line: int, lines: list[bytes]) -> dict[str, Any]:
+        """Parse, encode and write one chunk; returns what the driver counts."""
+        from index.reader import KBChunk, parse_lines
+        from index.writer import DONE_FILE, chunk_folder, is_complete, write_chunk
+        from models.data.schema import RecordReport
+
+        t0 = time.perf_counter()
+        folder = chunk_folder(self.out, chunk)
+        if is_complete(folder):  # a retry of a chunk whose actor died after writing it
+            n = int((folder / DONE_FILE).read_text())
+            return {
+                "chunk": chunk,
+                "lines": len(lines),
+                "entities": n,
+                "seconds": 0.0,
+                "pid": os.getpid(),
+            }
+        report = RecordReport()
+        c = KBChunk(chunk, len(lines), parse_lines(lines, first_line, report), report)
+        fields = self.encoder.encode(c.entities, c.report)
+        write_chunk(folder, c.entities, fields, c.report)
+        return {
+            "chunk": chunk,
+            "lines": c.lines,
+            "entities": len(c.entities),
+            "seconds": time.perf_counter() - t0,
+            "pid": os.getpid(),
+        }
+
+
+def _actor_count(ray: Any, opts: RayOptions) -> tuple[int, float]:
+    """(actors, GPUs per actor) for this cluster."""
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if opts.actors is not None:
+        return max(1, opts.actors), 1.0 if gpus else 0.0
+    if gpus:
+        return gpus, 1.0
+    return max(1, int(res.get("CPU", 1)) // max(1, opts.cpus_per_actor)), 0.0
+
+
+def run_chunks(
+    chunks: Iterator[tuple[int, int, list[bytes]]],
+    actor_args: dict[str, Any],
+    opts: RayOptions,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Encode ``(chunk, first line, raw lines)`` with a pool of actors; one record per chunk.
+
+    At most ``actors x in_flight`` chunks are in flight, so the driver's memory is bounded
+    whatever the KB's size."""
+    ray = _ray()
+    started_here = False
+    if not ray.is_initialized():
+        address = opts.address or os.environ.get("RAY_ADDRESS")
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:  # a local instance, just for this build
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except ConnectionError as exc:
+            raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+        started_here = True
+    try:
+        n, gpus = _actor_count(ray, opts)
+        remote = ray.remote(
+            num_cpus=opts.cpus_per_actor,
+            num_gpus=gpus,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=MAX_TASK_RETRIES,
+        )(ChunkActor)
+        actors = [remote.remote(**actor_args, threads=opts.cpus_per_actor) for _ in range(n)]
+        logger.info("ray: %d actor(s), %s GPU and %d CPU each", n, gpus, opts.cpus_per_actor)
+        done: list[dict[str, Any]] = []
+        pending: dict[Any, int] = {}  # object ref -> actor index
+        load = [0] * n
+        window = max(1, opts.in_flight)
+        it = iter(chunks)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < n * window:
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                a = min(range(n), key=load.__getitem__)  # the least busy actor
+                pending[actors[a].encode_chunk.remote(*nxt)] = a
+                load[a] += 1
+            if not pending:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                load[pending.pop(ref)] -= 1
+                rec = ray.get(ref)  # re-raises an actor's error after its retries ran out
+                done.append(rec)
+                if on_done is not None:
+                    on_done(rec)
+        for actor in actors:
+            ray.kill(actor)
+        return done
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def encode_shard_ray(cfg: Any, model: Any, opts: RayOptions) -> dict[str, Any]:
+    """:func:`index.build.encode_shard` on a Ray actor pool: the same chunk folders."""
+    from tqdm import tqdm
+
+    from index.errors import KBNotFoundError
+    from index.reader import KBReader, iter_raw_chunks, kb_file
+    from index.shards import claim, shard_record
+    from index.writer import ChunkWriter
+
+    kb = kb_file(cfg.kb)
+    if not kb.is_file():
+        raise KBNotFoundError(f"no KB file at {kb}")
+    out = Path(cfg.out)
+    writer = ChunkWriter(out)
+    reader = KBReader(kb, cfg.chunk_size, cfg.num_shards, cfg.shard_id)
+    done = writer.finished(reader.chunks)
+    shard = shard_record(
+        kb,
+        num_shards=cfg.num_shards,
+        shard_id=cfg.shard_id,
+        chunk_size=cfg.chunk_size,
+        total_chunks=reader.total_chunks,
+        model_fingerprint=model.fingerprint(),
+        drin_fields=cfg.drin_fields,
+    )
+    claim(out, shard)
+    if done:
+        logger.info("resuming: %d of %d chunks already done", len(done), len(reader.chunks))
+    todo = (
+        (c, first, lines)
+        for c, first, lines in iter_raw_chunks(kb, cfg.chunk_size)
+        if reader.in_shard(c) and c not in done
+    )
+    bar = tqdm(
+        total=sum(reader.chunk_lines(c) for c in reader.chunks if c not in done),
+        desc=f"ray shard {cfg.shard_id}/{cfg.num_shards}",
+        unit="ent",
+        disable=not cfg.progress,
+        smoothing=0.1,
+    )
+    t0 = time.perf_counter()
+    try:
+        recs = run_chunks(
+            todo,
+            {
+                "model_path": str(cfg.model),
+                "image_root": str(kb.parent.resolve()),
+                "out": str(out.resolve()),
+                "batch_size": cfg.batch_size,
+                "workers": cfg.workers,
+                "device": cfg.device,
+                "drin_fields": cfg.drin_fields,
+            },
+            opts,
+            lambda r: bar.update(r["lines"]),
+        )
+    finally:
+        bar.close()
+    secs = time.perf_counter() - t0
+    entities = sum(r["entities"] for r in recs)
+    logger.info(
+        "ray shard %d/%d: %d chunks, %d entities in %.1fs (%.1f entities/s) on %d process(es)",
+        cfg.shard_id,
+        cfg.num_shards,
+        len(recs),
+        entities,
+        secs,
+        entities / secs if secs else 0.0,
+        len({r["pid"] for r in recs}),
+    )
+    return {**shard, "encoded": entities, "seconds": secs, "engine": "ray"}
+
+
+__all__ = ["ChunkActor", "RayOptions", "RayUnavailableError", "encode_shard_ray", "run_chunks"]
