@@ -5,7 +5,6 @@ once trained."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from models.data.schema import Entity
 from models.drin_features import DrinReranker, DrinRerankerConfig
 from models.model import LinkingModel
 from service.kb import EntitiesNotFound, LiveKb, NewEntity
-from tests.test_service import _b64, _free_port, _png, _settings, serve
+from tests.test_service import _b64, _png, _settings, serve, start_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"X-Admin-Key": "adm"}
@@ -365,35 +364,9 @@ def test_sighup_reloads_the_configured_folders(
     LiveKb(model, s, 5.0).upsert([NewEntity(Entity("H1", "Hugo Hup", ""))])
     s.close()
     current.symlink_to(first)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
-            "--model",
-            str(artifacts[0]),
-            "--index",
-            str(current),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "MEL_DEVICE": "cpu", "MEL_USE_FAISS_GPU": "false"},
-        cwd=ROOT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_cli(artifacts[0], current)
     try:
         deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         assert httpx.get(f"{base}/v1/entities/H1").status_code == 404
         current.unlink()
         current.symlink_to(second)

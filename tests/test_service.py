@@ -802,7 +802,8 @@ def test_encoding_cache_blob_round_trip(
         linker.close()
 
 
-def test_sigterm_drain_exits_zero(artifacts: tuple[Path, Path]) -> None:
+def start_cli(model: Path, index: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``mel-serve`` (service.cli) in a subprocess on a free port, once it is ready."""
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -810,9 +811,9 @@ def test_sigterm_drain_exits_zero(artifacts: tuple[Path, Path]) -> None:
             "-c",
             "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))",
             "--model",
-            str(artifacts[0]),
+            str(model),
             "--index",
-            str(artifacts[1]),
+            str(index),
             "--port",
             str(port),
             "--log-level",
@@ -822,16 +823,22 @@ def test_sigterm_drain_exits_zero(artifacts: tuple[Path, Path]) -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("mel-serve did not get ready")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def test_sigterm_drain_exits_zero(artifacts: tuple[Path, Path]) -> None:
+    proc, base = start_cli(*artifacts)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert time.monotonic() < deadline and proc.poll() is None
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
         body = {"mention": "Jo Ames", "sentence": "before the drain"}
         assert httpx.post(f"{base}/v1/link", json=body, timeout=30).status_code == 200
         proc.send_signal(__import__("signal").SIGTERM)
