@@ -72,6 +72,7 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
     kb = (world / "kb.jsonl").read_bytes().splitlines(keepends=True)
     enc = res.get("encode", {"slices": []})
     done = {s["slice"] for s in enc["slices"]}
+    torch.set_num_threads(a.threads)  # the job's torch threads (1 on a shared machine)
     model = LinkingModel.from_pretrained(a.model).eval()
     for i in range(a.slices):
         if i in done or i * SLICE >= len(kb):
@@ -79,8 +80,9 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
         folder = Path(a.work) / f"slice-{i:03d}"
         part = folder / "kb" / "kb.jsonl"
         part.parent.mkdir(parents=True, exist_ok=True)
-        part.write_bytes(b"".join(kb[i * SLICE : (i + 1) * SLICE]))
-        shutil.rmtree(folder / "index", ignore_errors=True)
+        data = b"".join(kb[i * SLICE : (i + 1) * SLICE])
+        if not part.is_file() or part.read_bytes() != data:  # unchanged: the job resumes
+            part.write_bytes(data)
         t = time.perf_counter()
         manifest = build(
             BuildConfig(
