@@ -136,10 +136,10 @@ def _keys(a: argparse.Namespace, n: int) -> np.ndarray:
 def _queries(a: argparse.Namespace, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(queries (Q, d) float32, gold rows (Q,), -1 when the gold is not among the n indexed)."""
     world = _world(a)
-    cache = Path(a.work) / "queries.npz"
+    cache = Path(a.work) / f"queries-{a.queries}.npz"
     ids = [json.loads(x)["id"] for x in (world / "kb.jsonl").read_bytes().splitlines()]
     row = {eid: i for i, eid in enumerate(ids)}
-    ms = [json.loads(x) for x in (world / "mentions.jsonl").read_text().splitlines()]
+    ms = [json.loads(x) for x in (world / "mentions.jsonl").read_text().splitlines()][: a.queries]
     if not cache.is_file():
         model = LinkingModel.from_pretrained(a.model).eval()
         parts = []
