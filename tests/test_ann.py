@@ -113,7 +113,12 @@ def test_compressed_mips_l2_index_with_refine_returns_the_exact_top_k(
     ref = faiss.IndexFlatIP(len(keys[0]))
     ref.add(c.retrieval_vectors(np.arange(130)).astype(np.float32))
     assert np.array_equal(c.search(q, 10).rows, ref.search(q.astype(np.float32), 10)[1])
-    for s in (a, b, raw, c):
+    # the chosen type at scale: a graph over 4-bit codes, refined exactly from retrieval.f32
+    hnsw = tmp_path / "hnsw-sq"
+    build(_cfg(root / "kb.jsonl", model_dir, hnsw, factory="HNSW8_SQ4", refine=120))
+    h = IndexSearcher(hnsw, model.fingerprint(), ef_search=256)  # > N: the graph reaches all
+    assert np.array_equal(h.search(q, 10).rows, exact.rows)
+    for s in (a, b, raw, c, h):
         s.close()
 
 
