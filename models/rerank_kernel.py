@@ -28,15 +28,14 @@ from models.mimic import (
     TextGlobalLocalUnit,
 )
 
-# Attention elements (B x k x L x L) materialised at once: 64k fp32 = 256 KB, so the softmax
-# passes over a block run in the L2 cache, not from memory (bench/speed.py: block sizes).
-CANDIDATE_BLOCK = 1 << 16
-# Shifted logits are clamped here before exp: exp(-80) = 1.8e-35 is still a normal float,
-# while exp of anything below -87.3 is subnormal, and producing subnormals makes the
-# vectorised exp ~18x slower (measured: 1.7 ms -> 30 ms per 1.6M elements when 14% of them
-# underflow, as with untrained weights). A term under 1.8e-35 next to the row maximum's 1 is
-# below float32 resolution by 28 orders of magnitude: the softmax is unchanged.
-LOGIT_FLOOR = -80.0
+# Attention elements (B x k x L x L) materialised at once: 256k fp32 = 1 MB (bench/speed.py
+# and its profiles: 64k-1M elements within noise of each other; 16k pays the per-block op
+# overhead, 1 x 1000 in one block spills to memory).
+CANDIDATE_BLOCK = 1 << 18
+# VDLU per image record (vdlu_candidates) only pays when it saves many pairs: below this many
+# (mention, candidate) pairs, or when fewer than half of them share a record, the extra
+# unique / gather ops cost more than the DUAL products they save.
+GROUP_MIN_PAIRS = 1024
 
 
 @torch.inference_mode()
@@ -57,12 +56,16 @@ def tglu_candidates(
 
     * one attention for all of a mention's pairs: its K candidates' queries are one (K L, h)
       matrix against its (h, L) keys, so a batch is B GEMMs (one ``bmm``) instead of B K
-      products of (L, h) x (h, L);
-    * the softmax in place, its division folded into the mean over query positions:
-      mean_i softmax(a_i)_j = sum_i exp(a_ij - max_j a_ij) / (L s_i), one (1, L) x (L, L)
-      product per pair, so the (L, L) probabilities are never written out; shifted logits
-      below :data:`LOGIT_FLOOR` are clamped (no subnormal exp results, same softmax);
+      products of (L, h) x (h, L) (at B = 1 torch's broadcasting matmul folds the same way);
+    * the mean over query positions of the softmax rows as one (1, L) x (L, L) product per
+      pair (the released code's order: mean of the probabilities, then times V);
     * candidates in blocks of ``block_elements / (B L^2)`` so the attention stays in cache.
+
+    The softmax is torch's fused one, as in the released code. Measured alternatives
+    (bench/speed.py profiles): exp in place with the division folded into the mean, with
+    and without clamping the shifted logits (exp of anything under -87 leaves the vectorised
+    fast path: ~18x slower, seen with untrained weights) were 5-25% slower; the trained demo
+    model's shifted logits stay above -31, far from that.
     """
     b, k, length, h = e_query.shape
     key = tglu.fc_key(m_tokens)  # (B, L, h)
@@ -71,14 +74,12 @@ def tglu_candidates(
     queries = e_query.reshape(b, k * length, h)
     pbar = torch.empty(b, k, length, dtype=key.dtype, device=key.device)
     step = max(1, block_elements // (b * length * length))
+    mean_w = torch.full((1, 1, length), 1.0 / length, dtype=key.dtype, device=key.device)
     for s in range(0, k, step):
         c = min(step, k - s)
         att = torch.bmm(queries[:, s * length : (s + c) * length], key_t)  # (B, c L, L)
-        att.sub_(att.amax(dim=-1, keepdim=True)).clamp_(min=LOGIT_FLOOR).exp_()
-        inv = att.sum(dim=-1).reciprocal_().mul_(1.0 / length)  # (B, c L): 1 / (L s_i)
-        pbar[:, s : s + c] = torch.bmm(
-            inv.view(b * c, 1, length), att.view(b * c, length, length)
-        ).view(b, c, length)
+        probs = att.softmax(dim=-1).view(b * c, length, length)
+        pbar[:, s : s + c] = torch.bmm(mean_w.expand(b * c, 1, length), probs).view(b, c, length)
     ctx = tglu.layer_norm(torch.bmm(pbar, value))  # (B, K, L) @ (B, L, h) -> (B, K, h)
     g2l = (ctx * e_cls_fc).sum(-1)
     g2g = (m_cls.unsqueeze(1) * e_text_cls).sum(-1)  # (B, K); summed as the matcher sums
@@ -92,10 +93,16 @@ def vdlu_candidates(
     records: MimicEntityRecord,
     image_groups: Tensor | None = None,
 ) -> Tensor:
-    """VDLU scores (B, K) (inputs LayerNorm'd): the matcher's own batched code, run once per
-    distinct (mention, image record) when ``image_groups`` (B, K) says which candidates share
-    their VDLU fields (the store's image row: every candidate without an image shares the
-    no-image record, so a list of imageless candidates costs one VDLU pair per mention)."""
+    """VDLU scores (B, K) (inputs LayerNorm'd), ``VisionDualUnit.score(..., shared=False)``.
+
+    Without ``image_groups`` it is the matcher's own batched code. With them ((B, K): equal
+    values = equal VDLU fields, e.g. the store's image rows, where every candidate without an
+    image shares the no-image record), each DUAL block runs once per distinct (mention,
+    image record): the mention-side projections once per mention, then only the (h,) vectors
+    of each group are gathered.
+    """
+    if image_groups is not None and image_groups.numel() < GROUP_MIN_PAIRS:
+        image_groups = None
     if image_groups is None:
         return matcher.vdlu.score(
             m_image_cls,
@@ -106,26 +113,26 @@ def vdlu_candidates(
             False,
         )
     b, k = image_groups.shape
+    device = image_groups.device
     groups = image_groups.to(torch.long)
-    pair_key = torch.arange(b, device=groups.device)[:, None] * (int(groups.max()) + 1) + groups
+    pair_key = torch.arange(b, device=device)[:, None] * (int(groups.max()) + 1) + groups
     _, inverse = torch.unique(pair_key.reshape(-1), return_inverse=True)
     n = b * k
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=groups.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(n, device=groups.device), "amin")
-    bi, ki = first // k, first % k  # one representative candidate per group
-
-    def pick(t: Tensor) -> Tensor:
-        return t[bi, ki].unsqueeze(1)  # (U, 1, h): each group as a list of one
-
-    s = matcher.vdlu.score(
-        m_image_cls[bi],
-        m_image_tokens[bi],
-        pick(records.e2m_query),
-        pick(records.m2e_key),
-        pick(records.m2e_pooled),
-        False,
-    )  # (U, 1)
-    return s[:, 0][inverse].view(b, k)
+    if 2 * (int(inverse.max()) + 1) > n:  # most pairs have their own record: nothing to save
+        return vdlu_candidates(matcher, m_image_cls, m_image_tokens, records, None)
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=device)
+    first = first.scatter_reduce(0, inverse, torch.arange(n, device=device), "amin")
+    bi, ki = first // k, first % k  # one representative candidate per group, (U,)
+    e2m, m2e = matcher.vdlu.dual_ent2men, matcher.vdlu.dual_men2ent
+    # entity -> mention: a = entity, b = mention (VisionDualUnit.score, per group)
+    s_e2m = e2m.combine(
+        records.e2m_query[bi, ki], e2m.cls_fc(m_image_cls)[bi], e2m.pooled(m_image_tokens)[bi]
+    )
+    # mention -> entity: a = mention, b = entity
+    s_m2e = m2e.combine(
+        m2e.cls_fc(m_image_cls)[bi], records.m2e_key[bi, ki], records.m2e_pooled[bi, ki]
+    )
+    return ((s_e2m + s_m2e) / 2)[inverse].view(b, k)
 
 
 @torch.inference_mode()
@@ -177,7 +184,7 @@ def score_candidates(
 
 __all__ = [
     "CANDIDATE_BLOCK",
-    "LOGIT_FLOOR",
+    "GROUP_MIN_PAIRS",
     "score_candidates",
     "tglu_candidates",
     "vdlu_candidates",

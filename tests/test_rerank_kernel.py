@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models.rerank_kernel as rerank_kernel
 from models.mimic import MimicConfig, MimicFeatures, MimicMatcher
 from models.rerank_kernel import score_candidates, tglu_candidates
 from tests.reference_mimic import pair_scores, randomise_layernorms
@@ -93,9 +94,10 @@ def test_kernel_at_serving_sizes_fp16_records_and_entities_without_images() -> N
         torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
 
 
-def test_vdlu_once_per_image_record_equals_every_pair() -> None:
+def test_vdlu_once_per_image_record_equals_every_pair(monkeypatch: pytest.MonkeyPatch) -> None:
     """Candidates sharing an image record (the no-image one, or one image of two entities)
     score VDLU once per mention and group, with the same result."""
+    monkeypatch.setattr(rerank_kernel, "GROUP_MIN_PAIRS", 0)  # group even this small list
     m = _matcher(seed=6)
     gen = torch.Generator().manual_seed(7)
     b, k = 3, 9
@@ -110,7 +112,19 @@ def test_vdlu_once_per_image_record_equals_every_pair() -> None:
     rec = m.precompute_entities(ent)
     with torch.inference_mode():
         ref = m.score_precomputed(men, rec)
-        got = score_candidates(m, men, rec, image_groups=groups)
+        plain = m.vdlu.score
+
+        def refused(*args: object) -> None:
+            raise AssertionError("the per-pair VDLU ran")
+
+        monkeypatch.setattr(m.vdlu, "score", refused)
+        got = score_candidates(m, men, rec, image_groups=groups)  # 12 groups of 27 pairs
+        monkeypatch.setattr(m.vdlu, "score", plain)
+        # most pairs with their own record, or a short list: the plain path, same scores
+        alone = torch.arange(b * k).view(b, k)
+        torch.testing.assert_close(
+            score_candidates(m, men, rec, image_groups=alone).score, ref.score, rtol=0, atol=1e-5
+        )
         with pytest.raises(ValueError, match="image_groups"):
             score_candidates(m, men, rec, image_groups=groups[:1])
     for f in FIELDS:
