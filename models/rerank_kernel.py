@@ -32,10 +32,6 @@ from models.mimic import (
 # and its profiles: 64k-1M elements within noise of each other; 16k pays the per-block op
 # overhead, 1 x 1000 in one block spills to memory).
 CANDIDATE_BLOCK = 1 << 18
-# VDLU per image record (vdlu_candidates) only pays when it saves many pairs: below this many
-# (mention, candidate) pairs, or when fewer than half of them share a record, the extra
-# unique / gather ops cost more than the DUAL products they save.
-GROUP_MIN_PAIRS = 1024
 
 
 @torch.inference_mode()
@@ -91,48 +87,31 @@ def vdlu_candidates(
     m_image_cls: Tensor,
     m_image_tokens: Tensor,
     records: MimicEntityRecord,
-    image_groups: Tensor | None = None,
+    no_image: Tensor | None = None,
 ) -> Tensor:
     """VDLU scores (B, K) (inputs LayerNorm'd), ``VisionDualUnit.score(..., shared=False)``.
 
-    Without ``image_groups`` it is the matcher's own batched code. With them ((B, K): equal
-    values = equal VDLU fields, e.g. the store's image rows, where every candidate without an
-    image shares the no-image record), each DUAL block runs once per distinct (mention,
-    image record): the mention-side projections once per mention, then only the (h,) vectors
-    of each group are gathered.
+    ``no_image`` (B, K) bool marks the candidates without an image. When none of the
+    candidates has one (WikiMEL: no entity has an image), every candidate's VDLU fields are the
+    one no-image record (the store's image row 0), so VDLU is one pair per mention, broadcast
+    to its list. Otherwise the matcher's own batched code runs on every pair: computing only the
+    imaged pairs (gathered, scattered back) measured slower than all of them, even with a third
+    of 1,000 candidates imageless (bench/speed.py profiles).
     """
-    if image_groups is not None and image_groups.numel() < GROUP_MIN_PAIRS:
-        image_groups = None
-    if image_groups is None:
-        return matcher.vdlu.score(
-            m_image_cls,
-            m_image_tokens,
-            records.e2m_query,
-            records.m2e_key,
-            records.m2e_pooled,
-            False,
+    if no_image is not None and bool(no_image.all()):
+        first = records.map(lambda t: t[:, :1])  # (B, 1, ...): all alike
+        s = matcher.vdlu.score(
+            m_image_cls, m_image_tokens, first.e2m_query, first.m2e_key, first.m2e_pooled, False
         )
-    b, k = image_groups.shape
-    device = image_groups.device
-    groups = image_groups.to(torch.long)
-    pair_key = torch.arange(b, device=device)[:, None] * (int(groups.max()) + 1) + groups
-    _, inverse = torch.unique(pair_key.reshape(-1), return_inverse=True)
-    n = b * k
-    if 2 * (int(inverse.max()) + 1) > n:  # most pairs have their own record: nothing to save
-        return vdlu_candidates(matcher, m_image_cls, m_image_tokens, records, None)
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=device)
-    first = first.scatter_reduce(0, inverse, torch.arange(n, device=device), "amin")
-    bi, ki = first // k, first % k  # one representative candidate per group, (U,)
-    e2m, m2e = matcher.vdlu.dual_ent2men, matcher.vdlu.dual_men2ent
-    # entity -> mention: a = entity, b = mention (VisionDualUnit.score, per group)
-    s_e2m = e2m.combine(
-        records.e2m_query[bi, ki], e2m.cls_fc(m_image_cls)[bi], e2m.pooled(m_image_tokens)[bi]
+        return s.expand(no_image.shape)
+    return matcher.vdlu.score(
+        m_image_cls,
+        m_image_tokens,
+        records.e2m_query,
+        records.m2e_key,
+        records.m2e_pooled,
+        False,
     )
-    # mention -> entity: a = mention, b = entity
-    s_m2e = m2e.combine(
-        m2e.cls_fc(m_image_cls)[bi], records.m2e_key[bi, ki], records.m2e_pooled[bi, ki]
-    )
-    return ((s_e2m + s_m2e) / 2)[inverse].view(b, k)
 
 
 @torch.inference_mode()
@@ -142,14 +121,14 @@ def score_candidates(
     records: MimicEntityRecord,
     units: tuple[str, ...] | None = None,
     block_elements: int = CANDIDATE_BLOCK,
-    image_groups: Tensor | None = None,
+    no_image: Tensor | None = None,
 ) -> MimicScores:
     """``matcher.score_precomputed(mentions, records, units)`` for per-mention candidate
     records (B, K, ...) -> scores (B, K).
 
-    TGLU goes through :func:`tglu_candidates`; VDLU through :func:`vdlu_candidates` (once per
-    distinct image record of a mention's list when ``image_groups`` (B, K) is given); g2g and
-    CMFU are (B, K, d) inner products. Every unit is computed, as ``score_precomputed`` does
+    TGLU goes through :func:`tglu_candidates`; VDLU through :func:`vdlu_candidates` (one pair
+    per mention when ``no_image`` (B, K) says no candidate has an image); g2g and CMFU are
+    (B, K, d) inner products. Every unit is computed, as ``score_precomputed`` does
     (the server explains with all three and the fusion stage reads them).
     """
     if records.text_cls.dim() != mentions.text_cls.dim() + 1 or (
@@ -159,10 +138,9 @@ def score_candidates(
             f"score_candidates scores per-mention candidate records (B={len(mentions)}, K, "
             f"...), got {tuple(records.text_cls.shape)}"
         )
-    if image_groups is not None and tuple(image_groups.shape) != tuple(records.text_cls.shape[:2]):
+    if no_image is not None and tuple(no_image.shape) != tuple(records.text_cls.shape[:2]):
         raise ValueError(
-            f"image_groups {tuple(image_groups.shape)} must be (B, K) = "
-            f"{tuple(records.text_cls.shape[:2])}"
+            f"no_image {tuple(no_image.shape)} must be (B, K) = {tuple(records.text_cls.shape[:2])}"
         )
     m = matcher._normalise(mentions)
     records = records.map(lambda t: t.to(m.text_cls.dtype))
@@ -175,7 +153,7 @@ def score_candidates(
         records.tglu_query,
         block_elements,
     )
-    s_v = vdlu_candidates(matcher, m.image_cls, m.image_tokens, records, image_groups)
+    s_v = vdlu_candidates(matcher, m.image_cls, m.image_tokens, records, no_image)
     h_m = matcher.cmfu.fuse(m.text_cls, m.image_tokens)  # (B, d)
     # summed as score_precomputed sums (a bmm rounds differently: 4 ulps at |S_C| ~ 60)
     s_c = (h_m.unsqueeze(1) * records.cmfu).sum(-1)
@@ -184,7 +162,6 @@ def score_candidates(
 
 __all__ = [
     "CANDIDATE_BLOCK",
-    "GROUP_MIN_PAIRS",
     "score_candidates",
     "tglu_candidates",
     "vdlu_candidates",
