@@ -28,15 +28,10 @@ from models.mimic import (
     TextGlobalLocalUnit,
 )
 
-# Attention elements (B x k x L x L) materialised at once: 64k fp32 = 256 KB, so the softmax
-# passes over a block run in the L2 cache, not from memory (bench/speed.py: block sizes).
-CANDIDATE_BLOCK = 1 << 16
-# Shifted logits are clamped here before exp: exp(-80) = 1.8e-35 is still a normal float,
-# while exp of anything below -87.3 is subnormal, and producing subnormals makes the
-# vectorised exp ~18x slower (measured: 1.7 ms -> 30 ms per 1.6M elements when 14% of them
-# underflow, as with untrained weights). A term under 1.8e-35 next to the row maximum's 1 is
-# below float32 resolution by 28 orders of magnitude: the softmax is unchanged.
-LOGIT_FLOOR = -80.0
+# Attention elements (B x k x L x L) materialised at once: 256k fp32 = 1 MB (bench/speed.py
+# and its profiles: 64k-1M elements within noise of each other; 16k pays the per-block op
+# overhead, 1 x 1000 in one block spills to memory).
+CANDIDATE_BLOCK = 1 << 18
 
 
 @torch.inference_mode()
@@ -57,12 +52,16 @@ def tglu_candidates(
 
     * one attention for all of a mention's pairs: its K candidates' queries are one (K L, h)
       matrix against its (h, L) keys, so a batch is B GEMMs (one ``bmm``) instead of B K
-      products of (L, h) x (h, L);
-    * the softmax in place, its division folded into the mean over query positions:
-      mean_i softmax(a_i)_j = sum_i exp(a_ij - max_j a_ij) / (L s_i), one (1, L) x (L, L)
-      product per pair, so the (L, L) probabilities are never written out; shifted logits
-      below :data:`LOGIT_FLOOR` are clamped (no subnormal exp results, same softmax);
+      products of (L, h) x (h, L) (at B = 1 torch's broadcasting matmul folds the same way);
+    * the mean over query positions of the softmax rows as one (1, L) x (L, L) product per
+      pair (the released code's order: mean of the probabilities, then times V);
     * candidates in blocks of ``block_elements / (B L^2)`` so the attention stays in cache.
+
+    The softmax is torch's fused one, as in the released code. Measured alternatives
+    (bench/speed.py profiles): exp in place with the division folded into the mean, with
+    and without clamping the shifted logits (exp of anything under -87 leaves the vectorised
+    fast path: ~18x slower, seen with untrained weights) were 5-25% slower; the trained demo
+    model's shifted logits stay above -31, far from that.
     """
     b, k, length, h = e_query.shape
     key = tglu.fc_key(m_tokens)  # (B, L, h)
@@ -71,14 +70,12 @@ def tglu_candidates(
     queries = e_query.reshape(b, k * length, h)
     pbar = torch.empty(b, k, length, dtype=key.dtype, device=key.device)
     step = max(1, block_elements // (b * length * length))
+    mean_w = torch.full((1, 1, length), 1.0 / length, dtype=key.dtype, device=key.device)
     for s in range(0, k, step):
         c = min(step, k - s)
         att = torch.bmm(queries[:, s * length : (s + c) * length], key_t)  # (B, c L, L)
-        att.sub_(att.amax(dim=-1, keepdim=True)).clamp_(min=LOGIT_FLOOR).exp_()
-        inv = att.sum(dim=-1).reciprocal_().mul_(1.0 / length)  # (B, c L): 1 / (L s_i)
-        pbar[:, s : s + c] = torch.bmm(
-            inv.view(b * c, 1, length), att.view(b * c, length, length)
-        ).view(b, c, length)
+        probs = att.softmax(dim=-1).view(b * c, length, length)
+        pbar[:, s : s + c] = torch.bmm(mean_w.expand(b * c, 1, length), probs).view(b, c, length)
     ctx = tglu.layer_norm(torch.bmm(pbar, value))  # (B, K, L) @ (B, L, h) -> (B, K, h)
     g2l = (ctx * e_cls_fc).sum(-1)
     g2g = (m_cls.unsqueeze(1) * e_text_cls).sum(-1)  # (B, K); summed as the matcher sums
@@ -90,42 +87,31 @@ def vdlu_candidates(
     m_image_cls: Tensor,
     m_image_tokens: Tensor,
     records: MimicEntityRecord,
-    image_groups: Tensor | None = None,
+    no_image: Tensor | None = None,
 ) -> Tensor:
-    """VDLU scores (B, K) (inputs LayerNorm'd): the matcher's own batched code, run once per
-    distinct (mention, image record) when ``image_groups`` (B, K) says which candidates share
-    their VDLU fields (the store's image row: every candidate without an image shares the
-    no-image record, so a list of imageless candidates costs one VDLU pair per mention)."""
-    if image_groups is None:
-        return matcher.vdlu.score(
-            m_image_cls,
-            m_image_tokens,
-            records.e2m_query,
-            records.m2e_key,
-            records.m2e_pooled,
-            False,
+    """VDLU scores (B, K) (inputs LayerNorm'd), ``VisionDualUnit.score(..., shared=False)``.
+
+    ``no_image`` (B, K) bool marks the candidates without an image. When none of the
+    candidates has one (WikiMEL: no entity has an image), every candidate's VDLU fields are the
+    one no-image record (the store's image row 0), so VDLU is one pair per mention, broadcast
+    to its list. Otherwise the matcher's own batched code runs on every pair: computing only the
+    imaged pairs (gathered, scattered back) measured slower than all of them, even with a third
+    of 1,000 candidates imageless (bench/speed.py profiles).
+    """
+    if no_image is not None and bool(no_image.all()):
+        first = records.map(lambda t: t[:, :1])  # (B, 1, ...): all alike
+        s = matcher.vdlu.score(
+            m_image_cls, m_image_tokens, first.e2m_query, first.m2e_key, first.m2e_pooled, False
         )
-    b, k = image_groups.shape
-    groups = image_groups.to(torch.long)
-    pair_key = torch.arange(b, device=groups.device)[:, None] * (int(groups.max()) + 1) + groups
-    _, inverse = torch.unique(pair_key.reshape(-1), return_inverse=True)
-    n = b * k
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.long, device=groups.device)
-    first = first.scatter_reduce(0, inverse, torch.arange(n, device=groups.device), "amin")
-    bi, ki = first // k, first % k  # one representative candidate per group
-
-    def pick(t: Tensor) -> Tensor:
-        return t[bi, ki].unsqueeze(1)  # (U, 1, h): each group as a list of one
-
-    s = matcher.vdlu.score(
-        m_image_cls[bi],
-        m_image_tokens[bi],
-        pick(records.e2m_query),
-        pick(records.m2e_key),
-        pick(records.m2e_pooled),
+        return s.expand(no_image.shape)
+    return matcher.vdlu.score(
+        m_image_cls,
+        m_image_tokens,
+        records.e2m_query,
+        records.m2e_key,
+        records.m2e_pooled,
         False,
-    )  # (U, 1)
-    return s[:, 0][inverse].view(b, k)
+    )
 
 
 @torch.inference_mode()
@@ -135,14 +121,14 @@ def score_candidates(
     records: MimicEntityRecord,
     units: tuple[str, ...] | None = None,
     block_elements: int = CANDIDATE_BLOCK,
-    image_groups: Tensor | None = None,
+    no_image: Tensor | None = None,
 ) -> MimicScores:
     """``matcher.score_precomputed(mentions, records, units)`` for per-mention candidate
     records (B, K, ...) -> scores (B, K).
 
-    TGLU goes through :func:`tglu_candidates`; VDLU through :func:`vdlu_candidates` (once per
-    distinct image record of a mention's list when ``image_groups`` (B, K) is given); g2g and
-    CMFU are (B, K, d) inner products. Every unit is computed, as ``score_precomputed`` does
+    TGLU goes through :func:`tglu_candidates`; VDLU through :func:`vdlu_candidates` (one pair
+    per mention when ``no_image`` (B, K) says no candidate has an image); g2g and CMFU are
+    (B, K, d) inner products. Every unit is computed, as ``score_precomputed`` does
     (the server explains with all three and the fusion stage reads them).
     """
     if records.text_cls.dim() != mentions.text_cls.dim() + 1 or (
@@ -152,10 +138,9 @@ def score_candidates(
             f"score_candidates scores per-mention candidate records (B={len(mentions)}, K, "
             f"...), got {tuple(records.text_cls.shape)}"
         )
-    if image_groups is not None and tuple(image_groups.shape) != tuple(records.text_cls.shape[:2]):
+    if no_image is not None and tuple(no_image.shape) != tuple(records.text_cls.shape[:2]):
         raise ValueError(
-            f"image_groups {tuple(image_groups.shape)} must be (B, K) = "
-            f"{tuple(records.text_cls.shape[:2])}"
+            f"no_image {tuple(no_image.shape)} must be (B, K) = {tuple(records.text_cls.shape[:2])}"
         )
     m = matcher._normalise(mentions)
     records = records.map(lambda t: t.to(m.text_cls.dtype))
@@ -168,7 +153,7 @@ def score_candidates(
         records.tglu_query,
         block_elements,
     )
-    s_v = vdlu_candidates(matcher, m.image_cls, m.image_tokens, records, image_groups)
+    s_v = vdlu_candidates(matcher, m.image_cls, m.image_tokens, records, no_image)
     h_m = matcher.cmfu.fuse(m.text_cls, m.image_tokens)  # (B, d)
     # summed as score_precomputed sums (a bmm rounds differently: 4 ulps at |S_C| ~ 60)
     s_c = (h_m.unsqueeze(1) * records.cmfu).sum(-1)
@@ -177,7 +162,6 @@ def score_candidates(
 
 __all__ = [
     "CANDIDATE_BLOCK",
-    "LOGIT_FLOOR",
     "score_candidates",
     "tglu_candidates",
     "vdlu_candidates",

@@ -117,13 +117,12 @@ class MimicReranker:
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        groups = self.searcher.image_rows(candidates.rows)  # VDLU once per image record
-        s = score_candidates(
-            self.model.matcher,
-            batch.encoded.mimic,
-            records,
-            image_groups=torch.from_numpy(groups).to(self.device) if groups is not None else None,
+        image_rows = self.searcher.image_rows(candidates.rows)  # None: a version 1 store
+        # image record 0 is the no-image one: their VDLU once per mention
+        no_image = (
+            torch.from_numpy(image_rows == 0).to(self.device) if image_rows is not None else None
         )
+        s = score_candidates(self.model.matcher, batch.encoded.mimic, records, no_image=no_image)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()

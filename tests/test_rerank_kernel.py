@@ -93,26 +93,40 @@ def test_kernel_at_serving_sizes_fp16_records_and_entities_without_images() -> N
         torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
 
 
-def test_vdlu_once_per_image_record_equals_every_pair() -> None:
-    """Candidates sharing an image record (the no-image one, or one image of two entities)
-    score VDLU once per mention and group, with the same result."""
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
+def test_vdlu_for_imageless_candidates_equals_every_pair(
+    share: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Imageless candidates all carry the no-image record: a batch of only those scores VDLU
+    once per mention (the per-pair VDLU never runs), any other the usual way; same scores."""
     m = _matcher(seed=6)
     gen = torch.Generator().manual_seed(7)
-    b, k = 3, 9
+    b, k = 4, 9
     men = _feats(b, dtype=torch.float32, gen=gen)
     ent = _feats(b, k, dtype=torch.float32, gen=gen)
-    table = _feats(4, dtype=torch.float32, gen=gen)  # image records 0..3 (0: "no image")
-    groups = torch.randint(0, 4, (b, k), generator=gen)
-    groups[0] = 0  # a list of imageless candidates only
+    blank = _feats(1, dtype=torch.float32, gen=gen)
+    no_image = torch.rand(b, k, generator=gen) < share
     ent = MimicFeatures(
-        ent.text_cls, ent.text_tokens, table.image_cls[groups], table.image_tokens[groups]
+        ent.text_cls,
+        ent.text_tokens,
+        torch.where(no_image[..., None], blank.image_cls, ent.image_cls),
+        torch.where(no_image[..., None, None], blank.image_tokens, ent.image_tokens),
     )
     rec = m.precompute_entities(ent)
     with torch.inference_mode():
         ref = m.score_precomputed(men, rec)
-        got = score_candidates(m, men, rec, image_groups=groups)
-        with pytest.raises(ValueError, match="image_groups"):
-            score_candidates(m, men, rec, image_groups=groups[:1])
+        calls: list[tuple[int, ...]] = []
+        plain = m.vdlu.score
+
+        def spy(*args: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(args[2].shape[:2]))
+            return plain(*args)
+
+        monkeypatch.setattr(m.vdlu, "score", spy)
+        got = score_candidates(m, men, rec, no_image=no_image)
+        with pytest.raises(ValueError, match="no_image"):
+            score_candidates(m, men, rec, no_image=no_image[:1])
+    assert calls == [(b, 1) if share == 1.0 else (b, k)]
     for f in FIELDS:
         torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
 

@@ -143,7 +143,7 @@ def test_version_1_folders_read_and_extend_as_before(
     for f in a.manifest.store_fields:  # every field, MIMIC's and DRIN's, by entity row
         (x,), (y,) = a.fields(rows, (f,)), b.fields(rows, (f,))
         _same(x.numpy(), y.numpy(), codecs.get(f, "f16"))
-    # the image rows group candidates for the reranking kernel's VDLU (none in v1)
+    # the image rows tell the reranking kernel which candidates have no image (none in v1)
     groups = a.image_rows(rows)
     assert b.image_rows(rows) is None and groups is not None
     ir = [int(r) for r in a.store.image_rows]  # even entities: no image, record 0
@@ -152,7 +152,7 @@ def test_version_1_folders_read_and_extend_as_before(
     with torch.inference_mode():
         rec = a.records(rows)
         want = model.matcher.score_precomputed(men, rec)
-        got = score_candidates(model.matcher, men, rec, image_groups=torch.from_numpy(groups))
+        got = score_candidates(model.matcher, men, rec, no_image=torch.from_numpy(groups == 0))
     torch.testing.assert_close(got.score, want.score, rtol=0, atol=1e-5)
     a.close()
     b.close()
