@@ -91,7 +91,10 @@ class LinkingModel(PretrainedModule):
             cmfu_hidden_dim=hidden,
             **({"units": units} if units else {}),
         )
-        return cls(LinkingModelConfig(EncoderConfig(backend=backend, dv=dv), mimic), backbone)
+        enc = EncoderConfig(backend=backend, dv=dv)
+        if isinstance(backbone, MiniLmEffNetBackbone):  # its image side is a choice (CLIP's is not)
+            enc = EncoderConfig(backend=backend, dv=dv, image_size=backbone.pixel_size)
+        return cls(LinkingModelConfig(enc, mimic), backbone)
 
     @classmethod
     def default(cls, seed: int = 0) -> LinkingModel:

@@ -82,3 +82,18 @@ def test_decode_refuses_bombs_and_garbage(tmp_path: Path) -> None:
         decode_image(b"not an image")
     ok = decode_image(big.read_bytes())
     assert ok.size == (5000, 5000)
+
+
+def test_a_smaller_image_side_survives_a_checkpoint(tmp_path: Path) -> None:
+    # mel-train --image-size: the side is recorded in the model config, so the index job and
+    # the server (which rebuild the towers from the checkpoint) encode images the same way
+    from models.model import LinkingModel
+
+    model = LinkingModel.for_backbone(MiniLmEffNetBackbone.from_packages(image_size=96))
+    assert model.config.encoder.image_size == 96
+    model.save_pretrained(tmp_path / "m")
+    back = LinkingModel.from_pretrained(tmp_path / "m")
+    assert back.config.encoder.image_size == 96 and back.config.encoder.num_image_tokens == 9
+    with torch.inference_mode():
+        f = back.encoder.encode([mention_text("Ada", "Ada wrote notes.")], [_img(3)])
+    assert f.image_tokens.shape == (1, 9, 96)

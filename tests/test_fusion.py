@@ -26,11 +26,14 @@ from models.fusion import (
 from models.fusion_train import (
     calibration_error,
     choose_threshold,
+    cross_fit,
     fit_calibration,
     fit_ranker,
+    fit_verifier,
     nil_decisions,
     predict,
     ranking_metrics,
+    refit,
 )
 
 
@@ -223,3 +226,46 @@ def test_table_round_trip_and_removal(tmp_path: Path) -> None:
     assert gone.gold[2] is None and gone.gold[0] == t.gold[0]
     assert ((gone.signals.rows >= 0).sum()) == (t.signals.rows >= 0).sum() - 2
     assert gone.gold_positions()[2] == -1
+
+
+def test_lists_without_their_own_gold() -> None:
+    t = _table(6, 4, 3)
+    own = t.without_own_gold()
+    assert own.gold == [None] * 6
+    for b, k in enumerate(t.gold_positions()):
+        # only the mention's own gold left its list; the gold is still in every other list
+        assert own.signals.rows[b, k] == -1 and own.signals.info[b][k] is None
+        assert (own.signals.rows[b] >= 0).sum() == (t.signals.rows[b] >= 0).sum() - 1
+    assert np.array_equal(own.signals.mimic, t.signals.mimic)
+
+
+def test_verifier_learns_from_extra_nil_lists() -> None:
+    # the verifier is fitted on the rows and the extra (all-wrong) rows; out-of-fold
+    # predictions come back for the given rows only, and the extra rows pull them down
+    rng = np.random.default_rng(0)
+    n = 400
+    feats = rng.normal(size=(n, 3)).astype(np.float32)
+    right = feats[:, 0] + 0.5 * rng.normal(size=n) > 0
+    fold = np.arange(n) % 4
+    _, plain = fit_verifier(feats, right, fold, seed=0, threads=1)
+    extra = (feats, np.zeros(n, dtype=bool), fold, 1.0)
+    _, pulled = fit_verifier(feats, right, fold, seed=0, threads=1, extra=extra)
+    assert plain.shape == pulled.shape == (n,)
+    assert pulled.mean() < plain.mean() - 0.1
+    # it still ranks by the planted signal
+    assert np.corrcoef(pulled, feats[:, 0])[0, 1] > 0.5
+
+
+def test_cross_fit_folds_share_one_tree_count_and_refit_uses_it() -> None:
+    dev = _table(200, 6, 4)
+    names = [f for f in all_features() if not f.startswith("drin")]
+    cols = [list(all_features()).index(f) for f in names]
+    x = candidate_features(dev.mentions, dev.signals, EntityPrior())
+    folded, fold_of = cross_fit(x, dev, cols, names, 4, seed=0, threads=1, rounds=60)
+    trees = {b.current_iteration() for b in folded}
+    assert len(trees) == 1 and 20 <= trees.pop() <= 60  # one count, at least min_rounds
+    assert sorted(np.bincount(fold_of).tolist()) == [50, 50, 50, 50]
+    one = refit(x, dev, cols, names, folded, seed=0, threads=1)
+    assert one.current_iteration() == folded[0].current_iteration()
+    s = predict(one, x, cols, dev.signals.valid)
+    assert ranking_metrics(s, dev.signals.valid, dev.gold_positions())["H@1"] > 0.6
