@@ -503,36 +503,26 @@ class CandidateTable:
         """The table as if the ``removed`` entities were not in the KB: they leave every
         list (a list may then hold fewer candidates), and mentions whose gold they were
         become NIL."""
-        sig = self.signals
-        rows = sig.rows.copy()
-        info = [list(line) for line in sig.info]
-        for b, line in enumerate(info):
-            for k, c in enumerate(line):
-                if c is not None and c.id in removed:
-                    rows[b, k], line[k] = -1, None
-        gold = [None if g in removed else g for g in self.gold]
-        new = CandidateSignals(
-            rows,
-            sig.dense,
-            sig.from_dense & (rows >= 0),
-            sig.from_lexical & (rows >= 0),
-            sig.lexical,
-            sig.mimic,
-            sig.drin,
-            sig.name_cos,
-            info,
-        )
-        return CandidateTable(self.ids, self.mentions, gold, new)
+        drop = [
+            [k for k, c in enumerate(line) if c is not None and c.id in removed]
+            for line in self.signals.info
+        ]
+        return self._dropping(drop, [None if g in removed else g for g in self.gold])
 
     def without_own_gold(self) -> CandidateTable:
         """Each list without its own gold: what the mention would get if its referent were
         not in the KB (every mention becomes NIL; other lists are not touched). The NIL
         verifier learns from these, many more NIL examples than a removal split gives."""
+        drop = [[int(k)] if k >= 0 else [] for k in self.gold_positions()]
+        return self._dropping(drop, [None] * len(self))
+
+    def _dropping(self, drop: list[list[int]], gold: list[str | None]) -> CandidateTable:
+        """The table with candidates ``drop[b]`` out of list b, and the given golds."""
         sig = self.signals
         rows = sig.rows.copy()
         info = [list(line) for line in sig.info]
-        for b, k in enumerate(self.gold_positions()):
-            if k >= 0:
+        for b, ks in enumerate(drop):
+            for k in ks:
                 rows[b, k], info[b][k] = -1, None
         new = CandidateSignals(
             rows,
@@ -545,7 +535,7 @@ class CandidateTable:
             sig.name_cos,
             info,
         )
-        return CandidateTable(self.ids, self.mentions, [None] * len(self), new)
+        return CandidateTable(self.ids, self.mentions, gold, new)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         folder = Path(folder)
