@@ -227,13 +227,23 @@ class Linker:
 
     # ------------------------------------------------------------------ link
     @torch.inference_mode()
-    def retrieve(self, encoded: EncodedMentions, k: int) -> Candidates:
-        """The top ``k`` entities of each mention by the model's retrieval vectors."""
-        queries = self.model.matcher.retrieval_queries(encoded.mimic)
+    def retrieve(
+        self, encoded: EncodedMentions, k: int, queries: torch.Tensor | None = None
+    ) -> Candidates:
+        """The top ``k`` entities of each mention by the model's retrieval vectors
+        (``queries``: those vectors when the caller already has them)."""
+        if queries is None:
+            queries = self.model.matcher.retrieval_queries(encoded.mimic)
         return self.searcher.search(queries.float().cpu().numpy(), k)
 
     @torch.inference_mode()
-    def merge_lexical(self, batch: MentionBatch, dense: Candidates, k: int) -> Candidates:
+    def merge_lexical(
+        self,
+        batch: MentionBatch,
+        dense: Candidates,
+        k: int,
+        queries: torch.Tensor | None = None,
+    ) -> Candidates:
         """The dense lists plus the lexical channel's top ``k`` by name (deduplicated, dense
         first, padded with -1 to ``K + k``). A lexical-only candidate's dense score is
         computed exactly from its stored record, so every candidate has one."""
@@ -265,7 +275,11 @@ class Linker:
                 t.to(self.device) for t in self.searcher.fields(extra, ("text_cls", "cmfu"))
             )
             keys = self.model.matcher.retrieval_keys_of(text_cls, cmfu)
-            q = self.model.matcher.retrieval_queries(batch.encoded.mimic)
+            q = (
+                queries
+                if queries is not None
+                else self.model.matcher.retrieval_queries(batch.encoded.mimic)
+            )
             scores = torch.einsum("bd,bkd->bk", q.float(), keys.float()).cpu().numpy()
             retrieval[:, K:] = np.where(extra >= 0, scores, 0.0)
         from_dense = np.zeros((B, K + k), dtype=bool)
@@ -277,7 +291,9 @@ class Linker:
     ) -> tuple[list[LinkResult], LinkTimes]:
         """Retrieve + rerank for B mentions; one result per mention, in order."""
         t0 = time.perf_counter()
-        cand = self.retrieve(batch.encoded, max(p.candidates_k for p in params))
+        with torch.inference_mode():
+            queries = self.model.matcher.retrieval_queries(batch.encoded.mimic)
+        cand = self.retrieve(batch.encoded, max(p.candidates_k for p in params), queries)
         retrieve = time.perf_counter() - t0
         groups: dict[tuple[str, int], list[int]] = {}
         for i, p in enumerate(params):
@@ -291,7 +307,7 @@ class Linker:
             sub = cand.take(idx, k)
             mentions = batch.select(idx)
             if reranker.uses_lexical:
-                sub = self.merge_lexical(mentions, sub, self.lexical_k)
+                sub = self.merge_lexical(mentions, sub, self.lexical_k, queries[idx])
             out = reranker.rerank(mentions, sub)
             cal = self.calibrations.get(name)
             conf = cal.probabilities(out.scores, sub.rows >= 0) if cal is not None else None
