@@ -118,24 +118,6 @@ class MicroBatcher:
         # shield: a caller that times out must not cancel a job its batch-mates depend on
         return await asyncio.shield(job.future)
 
-    def submit_many(
-        self, work: list[tuple[MentionInput, LinkParams]]
-    ) -> list[asyncio.Future[LinkedMention]]:
-        """Queue a group of mentions in one go, so that the worker takes them as one model
-        batch (up to ``max_batch_size``) instead of as they trickle in; all or none (a full
-        queue refuses the whole group). Returns one shielded future per mention."""
-        if not self.accepting:
-            raise ShuttingDown("the server is shutting down")
-        free = self.queue.maxsize - self.queue.qsize() if self.queue.maxsize > 0 else len(work)
-        if len(work) > free:
-            raise QueueFull(f"{self.queue.qsize()} mentions already queued, {len(work)} more")
-        loop = asyncio.get_running_loop()
-        jobs = [LinkJob(item, params, loop.create_future()) for item, params in work]
-        for job in jobs:
-            self.queue.put_nowait(job)
-        self.metrics.queue_depth.set(self.queue.qsize())
-        return [asyncio.shield(job.future) for job in jobs]
-
     async def _collect(self) -> list[LinkJob]:
         batch = [await self.queue.get()]
         # counted as in flight from the moment they leave the queue: stop() must not take a

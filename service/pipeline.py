@@ -62,10 +62,6 @@ class Prepared:
         return self.probe.pixels if self.probe is not None else 0
 
 
-def _sha(p: Prepared) -> str | None:
-    return hashlib.sha256(p.image).hexdigest() if p.image is not None else None
-
-
 def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
     """The wire answer of one linked mention (timings are set by the caller)."""
     r = linked.result
@@ -440,30 +436,15 @@ class LinkService:
     async def run(self, p: Prepared) -> LinkResponse:
         """Link one prepared request: result cache, decode, batcher, cache the answer."""
         state = self.require_state()
-        sha = _sha(p)
-        key = self._result_key(state, p, sha)
-        hit = await self._cached([key], [p])
-        if hit[0] is not None:
-            return hit[0]
-        item, t_dec = await self._decode(p, sha)
-        return await self._await_linked(state, p, item, key, t_dec, None)
-
-    async def _cached(self, keys: list[str], ps: list[Prepared]) -> list[LinkResponse | None]:
-        """The cached answers of ``keys`` (None for a miss), with this request's timings."""
         assert self.cache is not None
-        out: list[LinkResponse | None] = []
-        for raw, p in zip(await self.cache.get_many(keys), ps, strict=True):
-            self.metrics.cache.labels(kind="result", outcome="hit" if raw else "miss").inc()
-            if not raw:
-                out.append(None)
-                continue
-            hit = LinkResponse.model_validate_json(raw)
+        sha = hashlib.sha256(p.image).hexdigest() if p.image is not None else None
+        key = self._result_key(state, p, sha)
+        cached = (await self.cache.get_many([key]))[0]
+        self.metrics.cache.labels(kind="result", outcome="hit" if cached else "miss").inc()
+        if cached:
+            hit = LinkResponse.model_validate_json(cached)
             total = 1000 * (time.perf_counter() - p.started)
-            out.append(hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)}))
-        return out
-
-    async def _decode(self, p: Prepared, sha: str | None) -> tuple[MentionInput, float]:
-        """The mention as the model takes it: its image decoded (off the event loop)."""
+            return hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)})
         img, t_dec = None, 0.0
         if p.image is not None:
             td = time.perf_counter()
@@ -471,26 +452,12 @@ class LinkService:
             t_dec = time.perf_counter() - td
             self.metrics.stage_seconds.labels(stage="decode").observe(t_dec)
         span = (p.req.span[0], p.req.span[1]) if p.req.span else None
-        return MentionInput(p.req.mention, p.req.sentence, img, sha, span), t_dec
-
-    async def _await_linked(
-        self,
-        state: Serving,
-        p: Prepared,
-        item: MentionInput,
-        key: str,
-        t_dec: float,
-        queued: asyncio.Future[LinkedMention] | None,
-    ) -> LinkResponse:
-        """Wait for the model's answer (``queued``: already submitted with a group), retrying
-        on the new generation when a hot swap retired this one; cache and time it."""
+        item = MentionInput(p.req.mention, p.req.sentence, img, sha, span)
         timeout = self.settings.request_timeout_s
         try:
             while True:
                 try:
-                    fut = queued if queued is not None else state.batcher.submit(item, p.params)
-                    queued = None
-                    linked = await asyncio.wait_for(fut, timeout)
+                    linked = await asyncio.wait_for(state.batcher.submit(item, p.params), timeout)
                     break
                 except ShuttingDown:
                     # a hot swap retired this generation after the request chose it: the
@@ -502,7 +469,7 @@ class LinkService:
                         raise ApiError(
                             503, "reranker_unavailable", "the reloaded server lacks this reranker"
                         ) from None
-                    key = self._result_key(state, p, item.image_sha)
+                    key = self._result_key(state, p, sha)
         except QueueFull as exc:
             raise ApiError(
                 429, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}
@@ -511,8 +478,8 @@ class LinkService:
             raise ApiError(503, "shutting_down", str(exc)) from exc
         except TimeoutError as exc:
             raise ApiError(504, "timeout", f"no result within {timeout}s") from exc
-        assert self.cache is not None
-        out = to_response(state.linker, linked)
+        linker = state.linker
+        out = to_response(linker, linked)
         await self.cache.set_many([(key, out.model_dump_json(exclude={"timings"}).encode())])
         t = linked.times
         out.timings = Timings(
@@ -526,45 +493,6 @@ class LinkService:
             cached=False,
         )
         return out
-
-    async def run_group(self, ps: list[Prepared]) -> list[LinkResponse | ApiError]:
-        """Link a batch call's items together: one cache lookup, then each slice of
-        ``max_batch_size`` misses decoded and queued as one group (one model batch), the
-        next slice decoding while the model works on this one. Errors are per item."""
-        state = self.require_state()
-        shas = [_sha(p) for p in ps]
-        keys = [self._result_key(state, p, sha) for p, sha in zip(ps, shas, strict=True)]
-        out: list[LinkResponse | ApiError | None] = list(await self._cached(keys, ps))
-        miss = [i for i, r in enumerate(out) if r is None]
-        waits: list[Any] = []
-        step = max(1, self.settings.max_batch_size)
-        for start in range(0, len(miss), step):
-            part = miss[start : start + step]
-            decoded = await asyncio.gather(
-                *(self._decode(ps[i], shas[i]) for i in part), return_exceptions=True
-            )
-            ready = []
-            for i, d in zip(part, decoded, strict=True):
-                if isinstance(d, ApiError):
-                    out[i] = d
-                elif isinstance(d, BaseException):
-                    raise d
-                else:
-                    ready.append((i, d))
-            try:
-                futs: list[Any] = state.batcher.submit_many(
-                    [(item, ps[i].params) for i, (item, _) in ready]
-                )
-            except (QueueFull, ShuttingDown):
-                futs = [None] * len(ready)  # each item on its own: 429, 503 or the new generation
-            for (i, (item, t_dec)), fut in zip(ready, futs, strict=True):
-                waits.append((i, self._await_linked(state, ps[i], item, keys[i], t_dec, fut)))
-        results = await asyncio.gather(*(w for _, w in waits), return_exceptions=True)
-        for (i, _), r in zip(waits, results, strict=True):
-            if isinstance(r, BaseException) and not isinstance(r, ApiError):
-                raise r
-            out[i] = r
-        return [r for r in out if r is not None]
 
     async def link_one(self, req: LinkRequest, raw_image: bytes | None = None) -> LinkResponse:
         p = await self.prepare(req, raw_image)
@@ -597,16 +525,15 @@ class LinkService:
         ready = await asyncio.gather(*(prepare(it) for it in items))
         self.check_budget([p for p in ready if isinstance(p, Prepared)])
 
-        good = [p for p in ready if isinstance(p, Prepared)]
-        linked = iter(await self.run_group(good))
-        results = []
-        for p in ready:
+        async def run(p: Prepared | BatchItemResult) -> BatchItemResult:
             if isinstance(p, BatchItemResult):
-                results.append(p)
-                continue
-            r = next(linked)
-            results.append(error(r) if isinstance(r, ApiError) else BatchItemResult(result=r))
-        return BatchResponse(results=results)
+                return p
+            try:
+                return BatchItemResult(result=await self.run(p))
+            except ApiError as exc:
+                return error(exc)
+
+        return BatchResponse(results=list(await asyncio.gather(*(run(p) for p in ready))))
 
     def entity(self, entity_id: str) -> dict[str, Any]:
         ent = self.require_ready().entity(entity_id)

@@ -221,26 +221,3 @@ def test_redis_cache_reports_its_state_and_never_raises() -> None:
 
     asyncio.run(run())
     assert states == [False, False] and len(errors) == 2
-
-
-def test_a_group_is_queued_at_once_and_refused_whole() -> None:
-    async def run() -> None:
-        linker = FakeLinker()
-        linker.gate.clear()  # hold the worker so the queue fills
-        b = _batcher(linker, queue_size=8, max_batch_size=4, max_wait_ms=0.0)
-        await b.start()
-        words = ["a" * n for n in range(1, 7)]
-        futs = b.submit_many([(MentionInput(w, "s"), LinkParams()) for w in words])
-        await asyncio.sleep(0.05)  # the worker took the first 4 together, the rest wait
-        with pytest.raises(QueueFull):  # 2 queued + 7 > 8: nothing of this group is queued
-            b.submit_many([(MentionInput("x" * n, "s"), LinkParams()) for n in range(7)])
-        assert b.queue.qsize() == 2
-        linker.gate.set()
-        out = await asyncio.gather(*futs)
-        await b.stop()
-        assert [o.result.candidates[0].entity_id for o in out] == [f"E{n}" for n in range(1, 7)]
-        assert linker.batches == [4, 2]  # with no wait at all, still model batches of the group
-        with pytest.raises(ShuttingDown):
-            b.submit_many([(MentionInput("d", "s"), LinkParams())])
-
-    asyncio.run(run())

@@ -180,18 +180,6 @@ def test_batch_keeps_order_and_isolates_bad_items(server: str) -> None:
     assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "batch_too_large"
 
 
-def test_a_batch_call_reaches_the_model_as_one_batch(server: str) -> None:
-    items = [{"mention": f"Jo Ames {i}", "sentence": f"group call {i}"} for i in range(3)]
-    items.insert(2, {"mention": "Jo Cole", "sentence": "x", "image": "%%%not base64"})
-    r = httpx.post(f"{server}/v1/link/batch", json={"items": items}, timeout=30)
-    assert r.status_code == 200, r.text
-    res = r.json()["results"]
-    assert res[2]["error"]["code"] == "bad_image_encoding"
-    good = [x["result"] for i, x in enumerate(res) if i != 2]
-    assert all(not g["timings"]["cached"] for g in good)
-    assert {g["timings"]["batch_size"] for g in good} == {3}  # one model batch, the bad one out
-
-
 @pytest.mark.parametrize(
     ("patch", "status", "code"),
     [
