@@ -111,6 +111,8 @@ def run_bulk(a: argparse.Namespace, inp: Path, out: Path, env: dict[str, str]) -
     cmd = [sys.executable, "-m", "service.bulk", "--in", str(inp), "--out", str(out)]
     cmd += ["--model", a.model, "--index", a.index, "--device", "cpu", "--no-progress"]
     cmd += ["--batch-size", str(a.bulk_batch), "--restart"]
+    if a.bulk_threads:
+        cmd += ["--threads", str(a.bulk_threads)]
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t
@@ -120,6 +122,7 @@ def run_bulk(a: argparse.Namespace, inp: Path, out: Path, env: dict[str, str]) -
     lines = out.read_text().splitlines()
     return {
         "batch_size": a.bulk_batch,
+        "threads": a.bulk_threads,
         "linking_seconds": round(rep["seconds"], 2),
         "command_seconds": round(wall, 2),
         "lines": len(lines),
@@ -156,8 +159,12 @@ def markdown(res: dict[str, Any]) -> str:
         f"linking, {res['bulk_rate_with_load']:.1f} with its start-up: **{res['ratio']:.2f}x** "
         f"the server's best (goal >= 1x). Server: {res['server']}.",
         "",
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores (shared with other "
-        f"jobs during the run); torch {res['machine']['torch']}, faiss "
+        f"mel-link intra-op threads: {res['blocks'][0]['bulk'].get('threads') or 'its default'}"
+        f"; the server's: {res.get('server_threads') or 'its default'} (default: the "
+        "available cores minus one).",
+        "",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; torch "
+        f"{res['machine']['torch']}, faiss "
         f"{res['machine']['faiss']}; commit {res['machine']['commit']}; {res['machine']['date']}.",
         "",
     ]
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-items", type=int, default=32, help="items per /v1/link/batch call")
     p.add_argument("--bulk-batch", type=int, default=32, help="mel-link --batch-size")
+    p.add_argument("--bulk-threads", type=int, help="mel-link --threads (default: its own)")
+    p.add_argument("--server-threads", type=int, help="the server's MEL_INTRA_OP_THREADS")
     p.add_argument("--render", action="store_true")
     a = p.parse_args(argv)
     path = Path(a.results)
@@ -202,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         blocks.append((f, batch_bodies(data, ms[i : i + size], a.batch_items)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEL_")}
     env.update(PYTHONPATH=str(ROOT), MEL_DEVICE="cpu", MEL_CACHE_TTL_S="0")
+    server_env = dict(env)
+    if a.server_threads:
+        server_env["MEL_INTRA_OP_THREADS"] = str(a.server_threads)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "service.cli", "--model", a.model, "--index", a.index]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     log = open(work / "server.log", "wb")  # noqa: SIM115 (the server's lifetime)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT)
     recs = []
     try:
         wait_ready(proc, base, 300)
@@ -246,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "blocks": recs,
         "server_by_concurrency": by_c,
         "server_best": {"concurrency": best_c, "mentions_per_s": by_c[best_c]},
+        "server_threads": a.server_threads,
         "bulk_rate": round(bulk_rate, 2),
         "bulk_rate_with_load": round(n / sum(r["bulk"]["command_seconds"] for r in recs), 2),
         "ratio": round(bulk_rate / by_c[best_c], 3),

@@ -104,6 +104,8 @@ def free_port() -> int:
 def start_server(a: argparse.Namespace, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEL_")}
     env.update({"MEL_DEVICE": "cpu", "MEL_LRU_SIZE": "10000"})
+    if a.server_threads:
+        env["MEL_INTRA_OP_THREADS"] = str(a.server_threads)
     mel_serve = Path(sys.executable).parent / "mel-serve"
     cmd = [str(mel_serve), "--model", a.model, "--index", a.index, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning"]
@@ -328,7 +330,9 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"Server: `mel-serve` on 127.0.0.1 (1 uvicorn worker, in-process LRU cache, "
         f"MEL_MAX_BATCH_SIZE={res['settings']['max_batch_size']}, "
-        f"MEL_MAX_WAIT_MS={res['settings']['max_wait_ms']}), Flat index of the demo world "
+        f"MEL_MAX_WAIT_MS={res['settings']['max_wait_ms']}, MEL_INTRA_OP_THREADS="
+        f"{res['settings'].get('intra_op_threads') or 'unset: the cores minus one'}), "
+        "Flat index of the demo world "
         f"({res['index_entities']:,} entities); client: httpx (async) in a second process on "
         f"the same machine. Every request: a distinct demo test mention with its image "
         f"(base64), top_k 10, 100 candidates reranked by MIMIC, unless it is a cache hit.",
@@ -404,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-repeats", type=int, default=5)
     p.add_argument("--phase-timeout", type=float, default=180.0, help="seconds per phase")
     p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--server-threads", type=int, help="the server's MEL_INTRA_OP_THREADS")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from --results")
     a = p.parse_args(argv)
     path = Path(a.results)
@@ -427,7 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("server stopped (exit %s)", rc)
     res = {
         "machine": machine_info(),
-        "settings": {**server_settings(), "cache": "in-process LRU", "device": "cpu"},
+        "settings": {
+            **server_settings(),
+            "cache": "in-process LRU",
+            "device": "cpu",
+            "intra_op_threads": a.server_threads,
+        },
         "index": a.index,
         "index_entities": manifest["entity_count"],
         "index_factory": manifest["factory"],

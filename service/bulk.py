@@ -472,7 +472,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", type=int, default=BulkOptions.prefetch, help="batches ahead")
     p.add_argument("--explain", action="store_true")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="MEL_DEVICE")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch and onnxruntime intra-op threads (MEL_INTRA_OP_THREADS; default: the "
+        "available cores minus MEL_THREAD_RESERVE)",
+    )
     p.add_argument("--restart", action="store_true", help="discard --out and start over")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -483,11 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in (
             ("model_path", a.model),
@@ -495,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("drin_model_path", a.drin),
             ("fusion_model_path", a.fusion),
             ("device", a.device),
+            ("intra_op_threads", a.threads),
         )
         if v
     }

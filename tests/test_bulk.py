@@ -227,6 +227,7 @@ def test_sigkill_mid_run_then_resume_gives_one_line_per_input(
     assert 20 <= before < N
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"intra-op threads: 1 (set" in done.stderr  # --threads reaches the linker
     report = json.loads(done.stdout.decode().strip().splitlines()[-1])
     assert report["resumed_from"] == before and report["resumed_from"] + report["written"] == N
     got = _lines(out)
