@@ -100,8 +100,24 @@ class BuildConfig:
             )
 
 
-def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
-    """Encode this shard's chunks into ``<out>/chunks`` (skipping finished ones)."""
+@dataclass
+class ShardPlan:
+    """A shard's chunk plan, opened the same way by every engine: the KB file, the output
+    folder's writer, this shard's chunks (``done``: those already complete), the shard
+    record it claimed, and the encoder runtime its features are encoded with."""
+
+    kb: Path
+    out: Path
+    writer: ChunkWriter
+    reader: KBReader
+    done: set[int]
+    shard: dict[str, Any]
+    runtime: str
+
+
+def open_shard(cfg: BuildConfig, model: LinkingModel) -> ShardPlan:
+    """Check the KB, claim ``<out>`` for this shard (refusing another build's folder) and
+    list the chunks still to encode."""
     kb = kb_file(cfg.kb)
     if not kb.is_file():
         raise KBNotFoundError(f"no KB file at {kb}")
@@ -125,17 +141,36 @@ def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
         logger.info(
             "resuming: %d of %d chunks of this shard already done", len(done), len(reader.chunks)
         )
-    device = resolve_device(cfg.device)
+    return ShardPlan(kb, out, writer, reader, done, shard, runtime)
+
+
+def activate_runtime(
+    model: LinkingModel,
+    runtime: str,
+    model_folder: str | Path,
+    onnx_cache: str | None,
+    threads: int,
+    device: torch.device,
+) -> None:
+    """Switch the model's frozen towers to ``runtime`` (exporting them into the ONNX cache
+    on first use), as the server does: the index and the mentions must agree on it."""
     try:
         use_runtime(
-            model.encoder,
-            runtime,
-            default_cache_dir(cfg.model, cfg.onnx_cache),
-            torch.get_num_threads(),  # what the job's thread setting gave torch (index/cli.py)
-            device,
+            model.encoder, runtime, default_cache_dir(model_folder, onnx_cache), threads, device
         )
     except OnnxRuntimeError as exc:
         raise EncoderRuntimeError(str(exc)) from exc
+
+
+def encode_shard(cfg: BuildConfig, model: LinkingModel) -> dict[str, Any]:
+    """Encode this shard's chunks into ``<out>/chunks`` (skipping finished ones)."""
+    plan = open_shard(cfg, model)
+    kb, writer, reader, done, shard = plan.kb, plan.writer, plan.reader, plan.done, plan.shard
+    device = resolve_device(cfg.device)
+    # torch.get_num_threads(): what the job's thread setting gave torch (index/cli.py)
+    activate_runtime(
+        model, plan.runtime, cfg.model, cfg.onnx_cache, torch.get_num_threads(), device
+    )
     encoder = ChunkEncoder(
         model,
         kb.parent,

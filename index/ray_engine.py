@@ -80,18 +80,22 @@ class ChunkActor:
         device: str,
         drin_fields: bool,
         threads: int,
+        runtime: str = "torch",
+        onnx_cache: str | None = None,
     ) -> None:
         import torch
 
+        from index.build import activate_runtime
         from index.encode import ChunkEncoder
         from models.device import resolve_device
         from models.model import LinkingModel
 
         torch.set_num_threads(max(1, threads))
         model = LinkingModel.from_pretrained(model_path)
-        self.encoder = ChunkEncoder(
-            model, Path(image_root), batch_size, workers, resolve_device(device), drin_fields
-        )
+        dev = resolve_device(device)
+        # the driver's runtime (the towers already exported into the shared ONNX cache)
+        activate_runtime(model, runtime, model_path, onnx_cache, max(1, threads), dev)
+        self.encoder = ChunkEncoder(model, Path(image_root), batch_size, workers, dev, drin_fields)
         self.out = Path(out)
 
     def encode_chunk(self, chunk: int, first_line: int, lines: list[bytes]) -> dict[str, Any]:
@@ -201,32 +205,21 @@ def run_chunks(
 
 def encode_shard_ray(cfg: Any, model: Any, opts: RayOptions) -> dict[str, Any]:
     """:func:`index.build.encode_shard` on a Ray actor pool: the same chunk folders."""
+    import torch
     from tqdm import tqdm
 
-    from index.errors import KBNotFoundError
-    from index.reader import KBReader, iter_raw_chunks, kb_file
-    from index.shards import claim, shard_record
-    from index.writer import ChunkWriter
+    from index.build import activate_runtime, open_shard
+    from index.reader import iter_raw_chunks
+    from models.device import resolve_device
+    from models.onnx_encoders import default_cache_dir
 
-    kb = kb_file(cfg.kb)
-    if not kb.is_file():
-        raise KBNotFoundError(f"no KB file at {kb}")
-    out = Path(cfg.out)
-    writer = ChunkWriter(out)
-    reader = KBReader(kb, cfg.chunk_size, cfg.num_shards, cfg.shard_id)
-    done = writer.finished(reader.chunks)
-    shard = shard_record(
-        kb,
-        num_shards=cfg.num_shards,
-        shard_id=cfg.shard_id,
-        chunk_size=cfg.chunk_size,
-        total_chunks=reader.total_chunks,
-        model_fingerprint=model.fingerprint(),
-        drin_fields=cfg.drin_fields,
+    plan = open_shard(cfg, model)
+    kb, out, reader, done, shard = plan.kb, plan.out, plan.reader, plan.done, plan.shard
+    # exported once here, into the cache every actor then reads (actors never race to export)
+    cache = str(default_cache_dir(cfg.model, cfg.onnx_cache).resolve())
+    activate_runtime(
+        model, plan.runtime, cfg.model, cache, torch.get_num_threads(), resolve_device("cpu")
     )
-    claim(out, shard)
-    if done:
-        logger.info("resuming: %d of %d chunks already done", len(done), len(reader.chunks))
     todo = (
         (c, first, lines)
         for c, first, lines in iter_raw_chunks(kb, cfg.chunk_size)
@@ -251,6 +244,8 @@ def encode_shard_ray(cfg: Any, model: Any, opts: RayOptions) -> dict[str, Any]:
                 "workers": cfg.workers,
                 "device": cfg.device,
                 "drin_fields": cfg.drin_fields,
+                "runtime": plan.runtime,
+                "onnx_cache": cache,
             },
             opts,
             lambda r: bar.update(r["lines"]),

@@ -169,3 +169,36 @@ def test_a_local_build_does_not_import_ray(model_dir: Path, tmp_path: Path) -> N
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert (tmp_path / "out" / FAISS_FILE).is_file()
+
+
+def test_ray_build_encodes_with_the_backends_default_runtime_like_a_local_build(
+    local_ray: None, tmp_path: Path
+) -> None:
+    """minilm-effnet defaults to ONNX Runtime: the actors must encode with it too (the driver
+    exports the towers once) and the manifest must say so, or the default server (onnx)
+    refuses the index as encoded by another runtime."""
+    import numpy as np
+
+    from index.search import IndexSearcher
+    from models.encoders import MiniLmEffNetBackbone
+
+    torch.manual_seed(4)
+    model = LinkingModel.for_backbone(MiniLmEffNetBackbone.from_packages(), dv=8, hidden=12)
+    ckpt = model.save_pretrained(tmp_path / "minilm")
+    kb = tmp_path / "kb" / "kb.jsonl"
+    (tmp_path / "kb").mkdir()
+    kb.write_text("\n".join(_entity_lines(tmp_path / "kb", 0, 8)) + "\n")
+    onnx = str(tmp_path / "onnx")
+    local = build(_cfg(kb, ckpt, tmp_path / "local", onnx_cache=onnx))
+    ray_ = build(
+        _cfg(kb, ckpt, tmp_path / "ray", onnx_cache=onnx, engine="ray", ray=RayOptions(actors=2))
+    )
+    assert not isinstance(local, dict) and not isinstance(ray_, dict)
+    assert local.encoder_runtime == ray_.encoder_runtime == "onnx"
+    searchers = [
+        IndexSearcher(tmp_path / d, ray_.model_fingerprint, encoder_runtime="onnx")
+        for d in ("local", "ray")
+    ]
+    rows = np.arange(8)[None, :]
+    for a, b in zip(*(s.fields(rows, ("text_cls", "cmfu")) for s in searchers), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)
