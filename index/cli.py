@@ -33,7 +33,8 @@ aliases (:mod:`index.lexical`); ``lexical`` builds it for a folder made before i
 ``--encoder-runtime`` (torch, onnx, onnx-int8; models/onnx_encoders.py) says how the encoder
 towers run; the manifest records it, ``add`` reuses the folder's own, and the server refuses a
 folder encoded by another runtime. ``--threads`` sets torch / onnxruntime intra-op threads
-(default: the cores this process may use minus one, at least 1; models/threads.py).
+(default: $MEL_INTRA_OP_THREADS, else the cores free when it starts, at least 1;
+models/threads.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from index.ray_engine import RayOptions
 from index.store import Manifest
 from models.model import LinkingModel
 from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir
-from models.threads import THREAD_RESERVE, configure_threads
+from models.threads import configure_threads
 
 # Exit codes: 0 done; 1 a user error (the message says what to do; what `raise SystemExit(msg)`
 # gave before the errors were typed); 2 a bad command line (argparse's own code).
@@ -190,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
             if os.environ.get("MEL_INTRA_OP_THREADS")
             else None,
             help="torch / onnxruntime intra-op threads (default: $MEL_INTRA_OP_THREADS, else "
-            f"the cores this process may use minus {THREAD_RESERVE}, at least 1)",
+            "the cores free when it starts, at least 1: models/threads.py)",
         )
     return p
 

@@ -1,40 +1,158 @@
-"""How many intra-op threads model work gets: one rule for the server, the index job and the
-benchmarks.
+"""How many intra-op threads model work gets: one rule for the server, the index job, mel-link
+and the benchmarks.
 
 torch (OpenMP) and onnxruntime split every large op over their intra-op threads and wait for
 the slowest one. When another process holds a core, the thread scheduled there stalls the whole
 op (measured in tests/conftest.py: a small LayerNorm 13 us -> 7.8 ms with 2 threads on 2 cores
-while the other core was busy). So the default is the cores this process may run on
-(``os.sched_getaffinity``: the CPU set a container or ``taskset`` gives it, not the machine's
-count) minus a reserve left to the neighbours (the Redis, the HTTP event loop, the other jobs of
-a shared box), and never below 1. Setting the count explicitly overrides it.
+while the other core was busy). A fixed "cores minus one" avoids that stall but leaves a core
+idle on a dedicated machine (the server at c16 on 2 cores: 39.2 req/s with 1 thread, 54.9 with
+2; bench/results/service*.md). So the default is the cores that are actually free when the
+process starts:
+
+- the cores it may run on: its CPU affinity set (``os.sched_getaffinity``, what ``taskset`` or a
+  cpuset gives it), capped by a cgroup CPU quota (``cpu.max``, what ``docker --cpus`` sets);
+- minus the cores other processes kept busy over a short sample of ``/proc/stat`` (this
+  process's own CPU time subtracted), rounded: a neighbour training on one core takes that core
+  out of the count, an idle Redis or shell does not;
+- minus ``reserve`` (default 0), at least 1.
+
+The sample is taken once per ``configure_threads`` call (0.25 s) and is a snapshot: a neighbour
+that starts later is not seen, so a shared box with bursty neighbours should set the count (or
+a reserve) explicitly. Setting the count explicitly overrides all of it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
+from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# Cores left to everything else on the machine by default (the event loop, Redis, neighbours).
-THREAD_RESERVE = 1
+# Cores left to everything else on top of those measured busy (the event loop and Redis of a
+# dedicated box fit beside the model's threads: measured faster, see the module docstring).
+THREAD_RESERVE = 0
+SAMPLE_S = 0.25
+CGROUP = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def affinity_cores() -> set[int]:
+    """The CPU ids this process may run on (all of the machine's where the platform has no
+    affinity call)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def _cgroup_dirs(root: Path, cgroup_file: Path) -> list[Path]:
+    """Folders whose CPU limits apply to this process: its own cgroup and each ancestor, for
+    cgroup v2 (``0::/path``) and v1's cpu controller (``N:cpu,cpuacct:/path``)."""
+    dirs: list[Path] = []
+    try:
+        lines = cgroup_file.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        names = controllers.split(",")
+        if controllers == "":
+            base = root
+        elif "cpu" in names:
+            base = root / controllers
+            if not base.exists():
+                base = root / "cpu"
+        else:
+            continue
+        here = Path(path.strip() or "/")
+        for part in [here, *here.parents]:
+            dirs.append(base / str(part).lstrip("/"))
+    return dirs or [root, root / "cpu"]
+
+
+def cgroup_quota(root: Path = CGROUP, cgroup_file: Path = PROC_CGROUP) -> float | None:
+    """The tightest cgroup CPU quota on this process in cores (v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``); None when unlimited or unreadable."""
+    quotas: list[float] = []
+    for d in _cgroup_dirs(root, cgroup_file):
+        try:
+            quota, period = (d / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+            continue
+        except (OSError, ValueError):
+            pass
+        try:
+            q = int((d / "cpu.cfs_quota_us").read_text())
+            p = int((d / "cpu.cfs_period_us").read_text())
+            if q > 0 and p > 0:
+                quotas.append(q / p)
+        except (OSError, ValueError):
+            pass
+    return min(quotas) if quotas else None
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity set; the machine count where the
-    platform has no affinity call)."""
+    """Cores this process may use: its affinity set, capped by its cgroup quota (rounded down,
+    at least 1: a 1.5-core quota runs 1 thread without being throttled mid-op)."""
+    n = len(affinity_cores())
+    quota = cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies per CPU of ``cpus`` from /proc/stat."""
+    out: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        cpu = int(name[3:])
+        if cpu not in cpus:
+            continue
+        v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+        idle = v[3] + v[4]
+        out[cpu] = (sum(v) - idle, sum(v))
+    return out
+
+
+def busy_cores(window_s: float = SAMPLE_S) -> float:
+    """Cores of this process's affinity set that *other* processes kept busy during a
+    ``window_s`` sample (0.0 where /proc/stat is unreadable)."""
+    cpus = affinity_cores()
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        before, own0, t0 = _cpu_times(cpus), time.process_time(), time.monotonic()
+        time.sleep(window_s)
+        after, own1, t1 = _cpu_times(cpus), time.process_time(), time.monotonic()
+    except (OSError, ValueError):
+        return 0.0
+    busy = 0.0
+    for cpu, (b1, n1) in after.items():
+        b0, n0 = before.get(cpu, (b1, n1))
+        if n1 > n0:
+            busy += (b1 - b0) / (n1 - n0)
+    own = (own1 - own0) / max(t1 - t0, 1e-9)
+    return max(0.0, busy - own)
+
+
+def free_cores() -> int:
+    """Available cores minus the rounded busy ones, at least 1."""
+    return max(1, available_cores() - round(busy_cores()))
 
 
 def default_threads(reserve: int = THREAD_RESERVE) -> int:
-    """``available_cores() - reserve``, at least 1."""
-    return max(1, available_cores() - max(0, reserve))
+    """``free_cores() - reserve``, at least 1."""
+    return max(1, free_cores() - max(0, reserve))
 
 
 def resolve_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int:
@@ -54,7 +172,7 @@ def configure_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int
     logger.info(
         "intra-op threads: %d (%s; %d cores available)",
         n,
-        "set" if threads is not None else f"default: available - {reserve}",
+        "set" if threads is not None else f"default: free cores - {reserve}",
         available_cores(),
     )
     return n
@@ -63,7 +181,10 @@ def configure_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int
 __all__ = [
     "THREAD_RESERVE",
     "available_cores",
+    "busy_cores",
+    "cgroup_quota",
     "configure_threads",
     "default_threads",
+    "free_cores",
     "resolve_threads",
 ]

@@ -54,12 +54,13 @@ class ServiceSettings(BaseSettings):
     )
     intra_op_threads: int | None = Field(
         None,
-        description="torch and onnxruntime intra-op threads; None: the cores this process "
-        "may use (its CPU affinity) minus thread_reserve, at least 1",
+        description="torch and onnxruntime intra-op threads; None: the cores free at start "
+        "(CPU affinity, capped by a cgroup quota, minus the cores other processes keep busy) "
+        "minus thread_reserve, at least 1",
     )
     thread_reserve: int = Field(
-        1,
-        description="cores left to the event loop, Redis and neighbours when "
+        0,
+        description="cores left to neighbours on top of those measured busy, when "
         "intra_op_threads is None (a thread on a busy core stalls every op it is part of)",
     )
     use_faiss_gpu: bool = Field(True, description="search on GPU when faiss-gpu sees one")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 # One intra-op thread: tiny test tensors gain nothing from more, and OpenMP workers stall badly
 # whenever the other core is busy (measured: a small LayerNorm 13 us -> 7.8 ms with 2 threads).
 torch.set_num_threads(1)
+# ... and the same for every Linker, server and job the tests start (in-process or as a
+# subprocess, which inherits it): their default would be the cores free at their start.
+os.environ.setdefault("MEL_INTRA_OP_THREADS", "1")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
