@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,16 +140,58 @@ def _actor_count(ray: Any, opts: RayOptions) -> tuple[int, float]:
     return max(1, int(res.get("CPU", 1)) // max(1, opts.cpus_per_actor)), 0.0
 
 
-def run_chunks(
-    chunks: Iterator[tuple[int, int, list[bytes]]],
-    actor_args: dict[str, Any],
-    opts: RayOptions,
-    on_done: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Encode ``(chunk, first line, raw lines)`` with a pool of actors; one record per chunk.
+class ActorPool:
+    """Actors of one class on a Ray cluster, fed items with a bounded number in flight."""
 
-    At most ``actors x in_flight`` chunks are in flight, so the driver's memory is bounded
-    whatever the KB's size."""
+    def __init__(self, ray: Any, actors: list[Any], in_flight: int) -> None:
+        self.ray = ray
+        self.actors = actors
+        self.window = max(1, in_flight)
+
+    def map(
+        self,
+        method: str,
+        items: Iterator[tuple[Any, ...]],
+        on_done: Callable[[Any], None],
+        backlog: Callable[[], int] | None = None,
+    ) -> int:
+        """Call ``actor.<method>(*item)`` for every item, the least busy actor first; hand each
+        result to ``on_done`` as it finishes (not in item order). At most ``actors x
+        in_flight`` items are in flight, less ``backlog()``: results the caller still holds
+        (e.g. waiting for an earlier one to be written in order), so the driver's memory is
+        bounded however many items there are. Returns how many items ran."""
+        ray, n = self.ray, len(self.actors)
+        pending: dict[Any, int] = {}  # object ref -> actor index
+        load = [0] * n
+        it = iter(items)
+        exhausted, count = False, 0
+        while True:
+            held = backlog() if backlog is not None else 0
+            while not exhausted and (len(pending) + held < n * self.window or not pending):
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                a = min(range(n), key=load.__getitem__)
+                pending[getattr(self.actors[a], method).remote(*nxt)] = a
+                load[a] += 1
+            if not pending:
+                return count
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                load[pending.pop(ref)] -= 1
+                on_done(ray.get(ref))  # re-raises an actor's error after its retries ran out
+                count += 1
+
+
+@contextmanager
+def actor_pool(
+    actor_cls: type, actor_args: dict[str, Any], opts: RayOptions
+) -> Iterator[ActorPool]:
+    """A pool of ``actor_cls`` actors, each built once with ``actor_args`` and
+    ``threads=opts.cpus_per_actor``, restarted and their calls retried when their process
+    dies. Connects to ``opts.address`` / ``$RAY_ADDRESS``, or starts a local Ray instance for
+    the pool's lifetime when Ray is not initialised yet; the actors are killed on exit."""
     ray = _ray()
     started_here = False
     if not ray.is_initialized():
@@ -156,11 +199,12 @@ def run_chunks(
         try:
             if address:
                 ray.init(address=address, log_to_driver=False)
-            else:  # a local instance, just for this build
+            else:  # a local instance, just for this job
                 ray.init(include_dashboard=False, log_to_driver=False)
         except ConnectionError as exc:
             raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
         started_here = True
+    actors: list[Any] = []
     try:
         n, gpus = _actor_count(ray, opts)
         remote = ray.remote(
@@ -168,37 +212,19 @@ def run_chunks(
             num_gpus=gpus,
             max_restarts=MAX_RESTARTS,
             max_task_retries=MAX_TASK_RETRIES,
-        )(ChunkActor)
+        )(actor_cls)
         actors = [remote.remote(**actor_args, threads=opts.cpus_per_actor) for _ in range(n)]
-        logger.info("ray: %d actor(s), %s GPU and %d CPU each", n, gpus, opts.cpus_per_actor)
-        done: list[dict[str, Any]] = []
-        pending: dict[Any, int] = {}  # object ref -> actor index
-        load = [0] * n
-        window = max(1, opts.in_flight)
-        it = iter(chunks)
-        exhausted = False
-        while True:
-            while not exhausted and len(pending) < n * window:
-                nxt = next(it, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                a = min(range(n), key=load.__getitem__)  # the least busy actor
-                pending[actors[a].encode_chunk.remote(*nxt)] = a
-                load[a] += 1
-            if not pending:
-                break
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                load[pending.pop(ref)] -= 1
-                rec = ray.get(ref)  # re-raises an actor's error after its retries ran out
-                done.append(rec)
-                if on_done is not None:
-                    on_done(rec)
+        logger.info(
+            "ray: %d %s actor(s), %s GPU and %d CPU each",
+            n,
+            actor_cls.__name__,
+            gpus,
+            opts.cpus_per_actor,
+        )
+        yield ActorPool(ray, actors, opts.in_flight)
+    finally:
         for actor in actors:
             ray.kill(actor)
-        return done
-    finally:
         if started_here:
             ray.shutdown()
 
@@ -232,24 +258,27 @@ def encode_shard_ray(cfg: Any, model: Any, opts: RayOptions) -> dict[str, Any]:
         disable=not cfg.progress,
         smoothing=0.1,
     )
+    args = {
+        "model_path": str(cfg.model),
+        "image_root": str(kb.parent.resolve()),
+        "out": str(out.resolve()),
+        "batch_size": cfg.batch_size,
+        "workers": cfg.workers,
+        "device": cfg.device,
+        "drin_fields": cfg.drin_fields,
+        "runtime": plan.runtime,
+        "onnx_cache": cache,
+    }
+    recs: list[dict[str, Any]] = []
+
+    def finished(rec: dict[str, Any]) -> None:
+        recs.append(rec)
+        bar.update(rec["lines"])
+
     t0 = time.perf_counter()
     try:
-        recs = run_chunks(
-            todo,
-            {
-                "model_path": str(cfg.model),
-                "image_root": str(kb.parent.resolve()),
-                "out": str(out.resolve()),
-                "batch_size": cfg.batch_size,
-                "workers": cfg.workers,
-                "device": cfg.device,
-                "drin_fields": cfg.drin_fields,
-                "runtime": plan.runtime,
-                "onnx_cache": cache,
-            },
-            opts,
-            lambda r: bar.update(r["lines"]),
-        )
+        with actor_pool(ChunkActor, args, opts) as pool:
+            pool.map("encode_chunk", todo, finished)
     finally:
         bar.close()
     secs = time.perf_counter() - t0
@@ -267,4 +296,11 @@ def encode_shard_ray(cfg: Any, model: Any, opts: RayOptions) -> dict[str, Any]:
     return {**shard, "encoded": entities, "seconds": secs, "engine": "ray"}
 
 
-__all__ = ["ChunkActor", "RayOptions", "RayUnavailableError", "encode_shard_ray", "run_chunks"]
+__all__ = [
+    "ActorPool",
+    "ChunkActor",
+    "RayOptions",
+    "RayUnavailableError",
+    "actor_pool",
+    "encode_shard_ray",
+]

@@ -29,6 +29,10 @@ index versions, options); a re-run that does not match is refused (``--restart``
 **Streaming, bounded memory.** Input is read line by line; a reader thread parses and decodes
 the images of the next ``--prefetch`` batches while the model works on the current one, so
 memory is bounded by ``(prefetch + 1) x batch-size`` mentions whatever the file's size.
+
+**On a cluster.** ``--engine ray`` (service/ray_link.py) answers blocks of ``--ray-block-lines``
+lines on a pool of Ray actors, one linker each, and writes them here in input order: the same
+file, resumable by either engine.
 """
 
 from __future__ import annotations
@@ -234,8 +238,17 @@ class LinksWriter:
         os.close(self.fd)
 
 
-def _identity(inp: Path, opts: BulkOptions, linker: Linker) -> dict[str, Any]:
-    """What an output file depends on; a resumed run must match it."""
+def linker_facts(linker: Linker) -> dict[str, Any]:
+    """What of a loaded linker an output file depends on (see :func:`_identity`)."""
+    return {
+        "cache_version": linker.cache_version,
+        "nil_threshold": linker.nil_threshold,
+        "default_reranker": linker.default_reranker,
+    }
+
+
+def _identity(inp: Path, opts: BulkOptions, facts: dict[str, Any]) -> dict[str, Any]:
+    """What an output file depends on; a resumed run must match it (whichever engine ran)."""
     st = inp.stat()
     o = asdict(opts)
     for k in ("batch_size", "prefetch"):  # how fast, not what: may change between runs
@@ -244,9 +257,9 @@ def _identity(inp: Path, opts: BulkOptions, linker: Linker) -> dict[str, Any]:
         "input": str(inp.resolve()),
         "input_bytes": st.st_size,
         "input_mtime_ns": st.st_mtime_ns,
-        "cache_version": linker.cache_version,
-        "nil_threshold": linker.nil_threshold,
-        "options": {**o, "reranker": opts.reranker or linker.default_reranker},
+        "cache_version": facts["cache_version"],
+        "nil_threshold": facts["nil_threshold"],
+        "options": {**o, "reranker": opts.reranker or facts["default_reranker"]},
     }
 
 
@@ -399,6 +412,55 @@ def _batches(
         stop.set()
 
 
+@dataclass(frozen=True)
+class _Run:
+    """An opened run: the paths, the input's line count and the lines already done."""
+
+    inp: Path
+    out: Path
+    total: int
+    done: int
+
+
+def open_run(
+    inp: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    opts: BulkOptions,
+    facts: dict[str, Any],
+    restart: bool,
+) -> _Run:
+    """Check the paths, claim ``out`` (refusing one made from other inputs) and count what an
+    earlier run finished."""
+    inp, out = Path(inp), Path(out)
+    if not inp.is_file():
+        raise BulkLinkError(f"no input file at {inp}")
+    if out.resolve() == inp.resolve():
+        raise BulkLinkError("--out must not be the input file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    total = count_lines(inp)
+    done = _claim(out, _identity(inp, opts, facts), restart)
+    if done > total:
+        raise BulkLinkError(f"{out} has {done} lines but {inp} only {total}; pass --restart")
+    if done:
+        logger.info("resuming %s after %d of %d lines", out, done, total)
+    return _Run(inp, out, total, done)
+
+
+def finish_report(run: _Run, written: int, errors: int, secs: float) -> RunReport:
+    report = RunReport(run.total, run.done, written, errors, secs)
+    logger.info(
+        "%s: %d lines written (%d errors) in %.1fs, %.1f mentions/s; %d of %d done",
+        run.out,
+        written,
+        errors,
+        secs,
+        report.mentions_per_s,
+        run.done + written,
+        run.total,
+    )
+    return report
+
+
 def link_file(
     linker: Linker,
     inp: str | os.PathLike[str],
@@ -410,26 +472,19 @@ def link_file(
 ) -> RunReport:
     """Link every line of ``inp`` into ``out`` (resuming a killed run; see the module doc)."""
     opts = opts or BulkOptions()
-    inp, out = Path(inp), Path(out)
-    if not inp.is_file():
+    if not Path(inp).is_file():
         raise BulkLinkError(f"no input file at {inp}")
-    if out.resolve() == inp.resolve():
-        raise BulkLinkError("--out must not be the input file")
-    out.parent.mkdir(parents=True, exist_ok=True)
     bulk = BulkLinker(linker, opts)
-    total = count_lines(inp)
-    done = _claim(out, _identity(inp, opts, linker), restart)
-    if done > total:
-        raise BulkLinkError(f"{out} has {done} lines but {inp} only {total}; pass --restart")
-    if done:
-        logger.info("resuming %s after %d of %d lines", out, done, total)
-    parser = LineParser(inp.parent, settings or linker.settings)
-    writer = LinksWriter(out)
-    bar = tqdm(total=total, initial=done, unit="mention", disable=not progress, smoothing=0.05)
+    run = open_run(inp, out, opts, linker_facts(linker), restart)
+    parser = LineParser(run.inp.parent, settings or linker.settings)
+    writer = LinksWriter(run.out)
+    bar = tqdm(
+        total=run.total, initial=run.done, unit="mention", disable=not progress, smoothing=0.05
+    )
     written = errors = 0
     t0 = time.perf_counter()
     try:
-        for batch in _batches(inp, done, parser, opts.batch_size, opts.prefetch):
+        for batch in _batches(run.inp, run.done, parser, opts.batch_size, opts.prefetch):
             writer.write(bulk.lines(batch))
             written += len(batch)
             errors += sum(it.mention is None for it in batch)
@@ -437,19 +492,7 @@ def link_file(
     finally:
         bar.close()
         writer.close()
-    secs = time.perf_counter() - t0
-    report = RunReport(total, done, written, errors, secs)
-    logger.info(
-        "%s: %d lines written (%d errors) in %.1fs, %.1f mentions/s; %d of %d done",
-        out,
-        written,
-        errors,
-        secs,
-        report.mentions_per_s,
-        done + written,
-        total,
-    )
-    return report
+    return finish_report(run, written, errors, time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------- CLI
@@ -476,10 +519,28 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         help="torch and onnxruntime intra-op threads (MEL_INTRA_OP_THREADS; default: the "
-        "available cores minus MEL_THREAD_RESERVE)",
+        "cores free when it starts minus MEL_THREAD_RESERVE)",
     )
     p.add_argument("--restart", action="store_true", help="discard --out and start over")
     p.add_argument("--no-progress", action="store_true")
+    r = p.add_argument_group("engine (service/ray_link.py)")
+    r.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: a Ray actor pool (pip install '.[ray]')",
+    )
+    r.add_argument(
+        "--ray-address",
+        help="an existing cluster (default: $RAY_ADDRESS, else a local instance for this run)",
+    )
+    r.add_argument(
+        "--ray-actors", type=int, help="default: one per GPU, else CPUs / --ray-cpus-per-actor"
+    )
+    r.add_argument(
+        "--ray-cpus-per-actor", type=int, default=1, help="CPUs and intra-op threads of each actor"
+    )
+    r.add_argument("--ray-block-lines", type=int, default=512, help="input lines per actor call")
     return p
 
 
@@ -514,20 +575,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not Path(a.inp).is_file():
             raise BulkLinkError(f"no input file at {a.inp}")
-        linker = Linker(settings)
-        try:
-            if settings.warmup:  # first batches pay no lazy setup, as the server's do not
-                linker.warmup()
-            report = link_file(
-                linker, a.inp, a.out, opts, settings, restart=a.restart, progress=not a.no_progress
-            )
-        finally:
-            linker.close()
+        if a.engine == "ray":
+            report = _run_ray(a, settings, opts)
+        else:
+            linker = Linker(settings)
+            try:
+                if settings.warmup:  # first batches pay no lazy setup, as the server's do not
+                    linker.warmup()
+                report = link_file(
+                    linker,
+                    a.inp,
+                    a.out,
+                    opts,
+                    settings,
+                    restart=a.restart,
+                    progress=not a.no_progress,
+                )
+            finally:
+                linker.close()
     except BulkLinkError as exc:
         print(f"mel-link: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(json.dumps({**asdict(report), "mentions_per_s": round(report.mentions_per_s, 2)}))
     return 0
+
+
+def _run_ray(a: argparse.Namespace, settings: ServiceSettings, opts: BulkOptions) -> RunReport:
+    """``--engine ray``: imports Ray (and service/ray_link.py) only when asked for."""
+    try:
+        from index.ray_engine import RayOptions, RayUnavailableError
+        from service.ray_link import RayLinkOptions, link_file_ray
+    except ImportError as exc:  # pragma: no cover - ray_link imports nothing optional itself
+        raise BulkLinkError(str(exc)) from exc
+    if a.ray_cpus_per_actor < 1:
+        raise BulkLinkError("--ray-cpus-per-actor must be >= 1")
+    if a.ray_actors is not None and a.ray_actors < 1:
+        raise BulkLinkError("--ray-actors must be >= 1")
+    ray_opts = RayLinkOptions(
+        RayOptions(address=a.ray_address, actors=a.ray_actors, cpus_per_actor=a.ray_cpus_per_actor),
+        block_lines=a.ray_block_lines,
+    )
+    try:
+        return link_file_ray(
+            settings, a.inp, a.out, opts, ray_opts, restart=a.restart, progress=not a.no_progress
+        )
+    except RayUnavailableError as exc:
+        raise BulkLinkError(str(exc)) from exc
 
 
 if __name__ == "__main__":
@@ -545,5 +638,7 @@ __all__ = [
     "complete_lines",
     "count_lines",
     "link_file",
+    "linker_facts",
     "main",
+    "open_run",
 ]

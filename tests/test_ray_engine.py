@@ -202,3 +202,109 @@ def test_ray_build_encodes_with_the_backends_default_runtime_like_a_local_build(
     rows = np.arange(8)[None, :]
     for a, b in zip(*(s.fields(rows, ("text_cls", "cmfu")) for s in searchers), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-3)
+
+
+# ---------------------------------------------------------------- mel-link --engine ray
+def _link_actor_pids() -> list[int]:
+    """Processes of LinkActors answering a block (Ray titles them by the running method)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().startswith(b"ray::LinkActor.link_block"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _link_cli(inp: Path, out: Path, model: Path, index: Path, *extra: str) -> list[str]:
+    args = ["--in", str(inp), "--out", str(out), "--model", str(model), "--index", str(index)]
+    args += ["--device", "cpu", "--batch-size", "4", "--no-progress", *extra]
+    return args
+
+
+def test_mel_link_on_ray_resumes_a_local_run_survives_a_killed_actor_and_matches_it(
+    local_ray: None,
+    tiny_world: Path,
+    artifacts: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One Ray run does it all (every actor start loads a linker, the bulk of the time): it
+    resumes a file a local run was killed in (a partial last line), one of its two actors is
+    SIGKILLed mid-way (Ray restarts it and retries its block), and the file it leaves is the
+    uninterrupted local run's, line for line, bad lines included."""
+    from service.bulk import BulkOptions, link_file, main
+    from service.linker import Linker
+    from service.settings import ServiceSettings
+    from tests.test_bulk import _lines, _mentions, _same, _write
+
+    model, index = artifacts
+    ms = _mentions(tiny_world)
+    N = 400
+    lines = [
+        json.dumps(dict(ms[i % len(ms)], id=f"r{i}")) if i % 53 != 7 else "{not json"
+        for i in range(N)
+    ]
+    inp = _write(tmp_path / "mentions.jsonl", lines, tiny_world)
+    settings = ServiceSettings(
+        model_path=str(model), index_path=str(index), device="cpu", use_faiss_gpu=False
+    )
+    linker = Linker(settings)
+    full = tmp_path / "local.jsonl"
+    link_file(linker, inp, full, BulkOptions(batch_size=4), progress=False)
+    linker.close()
+    out = tmp_path / "links.jsonl"
+    data = full.read_bytes()
+    cut = data.index(b"\n", len(data) // 20) + 30  # a local run killed inside line k + 1
+    out.write_bytes(data[:cut])
+    progress = Path(str(full) + ".progress.json")
+    Path(str(out) + ".progress.json").write_bytes(progress.read_bytes())
+    k = data[:cut].count(b"\n")
+    args = _link_cli(inp, out, model, index, "--engine", "ray", "--ray-actors", "2")
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["rc"] = main([*args, "--ray-block-lines", "6"])
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 300
+    killed = None
+    while time.monotonic() < deadline and t.is_alive():
+        pids = _link_actor_pids()
+        if out.read_bytes().count(b"\n") >= k + 30 and pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert killed is not None, "the run finished before an actor could be killed"
+    at_kill = out.read_bytes().count(b"\n")
+    t.join(timeout=300)
+    assert result.get("rc") == 0, result
+    assert at_kill < N  # the kill landed mid-way
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (report["resumed_from"], report["written"]) == (k, N - k)
+    assert report["errors"] == sum(1 for i in range(k, N) if i % 53 == 7)
+    got = _lines(out)
+    assert [g["line"] for g in got] == list(range(1, N + 1))
+    _same(got, _lines(full))
+
+
+def test_mel_link_on_ray_refuses_options_its_models_cannot_serve(
+    local_ray: None, tiny_world: Path, artifacts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from service.bulk import main
+    from tests.test_bulk import _mentions, _write
+
+    model, index = artifacts
+    inp = _write(tmp_path / "m.jsonl", [json.dumps(_mentions(tiny_world)[0])], tiny_world)
+    out = tmp_path / "links.jsonl"
+    args = _link_cli(inp, out, model, index, "--engine", "ray", "--ray-actors", "1")
+    assert main([*args, "--reranker", "drin"]) == 1  # no DRIN model given
+    assert not out.exists()
+    assert main([*args, "--ray-block-lines", "0"]) == 1
