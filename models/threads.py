@@ -5,9 +5,9 @@ torch (OpenMP) and onnxruntime split every large op over their intra-op threads 
 the slowest one. When another process holds a core, the thread scheduled there stalls the whole
 op (measured in tests/conftest.py: a small LayerNorm 13 us -> 7.8 ms with 2 threads on 2 cores
 while the other core was busy). A fixed "cores minus one" avoids that stall but leaves a core
-idle on a dedicated machine (the server at c16 on 2 cores: 39.2 req/s with 1 thread, 54.9 with
-2; bench/results/service*.md). So the default is the cores that are actually free when the
-process starts:
+idle on a dedicated machine (the server at concurrency 16 on 2 cores: 33.8 req/s with 1 thread,
+42.1 with 2, alternating A/B in bench/results/service-ab.md). So the default is the cores that
+are actually free when the process starts:
 
 - the cores it may run on: its CPU affinity set (``os.sched_getaffinity``, what ``taskset`` or a
   cpuset gives it), capped by a cgroup CPU quota (``cpu.max``, what ``docker --cpus`` sets);
