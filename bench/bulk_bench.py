@@ -1,10 +1,10 @@
 """Bulk linking throughput: ``mel-link`` against the server's ``/v1/link/batch``, same mentions.
 
     python bench/bulk_bench.py --model artifacts/demo-model/best --data artifacts/demo-world \\
-                               --index artifacts/demo-index        # ~6 min on 2 cores
+                               --index artifacts/demo-index        # ~10 min on 2 cores
 
-The mentions: the demo world's test split (1,200, 946 with an image), cut into ``--blocks``
-blocks. One server (``python -m service.cli``, a separate process, 127.0.0.1, default batching
+The mentions: the demo world's test split (1,200, 946 with an image) ``--repeat`` times over
+(default 4: 4,800, ids made unique), cut into ``--blocks`` blocks. One server (``python -m service.cli``, a separate process, 127.0.0.1, default batching
 MEL_MAX_BATCH_SIZE=32 / MEL_MAX_WAIT_MS=5, ``MEL_CACHE_TTL_S=0`` so nothing is answered from
 the cache) stays up for the whole run. Block by block, alternating which goes first (the
 machine is shared, so both see the same minutes of load):
@@ -30,6 +30,7 @@ import base64
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,9 +121,13 @@ def run_bulk(a: argparse.Namespace, inp: Path, out: Path, env: dict[str, str]) -
         raise RuntimeError(f"mel-link failed: {r.stderr[-2000:]}")
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     lines = out.read_text().splitlines()
+    ran = re.search(r"intra-op threads: (\d+)", r.stderr)  # models/threads.py's log line
+    plan = re.search(r"mel-link: (\d+) worker", r.stderr)
     return {
         "batch_size": a.bulk_batch,
         "threads": a.bulk_threads,
+        "threads_used": int(ran.group(1)) if ran else None,
+        "workers_used": int(plan.group(1)) if plan else None,
         "linking_seconds": round(rep["seconds"], 2),
         "command_seconds": round(wall, 2),
         "lines": len(lines),
@@ -136,7 +141,8 @@ def markdown(res: dict[str, Any]) -> str:
     best = res["server_best"]
     lines = [
         f"**Bulk linking: `mel-link` vs `/v1/link/batch`** ({res['mentions']:,} demo test "
-        f"mentions, {res['with_image']} with an image, in {len(res['blocks'])} blocks; "
+        f"mentions (the split {res.get('repeat', 1)} times over), {res['with_image']:,} with an "
+        f"image, in {len(res['blocks'])} blocks; "
         f"{res['index_entities']:,}-entity {res['index_factory']} index; reranker "
         f"{res['reranker']}, top_k 10, 100 candidates; order alternated per block)",
         "",
@@ -160,8 +166,11 @@ def markdown(res: dict[str, Any]) -> str:
         f"the server's best (goal >= 1x). Server: {res['server']}.",
         "",
         f"mel-link intra-op threads: {res['blocks'][0]['bulk'].get('threads') or 'its default'}"
-        f"; the server's: {res.get('server_threads') or 'its default'} (default: the "
-        "available cores minus one).",
+        f" (ran {sorted({b['bulk'].get('workers_used') for b in res['blocks']}, key=str)} "
+        f"worker(s) x {sorted({b['bulk'].get('threads_used') for b in res['blocks']}, key=str)}"
+        " thread(s), models/threads.py plan_workers)"
+        f"; the server's: {res.get('server_threads') or 'its default'} (ran with "
+        f"{res.get('server_threads_used')}; default: the cores free at start, models/threads.py).",
         "",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores; torch "
         f"{res['machine']['torch']}, faiss "
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="bench/results/bulk.json")
     p.add_argument("--blocks", type=int, default=5, help="interleaved blocks of mentions")
     p.add_argument(
+        "--repeat",
+        type=int,
+        default=4,
+        help="the split's mentions this many times over (bulk-sized blocks: a 240-line block "
+        "is mostly mel-link's pipeline filling and draining)",
+    )
+    p.add_argument(
         "--inflight",
         type=int,
         nargs="+",
@@ -202,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
         return 0
     data, work = Path(a.data), Path(a.work)
-    _, ms = mentions_file(data, a.split, work)
+    _, once = mentions_file(data, a.split, work)
+    ms = [dict(m, id=f"{m['id']}#{r}") for r in range(a.repeat) for m in once]
     size = -(-len(ms) // a.blocks)
     blocks = []
     for i in range(0, len(ms), size):
@@ -249,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     bulk_rate = n / sum(r["bulk"]["linking_seconds"] for r in recs)
     res = {
         "mentions": len(ms),
+        "repeat": a.repeat,
         "with_image": sum(bool(m.get("image")) for m in ms),
         "index_entities": ready.get("entities"),
         "index_factory": json.loads((Path(a.index) / "manifest.json").read_text())["factory"],
@@ -259,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_by_concurrency": by_c,
         "server_best": {"concurrency": best_c, "mentions_per_s": by_c[best_c]},
         "server_threads": a.server_threads,
+        "server_threads_used": ready.get("intra_op_threads"),
         "bulk_rate": round(bulk_rate, 2),
         "bulk_rate_with_load": round(n / sum(r["bulk"]["command_seconds"] for r in recs), 2),
         "ratio": round(bulk_rate / by_c[best_c], 3),

@@ -164,6 +164,33 @@ def resolve_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int:
     return default_threads(reserve)
 
 
+def plan_workers(
+    workers: int | None, threads: int | None, cuda: bool = False, reserve: int = THREAD_RESERVE
+) -> tuple[int, int | None]:
+    """(model workers, intra-op threads per worker) for a process that can run several
+    batches at once (the server's batcher, ``mel-link``).
+
+    On CPU, independent single-threaded workers beat one worker with every core: an op split
+    over 2 threads waits for the slower one and leaves the Python between ops on one core
+    (2 cores: ``mel-link`` 2 x 1 linked 86-92 mentions/s against 66-74 for 1 x 2, the server
+    at concurrency 16 in bench/results/service-ab.md). So by default every free core gets a
+    worker of one thread; a given ``threads`` divides the free cores into workers, a given
+    ``workers`` gets them divided. On a GPU the device does the parallel work: 1 worker, the
+    threads as given (None: the default)."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if cuda:
+        return workers or 1, threads
+    if workers is None and threads is None:
+        return default_threads(reserve), 1
+    if workers is None:
+        assert threads is not None
+        return max(1, default_threads(reserve) // threads), threads
+    return workers, threads or max(1, default_threads(reserve) // workers)
+
+
 def configure_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int:
     """Set torch's intra-op threads (see :func:`resolve_threads`) and return the count, which
     onnxruntime sessions are given too (models/onnx_encoders.py)."""
@@ -186,5 +213,6 @@ __all__ = [
     "configure_threads",
     "default_threads",
     "free_cores",
+    "plan_workers",
     "resolve_threads",
 ]

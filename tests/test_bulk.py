@@ -238,3 +238,38 @@ def test_sigkill_mid_run_then_resume_gives_one_line_per_input(
     clean = tmp_path / "clean.jsonl"
     link_file(linker, inp, clean, BulkOptions(batch_size=4), progress=False)
     _same(got, _lines(clean))
+
+
+def test_parallel_workers_write_the_same_file_in_input_order(
+    tiny_world: Path, linker: Linker, tmp_path: Path
+) -> None:
+    ms = _mentions(tiny_world)
+    lines = [
+        json.dumps(dict(ms[i % len(ms)], id=f"w{i}")) if i % 11 != 4 else "{x" for i in range(41)
+    ]
+    inp = _write(tmp_path / "bulk-workers.jsonl", lines, tiny_world)
+    one, three = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
+    link_file(linker, inp, one, BulkOptions(batch_size=2, workers=1), progress=False)
+    r = link_file(linker, inp, three, BulkOptions(batch_size=2, workers=3), progress=False)
+    assert (r.written, r.errors) == (41, 4)
+    assert [g["line"] for g in _lines(three)] == list(range(1, 42))
+    _same(_lines(three), _lines(one))
+    # workers are how fast, not what: a run may resume with another count
+    assert link_file(linker, inp, one, BulkOptions(workers=2), progress=False).written == 0
+
+
+def test_worker_plan_splits_the_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import models.threads
+    import service.bulk as bulk
+
+    monkeypatch.setattr(models.threads, "default_threads", lambda reserve=0: 4)
+    cpu = ServiceSettings(device="cpu", intra_op_threads=None)
+    assert bulk.worker_plan(cpu, None) == (4, 1)  # a single-threaded worker per free core
+    assert bulk.worker_plan(cpu.model_copy(update={"intra_op_threads": 2}), None) == (2, 2)
+    assert bulk.worker_plan(cpu, 2) == (2, 2)
+    assert bulk.worker_plan(cpu.model_copy(update={"intra_op_threads": 3}), 1) == (1, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = ServiceSettings(device="auto", intra_op_threads=None)
+    assert bulk.worker_plan(gpu, None) == (1, None)
