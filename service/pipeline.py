@@ -332,6 +332,7 @@ class LinkService:
                 drin_version=linker.drin_fingerprint,
                 fusion_version=linker.fusion_fingerprint,
                 default_reranker=linker.default_reranker,
+                intra_op_threads=linker.threads,
             )
         if self.load_error:
             body["error"] = self.load_error

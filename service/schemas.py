@@ -179,6 +179,9 @@ class Readiness(BaseModel):
     drin_version: str | None = None
     fusion_version: str | None = None
     default_reranker: str | None = None
+    intra_op_threads: int | None = Field(
+        None, description="torch / onnxruntime intra-op threads the model runs with"
+    )
     live: LiveStatus | None = Field(None, description="live KB updates applied since the build")
     pending: dict[str, PendingModel] = Field(
         {}, description="rerankers configured but still training (loaded once complete)"
