@@ -1,11 +1,15 @@
 """Dynamic micro-batching: concurrent mentions are grouped and encoded together.
 
 Requests put :class:`~service.primitives.LinkJob` s on a bounded queue (full ->
-:class:`QueueFull`, answered 429). One worker task takes up to ``max_batch_size`` jobs, waiting
-at most ``max_wait_ms`` for a batch to fill, looks up cached mention encodings, and runs the
-model work (encode the misses, retrieve, rerank) on a dedicated thread, never on the event
-loop. Each job's future gets its typed result. ``stop()`` lets queued and in-flight jobs
-finish (graceful shutdown).
+:class:`QueueFull`, answered 429). A collector takes up to ``max_batch_size`` jobs, waiting at
+most ``max_wait_ms`` for a batch to fill, once a model worker is free; the batch looks up
+cached mention encodings and runs the model work (encode the misses, retrieve, rerank) on one
+of ``workers`` model threads, never on the event loop. With several workers the collector
+forms the next batch while the others run, and a batch that arrives while more than one
+worker is idle (a ``/v1/link/batch`` call) is split between them. Each job's future gets its
+typed result. :meth:`MicroBatcher.call` runs a function on a model thread with no batch
+running (live KB updates). ``stop()`` lets queued and in-flight jobs finish (graceful
+shutdown).
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ from service.primitives import (
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# A batch is split between idle workers only into parts of at least this many mentions: below
+# that, a part's fixed costs (a tower call, a search) outweigh the parallelism.
+MIN_PART = 4
 
 
 class QueueFull(Exception):
@@ -68,19 +76,27 @@ class MicroBatcher:
         max_wait_ms: float,
         queue_size: int,
         cache_prefix: str,
+        workers: int = 1,
     ) -> None:
         self.linker, self.cache, self.metrics = linker, cache, metrics
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.queue: asyncio.Queue[LinkJob] = asyncio.Queue(maxsize=queue_size)
         self.prefix = cache_prefix
-        # One model thread: torch already parallelises inside ops; more threads would contend.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mel-model")
+        # model threads: each runs whole batches with the linker's intra-op threads (one per
+        # free core and one thread each by default: models/threads.py plan_workers)
+        self.workers = max(1, workers)
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="mel-model")
         self.accepting = False
-        self.in_flight = 0
+        self.in_flight = 0  # jobs taken off the queue and not answered yet
+        self._running = 0  # batches (or one call) on the model threads
+        self._exclusive = 0  # calls waiting for the model threads to themselves
+        self._cond: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.accepting = True
+        self._cond = asyncio.Condition()
         self._task = asyncio.create_task(self._run(), name="mel-batcher")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -93,6 +109,8 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._batches:  # past the deadline: let the running ones answer their jobs
+            await asyncio.gather(*self._batches, return_exceptions=True)
         # what the deadline left queued is failed, never left waiting (a hot swap re-runs
         # it on the new generation; a stopping server answers 503)
         while not self.queue.empty():
@@ -100,11 +118,32 @@ class MicroBatcher:
         self.executor.shutdown(wait=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the model thread, between batches (live KB updates: they
-        must not interleave with a batch reading the index)."""
+        """Run ``fn(*args)`` on a model thread while no batch runs (live KB updates: they
+        must not interleave with a batch reading the index). Batches not started yet wait."""
         if not self.accepting:
             raise ShuttingDown("the server is shutting down")
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        cond = self._condition()
+        async with cond:
+            self._exclusive += 1
+            try:
+                await cond.wait_for(lambda: self._running == 0)
+            except BaseException:
+                self._exclusive -= 1
+                cond.notify_all()
+                raise
+            self._running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            async with cond:
+                self._running -= 1
+                self._exclusive -= 1
+                cond.notify_all()
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            raise ShuttingDown("the batcher is not started")
+        return self._cond
 
     async def submit(self, item: MentionInput, params: LinkParams) -> LinkedMention:
         if not self.accepting:
@@ -122,12 +161,12 @@ class MicroBatcher:
         batch = [await self.queue.get()]
         # counted as in flight from the moment they leave the queue: stop() must not take a
         # batch still filling up for an idle worker (its jobs would never be answered)
-        self.in_flight = len(batch)
+        self.in_flight += 1
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self.queue.get_nowait())
-                self.in_flight = len(batch)
+                self.in_flight += 1
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -136,44 +175,67 @@ class MicroBatcher:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
-                self.in_flight = len(batch)
+                self.in_flight += 1
             except TimeoutError:
                 break
         return batch
 
+    def _split(self, batch: list[LinkJob], idle: int) -> list[list[LinkJob]]:
+        """``batch`` in near-equal parts, one per idle worker, none under :data:`MIN_PART`."""
+        n = max(1, min(idle, len(batch) // MIN_PART))
+        size = -(-len(batch) // n)
+        return [batch[i : i + size] for i in range(0, len(batch), size)]
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        cond = self._condition()
         while True:
+            async with cond:  # a batch is formed when a worker can take it
+                await cond.wait_for(lambda: self._running < self.workers and not self._exclusive)
             batch = await self._collect()
-            self.in_flight = len(batch)
+            async with cond:
+                await cond.wait_for(lambda: self._running < self.workers and not self._exclusive)
+                parts = self._split(batch, self.workers - self._running)
+                self._running += len(parts)
             self.metrics.queue_depth.set(self.queue.qsize())
-            self.metrics.batch_size.observe(len(batch))
-            try:
-                keys = [f"{self.prefix}:enc:{j.item.encoding_key()}" for j in batch]
-                blobs: list[bytes | None] = (
-                    await self.cache.get_many(keys) if self.cache else [None] * len(batch)
-                )
-                for b in blobs:
-                    self.metrics.cache.labels(kind="encoding", outcome="hit" if b else "miss").inc()
-                results, new_blobs, times = await loop.run_in_executor(
-                    self.executor, self._work, batch, blobs
-                )
-                for job, res in zip(batch, results, strict=True):
-                    job.complete(res, times)
-                if self.cache and new_blobs:
-                    await self.cache.set_many([(keys[i], b) for i, b in new_blobs])
-            except Exception as exc:
-                logger.exception("model batch of %d failed", len(batch))
-                self.metrics.errors.labels(type="model").inc(len(batch))
-                for job in batch:
-                    job.fail(exc)
-            finally:
-                self.in_flight = 0
+            for part in parts:
+                self.metrics.batch_size.observe(len(part))
+                task = asyncio.create_task(self._batch(part), name="mel-batch")
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+
+    async def _batch(self, batch: list[LinkJob]) -> None:
+        """One batch on a model thread: cached encodings, model work, answers, cache fill."""
+        loop = asyncio.get_running_loop()
+        try:
+            keys = [f"{self.prefix}:enc:{j.item.encoding_key()}" for j in batch]
+            blobs: list[bytes | None] = (
+                await self.cache.get_many(keys) if self.cache else [None] * len(batch)
+            )
+            for b in blobs:
+                self.metrics.cache.labels(kind="encoding", outcome="hit" if b else "miss").inc()
+            results, new_blobs, times = await loop.run_in_executor(
+                self.executor, self._work, batch, blobs
+            )
+            for job, res in zip(batch, results, strict=True):
+                job.complete(res, times)
+            if self.cache and new_blobs:
+                await self.cache.set_many([(keys[i], b) for i, b in new_blobs])
+        except Exception as exc:
+            logger.exception("model batch of %d failed", len(batch))
+            self.metrics.errors.labels(type="model").inc(len(batch))
+            for job in batch:
+                job.fail(exc)
+        finally:
+            self.in_flight -= len(batch)
+            cond = self._condition()
+            async with cond:
+                self._running -= 1
+                cond.notify_all()
 
     def _work(
         self, batch: list[LinkJob], blobs: list[bytes | None]
     ) -> tuple[list[LinkResult], list[tuple[int, bytes]], BatchTimes]:
-        """Model thread: encode cache misses, merge with hits, retrieve, rerank."""
+        """A model thread: encode cache misses, merge with hits, retrieve, rerank."""
         t0 = time.perf_counter()
         miss = [i for i, b in enumerate(blobs) if b is None]
         hits = [(i, b) for i, b in enumerate(blobs) if b is not None]

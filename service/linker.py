@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from PIL import Image
@@ -58,6 +59,9 @@ class Linker:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.threads = configure_threads(settings.intra_op_threads, settings.thread_reserve)
+        # FAISS's OpenMP searches too: several model workers each searching with every core
+        # would oversubscribe them
+        faiss.omp_set_num_threads(self.threads)
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()

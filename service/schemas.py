@@ -180,8 +180,9 @@ class Readiness(BaseModel):
     fusion_version: str | None = None
     default_reranker: str | None = None
     intra_op_threads: int | None = Field(
-        None, description="torch / onnxruntime intra-op threads the model runs with"
+        None, description="torch / onnxruntime intra-op threads of each model worker"
     )
+    model_workers: int | None = Field(None, description="model threads running batches at once")
     live: LiveStatus | None = Field(None, description="live KB updates applied since the build")
     pending: dict[str, PendingModel] = Field(
         {}, description="rerankers configured but still training (loaded once complete)"

@@ -54,9 +54,17 @@ class ServiceSettings(BaseSettings):
     )
     intra_op_threads: int | None = Field(
         None,
-        description="torch and onnxruntime intra-op threads; None: the cores free at start "
-        "(CPU affinity, capped by a cgroup quota, minus the cores other processes keep busy) "
-        "minus thread_reserve, at least 1",
+        description="torch and onnxruntime intra-op threads of each model worker; None: the "
+        "cores free at start (CPU affinity, capped by a cgroup quota, minus the cores other "
+        "processes keep busy, minus thread_reserve) divided by model_workers, 1 when neither "
+        "is set; on a GPU the free cores",
+    )
+    model_workers: int | None = Field(
+        None,
+        ge=1,
+        description="model threads, each running whole batches; None: on CPU the cores free "
+        "at start divided by intra_op_threads (one single-threaded worker per free core when "
+        "neither is set), on a GPU 1",
     )
     thread_reserve: int = Field(
         0,

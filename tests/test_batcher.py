@@ -188,6 +188,96 @@ def test_stop_answers_a_batch_that_is_still_filling() -> None:
     asyncio.run(run())
 
 
+class OverlapLinker(FakeLinker):
+    """Records how many batches (and calls) are on the model threads at once."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s=delay_s)
+        self.lock = threading.Lock()
+        self.now = self.peak = self.calls = 0
+        self.call_overlapped = False
+
+    def link(
+        self, batch: MentionBatch, params: list[LinkParams]
+    ) -> tuple[list[LinkResult], LinkTimes]:
+        with self.lock:
+            self.call_overlapped |= self.calls > 0
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            return super().link(batch, params)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def exclusive(self) -> str:
+        with self.lock:  # a batch, or another call, on the model threads meanwhile?
+            self.call_overlapped |= self.now > 0 or self.calls > 0
+            self.calls += 1
+        time.sleep(0.05)
+        with self.lock:
+            self.calls -= 1
+            self.call_overlapped |= self.now > 0
+        return "done"
+
+
+def test_two_workers_split_a_batch_and_run_side_by_side() -> None:
+    """A batch call's 16 mentions arrive at once with 2 idle workers: two parts of 8 run at
+    the same time; every answer still reaches its own job."""
+
+    async def run() -> None:
+        linker = OverlapLinker(delay_s=0.1)
+        b = _batcher(linker, max_batch_size=16, max_wait_ms=20.0, workers=2)
+        await b.start()
+        words = ["a" * n for n in range(1, 17)]
+        out = await asyncio.gather(*(b.submit(MentionInput(w, "s"), LinkParams()) for w in words))
+        await b.stop()
+        assert [o.result.candidates[0].entity_id for o in out] == [f"E{n}" for n in range(1, 17)]
+        assert sorted(linker.batches) == [8, 8] and linker.peak == 2
+
+    asyncio.run(run())
+
+
+def test_one_worker_never_splits_and_small_batches_stay_whole() -> None:
+    async def run() -> None:
+        for workers, n, parts in ((1, 16, [16]), (2, 6, [6]), (3, 12, [4, 4, 4])):
+            linker = FakeLinker()
+            b = _batcher(linker, max_batch_size=16, max_wait_ms=20.0, workers=workers)
+            await b.start()
+            await asyncio.gather(
+                *(b.submit(MentionInput("a" * k, "s"), LinkParams()) for k in range(1, n + 1))
+            )
+            await b.stop()
+            assert sorted(linker.batches) == parts, (workers, n)
+
+    asyncio.run(run())
+
+
+def test_a_call_waits_for_running_batches_and_holds_new_ones_back() -> None:
+    """Live KB updates run alone on the model threads, however many workers there are."""
+
+    async def run() -> None:
+        linker = OverlapLinker(delay_s=0.05)
+        b = _batcher(linker, max_batch_size=2, max_wait_ms=0.0, workers=2)
+        await b.start()
+        jobs = [
+            asyncio.ensure_future(b.submit(MentionInput("a" * k, "s"), LinkParams()))
+            for k in range(1, 13)
+        ]
+        await asyncio.sleep(0.02)  # batches running on both workers
+        calls = [asyncio.ensure_future(b.call(linker.exclusive)) for _ in range(3)]
+        more = [
+            asyncio.ensure_future(b.submit(MentionInput("b" * k, "s"), LinkParams()))
+            for k in range(1, 5)
+        ]
+        assert await asyncio.gather(*calls) == ["done"] * 3
+        await asyncio.gather(*jobs, *more)
+        await b.stop()
+        assert not linker.call_overlapped and linker.peak == 2
+
+    asyncio.run(run())
+
+
 def test_lru_cache_evicts_and_expires() -> None:
     now = [0.0]
     c = LruCache(2, ttl_s=10, clock=lambda: now[0])
