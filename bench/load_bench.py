@@ -331,7 +331,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"Server: `mel-serve` on 127.0.0.1 (1 uvicorn worker, in-process LRU cache, "
         f"MEL_MAX_BATCH_SIZE={res['settings']['max_batch_size']}, "
         f"MEL_MAX_WAIT_MS={res['settings']['max_wait_ms']}, MEL_INTRA_OP_THREADS="
-        f"{res['settings'].get('intra_op_threads') or 'unset: the cores minus one'}), "
+        f"{res['settings'].get('intra_op_threads') or 'unset'}: ran "
+        f"{res['settings'].get('ran_model_workers', '?')} model worker(s) x "
+        f"{res['settings'].get('ran_intra_op_threads', '?')} thread(s), models/threads.py), "
         "Flat index of the demo world "
         f"({res['index_entities']:,} entities); client: httpx (async) in a second process on "
         f"the same machine. Every request: a distinct demo test mention with its image "
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ready_s = wait_ready(proc, base, a.startup_timeout)
         logger.info("server ready in %.1fs", ready_s)
+        ready = httpx.get(base + "/readyz", timeout=5).json()  # the workers / threads chosen
         res = asyncio.run(drive(a, base, items))
     finally:
         rc = stop_server(proc)
@@ -437,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             "cache": "in-process LRU",
             "device": "cpu",
             "intra_op_threads": a.server_threads,
+            "ran_model_workers": ready.get("model_workers"),
+            "ran_intra_op_threads": ready.get("intra_op_threads"),
         },
         "index": a.index,
         "index_entities": manifest["entity_count"],
