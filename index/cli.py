@@ -56,7 +56,7 @@ from index.build import ENGINES, BuildConfig, add, build, finalize
 from index.errors import IndexBuildError, InvalidShardError
 from index.lexical import rebuild_lexical
 from index.live import LiveUpdateError, compact
-from index.ray_engine import RayOptions
+from index.ray_engine import add_ray_arguments, ray_options
 from index.store import Manifest
 from models.model import LinkingModel
 from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir
@@ -113,16 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(ENGINES),
         help="who encodes the chunks: this process, or a Ray actor pool (pip install '.[ray]')",
     )
-    b.add_argument(
-        "--ray-address",
-        help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray started for the build)",
-    )
-    b.add_argument(
-        "--ray-actors", type=int, help="actors (default: one per GPU, else CPUs / cpus-per-actor)"
-    )
-    b.add_argument(
-        "--ray-cpus-per-actor", type=int, default=1, help="CPUs (torch threads) of each actor"
-    )
+    add_ray_arguments(b)
     b.add_argument(
         "--feature-cache",
         help="mel-train's feature cache folder (--cache-dir): reuse the backbone features it "
@@ -232,14 +223,12 @@ def _run(p: argparse.ArgumentParser, a: argparse.Namespace) -> Manifest | dict[s
                 mips_l2=a.mips_l2,
                 refine=a.refine,
                 engine=a.engine,
-                ray=RayOptions(
-                    address=a.ray_address,
-                    actors=a.ray_actors,
-                    cpus_per_actor=a.ray_cpus_per_actor,
-                ),
+                ray=ray_options(a),
             )
         except InvalidShardError:
             p.error("--shard-id must be in [0, --num-shards)")  # exits 2, like any bad flag
+        except ValueError as exc:  # a --ray-* count below 1
+            p.error(str(exc))
         return build(cfg, keep_chunks=a.keep_chunks)
     if a.command == "merge":
         model = LinkingModel.from_pretrained(a.model)

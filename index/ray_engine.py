@@ -58,6 +58,37 @@ class RayOptions:
     in_flight: int = 2  # chunks queued per actor: its next chunk is there when it finishes
 
 
+def add_ray_arguments(parser: Any) -> None:
+    """``--ray-address / --ray-actors / --ray-cpus-per-actor`` (mel-index build, mel-link);
+    :func:`ray_options` reads them back."""
+    parser.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray for this run)",
+    )
+    parser.add_argument(
+        "--ray-actors",
+        type=int,
+        help="actors (default: one per GPU, else CPUs / --ray-cpus-per-actor)",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-actor",
+        type=int,
+        default=1,
+        help="CPUs of each actor (its torch / onnxruntime threads)",
+    )
+
+
+def ray_options(a: Any) -> RayOptions:
+    """The :class:`RayOptions` of parsed :func:`add_ray_arguments` flags."""
+    if a.ray_actors is not None and a.ray_actors < 1:
+        raise ValueError("--ray-actors must be >= 1")
+    if a.ray_cpus_per_actor < 1:
+        raise ValueError("--ray-cpus-per-actor must be >= 1")
+    return RayOptions(
+        address=a.ray_address, actors=a.ray_actors, cpus_per_actor=a.ray_cpus_per_actor
+    )
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -302,5 +333,7 @@ __all__ = [
     "RayOptions",
     "RayUnavailableError",
     "actor_pool",
+    "add_ray_arguments",
     "encode_shard_ray",
+    "ray_options",
 ]

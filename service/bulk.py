@@ -60,6 +60,7 @@ from typing import Any
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from index.ray_engine import add_ray_arguments
 from models.device import resolve_device
 from models.threads import plan_workers
 from service.errors import ApiError, describe, validation_code
@@ -580,16 +581,7 @@ def _parser() -> argparse.ArgumentParser:
         default="local",
         help="local: this process; ray: a Ray actor pool (pip install '.[ray]')",
     )
-    r.add_argument(
-        "--ray-address",
-        help="an existing cluster (default: $RAY_ADDRESS, else a local instance for this run)",
-    )
-    r.add_argument(
-        "--ray-actors", type=int, help="default: one per GPU, else CPUs / --ray-cpus-per-actor"
-    )
-    r.add_argument(
-        "--ray-cpus-per-actor", type=int, default=1, help="CPUs and intra-op threads of each actor"
-    )
+    add_ray_arguments(r)
     r.add_argument("--ray-block-lines", type=int, default=512, help="input lines per actor call")
     return p
 
@@ -666,19 +658,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_ray(a: argparse.Namespace, settings: ServiceSettings, opts: BulkOptions) -> RunReport:
     """``--engine ray``: imports Ray (and service/ray_link.py) only when asked for."""
+    from index.ray_engine import RayUnavailableError, ray_options
+    from service.ray_link import RayLinkOptions, link_file_ray  # Ray itself: only when run
+
     try:
-        from index.ray_engine import RayOptions, RayUnavailableError
-        from service.ray_link import RayLinkOptions, link_file_ray
-    except ImportError as exc:  # pragma: no cover - ray_link imports nothing optional itself
+        ray_opts = RayLinkOptions(ray_options(a), block_lines=a.ray_block_lines)
+    except ValueError as exc:
         raise BulkLinkError(str(exc)) from exc
-    if a.ray_cpus_per_actor < 1:
-        raise BulkLinkError("--ray-cpus-per-actor must be >= 1")
-    if a.ray_actors is not None and a.ray_actors < 1:
-        raise BulkLinkError("--ray-actors must be >= 1")
-    ray_opts = RayLinkOptions(
-        RayOptions(address=a.ray_address, actors=a.ray_actors, cpus_per_actor=a.ray_cpus_per_actor),
-        block_lines=a.ray_block_lines,
-    )
     try:
         return link_file_ray(
             settings, a.inp, a.out, opts, ray_opts, restart=a.restart, progress=not a.no_progress

@@ -93,13 +93,14 @@ def _same_folder(a: Path, b: Path) -> None:
     assert ma == mb
 
 
-def _actor_pids() -> list[int]:
-    """Processes of ChunkActors encoding a chunk (Ray titles them by the running method)."""
+def _actor_pids(title: bytes = b"ray::ChunkActor.encode_chunk") -> list[int]:
+    """Processes of actors running a method (Ray titles them by it: ChunkActors encoding a
+    chunk by default)."""
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if (p / "cmdline").read_bytes().startswith(b"ray::ChunkActor.encode_chunk"):
+                if (p / "cmdline").read_bytes().startswith(title):
                     pids.append(int(p.name))
             except OSError:
                 continue
@@ -205,19 +206,6 @@ def test_ray_build_encodes_with_the_backends_default_runtime_like_a_local_build(
 
 
 # ---------------------------------------------------------------- mel-link --engine ray
-def _link_actor_pids() -> list[int]:
-    """Processes of LinkActors answering a block (Ray titles them by the running method)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if (p / "cmdline").read_bytes().startswith(b"ray::LinkActor.link_block"):
-                    pids.append(int(p.name))
-            except OSError:
-                continue
-    return pids
-
-
 def _link_cli(inp: Path, out: Path, model: Path, index: Path, *extra: str) -> list[str]:
     args = ["--in", str(inp), "--out", str(out), "--model", str(model), "--index", str(index)]
     args += ["--device", "cpu", "--batch-size", "4", "--no-progress", *extra]
@@ -276,7 +264,7 @@ def test_mel_link_on_ray_resumes_a_local_run_survives_a_killed_actor_and_matches
     deadline = time.monotonic() + 300
     killed = None
     while time.monotonic() < deadline and t.is_alive():
-        pids = _link_actor_pids()
+        pids = _actor_pids(b"ray::LinkActor.link_block")
         if out.read_bytes().count(b"\n") >= k + 30 and pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
