@@ -43,6 +43,7 @@ import torch
 
 from index.ann import AnnSpec, build_index, max_key_norm, search, set_search_params
 from index.build import BuildConfig, build, retrieval_keys
+from index.ray_engine import RayOptions
 from index.search import refine_rows
 from index.store import EntityStore
 from models.data.demo_world import DemoWorldConfig, generate_retrieval_world
@@ -93,6 +94,8 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 device="cpu",
                 progress=False,
                 drin_fields=False,
+                engine=a.engine,
+                ray=RayOptions(actors=a.ray_actors, cpus_per_actor=1),
             )
         )
         secs = time.perf_counter() - t
@@ -111,6 +114,8 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 "seconds": round(secs, 1),
                 "entities_per_s": round(n / secs, 1),
                 "threads": torch.get_num_threads(),
+                "engine": a.engine
+                + (f" ({a.ray_actors or 'auto'} actors x 1 thread)" if a.engine == "ray" else ""),
                 "build_seconds_manifest": getattr(manifest, "build_seconds", None),
             }
         )
@@ -405,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--entities", type=int, default=1_000_000, help="search: first N indexed")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="encode: mel-index build's engine (ray: --ray-actors single-threaded actors)",
+    )
+    p.add_argument("--ray-actors", type=int, default=None)
     p.add_argument("--train-sample", type=int, default=100_000)
     p.add_argument(
         "--only",

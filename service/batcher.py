@@ -93,6 +93,7 @@ class MicroBatcher:
         self._cond: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self._filling: list[LinkJob] = []  # taken off the queue, not handed to a worker yet
 
     async def start(self) -> None:
         self.accepting = True
@@ -111,6 +112,9 @@ class MicroBatcher:
                 await self._task
         if self._batches:  # past the deadline: let the running ones answer their jobs
             await asyncio.gather(*self._batches, return_exceptions=True)
+        for job in self._filling:  # collected but never started: failed, not left waiting
+            job.fail(ShuttingDown("the server is shutting down"))
+        self._filling = []
         # what the deadline left queued is failed, never left waiting (a hot swap re-runs
         # it on the new generation; a stopping server answers 503)
         while not self.queue.empty():
@@ -158,7 +162,7 @@ class MicroBatcher:
         return await asyncio.shield(job.future)
 
     async def _collect(self) -> list[LinkJob]:
-        batch = [await self.queue.get()]
+        batch = self._filling = [await self.queue.get()]
         # counted as in flight from the moment they leave the queue: stop() must not take a
         # batch still filling up for an idle worker (its jobs would never be answered)
         self.in_flight += 1
@@ -196,6 +200,7 @@ class MicroBatcher:
                 await cond.wait_for(lambda: self._running < self.workers and not self._exclusive)
                 parts = self._split(batch, self.workers - self._running)
                 self._running += len(parts)
+                self._filling = []
             self.metrics.queue_depth.set(self.queue.qsize())
             for part in parts:
                 self.metrics.batch_size.observe(len(part))

@@ -278,6 +278,27 @@ def test_a_call_waits_for_running_batches_and_holds_new_ones_back() -> None:
     asyncio.run(run())
 
 
+def test_stop_past_its_deadline_fails_collected_jobs_instead_of_dropping_them() -> None:
+    """A job collected while a live KB call holds the model threads, and a stop() whose
+    deadline passes first: the job is answered ShuttingDown (a hot swap re-runs it on the new
+    generation), never left waiting forever."""
+
+    async def run() -> None:
+        linker = OverlapLinker(delay_s=0.0)
+        b = _batcher(linker, max_batch_size=4, max_wait_ms=0.0, workers=2)
+        await b.start()
+        slow = asyncio.ensure_future(b.call(time.sleep, 0.3))
+        await asyncio.sleep(0.02)  # the call holds the model threads
+        job = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
+        await asyncio.sleep(0.02)  # collected; waits for the call to finish
+        await b.stop(timeout_s=0.05)
+        await slow
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(job, 1.0)
+
+    asyncio.run(run())
+
+
 def test_lru_cache_evicts_and_expires() -> None:
     now = [0.0]
     c = LruCache(2, ttl_s=10, clock=lambda: now[0])
