@@ -61,8 +61,6 @@ from pydantic import ValidationError
 from tqdm import tqdm
 
 from index.ray_engine import add_ray_arguments
-from models.device import resolve_device
-from models.threads import plan_workers
 from service.errors import ApiError, describe, validation_code
 from service.images import ImageLimits, open_image
 from service.linker import Linker
@@ -562,8 +560,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        help="batches linked at once, each on its own thread, one shared linker (default: on "
-        "CPU the cores free at start divided by --threads, on a GPU 1)",
+        help="batches linked at once, each on its own thread, one shared linker "
+        "(MEL_MODEL_WORKERS; default: on CPU the cores free at start divided by --threads, "
+        "on a GPU 1)",
     )
     p.add_argument(
         "--threads",
@@ -586,13 +585,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def worker_plan(settings: ServiceSettings, workers: int | None) -> tuple[int, int | None]:
-    """(workers, intra-op threads per worker) of a local run: :func:`models.threads.plan_workers`
-    for these settings' device, threads and reserve."""
-    cuda = resolve_device(settings.device).type == "cuda"
-    return plan_workers(workers, settings.intra_op_threads, cuda, settings.thread_reserve)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     logging.basicConfig(
@@ -607,14 +599,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("fusion_model_path", a.fusion),
             ("device", a.device),
             ("intra_op_threads", a.threads),
+            ("model_workers", a.workers),
         )
         if v
     }
-    settings = ServiceSettings(**overrides)
     if a.workers is not None and a.workers < 1:
         _parser().error("--workers must be >= 1")
-    workers, threads = worker_plan(settings, a.workers)
-    settings = settings.model_copy(update={"intra_op_threads": threads})
+    settings = ServiceSettings(**overrides).with_worker_plan()  # the server's own plan
+    workers, threads = settings.model_workers or 1, settings.intra_op_threads
     if a.engine == "local":
         logger.info("mel-link: %d worker(s) x %s intra-op thread(s)", workers, threads or "default")
     opts = BulkOptions(

@@ -24,8 +24,6 @@ from PIL import Image
 from pydantic import ValidationError
 
 from index.live import LiveUpdateError
-from models.device import resolve_device
-from models.threads import plan_workers
 from service.batcher import MicroBatcher, QueueFull, ShuttingDown
 from service.cache import Cache, LruCache, RedisCache
 from service.errors import ApiError, describe, validation_code
@@ -200,18 +198,17 @@ class LinkService:
         kb = LiveKb(linker.model, linker.searcher, s.lock_timeout_s)
         return Serving(linker, batcher, prefix, kb, s, pending)
 
-    def _plan_workers(self) -> None:
-        """Fix the model workers and their threads once, from the cores free at start (every
-        later generation, a hot swap's, runs with the same plan)."""
-        s = self.settings
-        cuda = resolve_device(s.device).type == "cuda"
-        workers, threads = plan_workers(s.model_workers, s.intra_op_threads, cuda, s.thread_reserve)
-        self.settings = s.model_copy(update={"model_workers": workers, "intra_op_threads": threads})
-        logger.info("model workers: %d x %s intra-op thread(s)", workers, threads or "default")
-
     async def _load(self) -> None:
         try:
-            await asyncio.to_thread(self._plan_workers)
+            # workers and threads fixed once, from the cores free at start: every later
+            # generation (a hot swap's) runs with the same plan
+            self.settings = await asyncio.to_thread(self.settings.with_worker_plan)
+            s = self.settings
+            logger.info(
+                "model workers: %s x %s intra-op thread(s)",
+                s.model_workers,
+                s.intra_op_threads or "default",
+            )
             self.cache = await self._cache()
             self.state = await self._build(self.settings)
             self.ready = True

@@ -178,5 +178,18 @@ class ServiceSettings(BaseSettings):
     def _upper(cls, v: list[str]) -> list[str]:
         return [f.upper() for f in v]
 
+    def with_worker_plan(self) -> ServiceSettings:
+        """These settings with ``model_workers`` and ``intra_op_threads`` fixed from the cores
+        free now (:func:`models.threads.plan_workers`; it samples /proc/stat for 0.25 s). The
+        server and ``mel-link`` both call it once at start."""
+        from models.device import resolve_device  # torch: not for --print-settings
+        from models.threads import plan_workers
+
+        cuda = resolve_device(self.device).type == "cuda"
+        workers, threads = plan_workers(
+            self.model_workers, self.intra_op_threads, cuda, self.thread_reserve
+        )
+        return self.model_copy(update={"model_workers": workers, "intra_op_threads": threads})
+
 
 __all__ = ["ServiceSettings"]

@@ -259,17 +259,21 @@ def test_parallel_workers_write_the_same_file_in_input_order(
 
 
 def test_worker_plan_splits_the_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServiceSettings.with_worker_plan: one plan for the server and mel-link."""
     import torch
 
     import models.threads
-    import service.bulk as bulk
 
     monkeypatch.setattr(models.threads, "default_threads", lambda reserve=0: 4)
-    cpu = ServiceSettings(device="cpu", intra_op_threads=None)
-    assert bulk.worker_plan(cpu, None) == (4, 1)  # a single-threaded worker per free core
-    assert bulk.worker_plan(cpu.model_copy(update={"intra_op_threads": 2}), None) == (2, 2)
-    assert bulk.worker_plan(cpu, 2) == (2, 2)
-    assert bulk.worker_plan(cpu.model_copy(update={"intra_op_threads": 3}), 1) == (1, 3)
+
+    def plan(**kw: object) -> tuple[int | None, int | None]:
+        s = ServiceSettings(**{"device": "cpu", "intra_op_threads": None, **kw})
+        p = s.with_worker_plan()
+        return p.model_workers, p.intra_op_threads
+
+    assert plan() == (4, 1)  # a single-threaded worker per free core
+    assert plan(intra_op_threads=2) == (2, 2)
+    assert plan(model_workers=2) == (2, 2)
+    assert plan(model_workers=1, intra_op_threads=3) == (1, 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    gpu = ServiceSettings(device="auto", intra_op_threads=None)
-    assert bulk.worker_plan(gpu, None) == (1, None)
+    assert plan(device="auto") == (1, None)
