@@ -17,8 +17,10 @@ intra-op threads); medians of ``--reps``.
 ``kernel``    MIMIC over B x K candidates: the released computation (``MimicMatcher.score``:
               the entity side recomputed from encoder features per request), today's serving
               path (``score_precomputed`` over stored records: one product per pair), the new
-              kernel (``models.rerank_kernel.score_candidates``), and the FLOP floor: a pure
-              square GEMM doing the kernel's matmul FLOPs, and the attention GEMM alone.
+              kernel in torch (``models.rerank_kernel.score_candidates``) and as one
+              onnxruntime graph (``models.onnx_kernel``, the server's CPU default), and the
+              FLOP floor: a pure square GEMM doing the kernel's matmul FLOPs, and the
+              attention GEMM alone.
 ``quality``   the demo world encoded by each encoder runtime (the torch-trained model), test
               split: full-KB and two-stage (top 100 + rerank) H@1 / MRR; the int8 text
               tower's cosine to fp32; and the store codecs' effect (float16 records vs the
@@ -59,6 +61,7 @@ from models.features import dataset_features
 from models.mimic import MimicEntityRecord, MimicFeatures, MimicMatcher
 from models.model import LinkingModel
 from models.onnx_encoders import ENCODER_RUNTIMES, use_runtime
+from models.onnx_kernel import OnnxKernel, ensure_kernel_export
 from models.preprocess import entity_text, image_batch, load_image_or_none
 from models.rerank_kernel import score_candidates
 from models.scoring import project_rows
@@ -171,6 +174,7 @@ def part_kernel(a: argparse.Namespace, threads: int) -> dict[str, Any]:
     keys = matcher.retrieval_keys(records)
     test = [m for m in ds.split("test") if m.entity_id is not None]
     matcher64 = copy.deepcopy(matcher).double()
+    onnx = OnnxKernel(ensure_kernel_export(matcher, Path(a.work) / "onnx"), threads)
     g = torch.Generator().manual_seed(0)
     # the machine's GEMM peak at these threads: a large square fp32 product
     n = 1024
@@ -216,6 +220,8 @@ def part_kernel(a: argparse.Namespace, threads: int) -> dict[str, Any]:
             "kernel_text_only_kb": lambda men=men, rec=text_only, nb=all_blank: score_candidates(
                 matcher, men, rec, no_image=nb
             ),
+            "onnx": lambda men=men, rec=rec, ni=no_image: onnx(men, rec, ni),
+            "onnx_text_only_kb": lambda men=men, rec=text_only, nb=all_blank: onnx(men, rec, nb),
             "floor_gemm": lambda sq=sq: sq[0] @ sq[1],
             "attention_gemm": lambda q=q, kt=kt: torch.bmm(q, kt),
         }
@@ -225,6 +231,19 @@ def part_kernel(a: argparse.Namespace, threads: int) -> dict[str, Any]:
         diff = max(
             float((getattr(got, f) - getattr(ref, f)).abs().max())
             for f in ("score", "tglu", "vdlu", "cmfu")
+        )
+        got_o = onnx(men, rec, no_image)
+        diff_onnx = max(
+            float((getattr(got_o, f) - getattr(ref, f)).abs().max())
+            for f in ("score", "tglu", "vdlu", "cmfu")
+        )
+        diff_onnx_text_only = float(
+            (
+                onnx(men, text_only, all_blank).score
+                - matcher.score_precomputed(men, text_only).score
+            )
+            .abs()
+            .max()
         )
         got_t = score_candidates(matcher, men, text_only, no_image=all_blank)
         ref_t = matcher.score_precomputed(men, text_only)
@@ -248,6 +267,12 @@ def part_kernel(a: argparse.Namespace, threads: int) -> dict[str, Any]:
                 "floor_ms_at_peak": 1e3 * total / peak,
                 "kernel_vs_floor_gemm": times["kernel"] / times["floor_gemm"],
                 "kernel_vs_floor_at_peak": times["kernel"] / (total / peak),
+                "onnx_vs_released": times["released"] / times["onnx"],
+                "onnx_vs_torch_kernel": times["kernel"] / times["onnx"],
+                "onnx_vs_floor_gemm": times["onnx"] / times["floor_gemm"],
+                "max_abs_diff_onnx_vs_precomputed": diff_onnx,
+                "max_abs_diff_onnx_text_only_kb": diff_onnx_text_only,
+                "onnx_error_vs_float64": float((got_o.score.double() - exact).abs().max()),
                 "max_abs_diff_vs_precomputed": diff,
                 "max_abs_diff_vs_released": float((got.score - released.score).abs().max()),
                 "max_abs_score": float(ref.score.abs().max()),
@@ -556,6 +581,25 @@ def render(res: dict[str, Any]) -> str:
                 f"{r['kernel_vs_released']:.1f}x | {r['kernel_vs_precomputed']:.1f}x | "
                 f"{r['kernel_vs_floor_gemm']:.2f} | {ms['kernel_text_only_kb']:.3f} |"
             )
+        if all("onnx" in r["ms"] for r in k["rows"]):
+            out += [
+                "",
+                "The kernel as one onnxruntime graph (`models/onnx_kernel.py`, the server's CPU "
+                "default, `MEL_KERNEL_RUNTIME`), timed in the same alternating reps:",
+                "",
+                "| B x K | onnx kernel ms | vs released | vs torch kernel | onnx / floor | "
+                "onnx, text-only KB ms | onnx - score_precomputed | onnx - float64 |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in k["rows"]:
+                ms = r["ms"]
+                out.append(
+                    f"| {r['B']} x {r['K']} | {ms['onnx']:.3f} | {r['onnx_vs_released']:.1f}x | "
+                    f"{r['onnx_vs_torch_kernel']:.2f}x | {r['onnx_vs_floor_gemm']:.2f} | "
+                    f"{ms['onnx_text_only_kb']:.3f} | "
+                    f"{r['max_abs_diff_onnx_vs_precomputed']:.1e} | "
+                    f"{r['onnx_error_vs_float64']:.1e} |"
+                )
         out += [
             "",
             "| B x K | imageless candidates | largest abs score | kernel - score_precomputed | "

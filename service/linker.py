@@ -36,6 +36,7 @@ from models.fusion import check_compatible as check_fusion
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
 from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
+from models.onnx_kernel import load_kernel
 from models.threads import configure_threads
 from service.primitives import (
     CandidateResult,
@@ -104,8 +105,15 @@ class Linker:
                     f"{settings.index_path} has no lexical channel (mel-index lexical)"
                 )
             self.fusion_fingerprint = self.fusion.fingerprint()
+        self.kernel = load_kernel(
+            self.model.matcher,
+            settings.kernel_runtime,
+            default_cache_dir(settings.model_path, settings.onnx_cache),
+            self.threads,
+            self.device,
+        )
         self.rerankers: dict[str, Reranker] = load_rerankers(
-            self.model, self.searcher, self.drin, self.fusion
+            self.model, self.searcher, self.drin, self.fusion, self.kernel
         )
         # calibrated confidences, per reranker, when a fusion model brought them
         self.calibrations: dict[str, Calibration] = {}
@@ -126,7 +134,7 @@ class Linker:
         )
         logger.info(
             "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s, encoder "
-            "runtime %s, %d threads",
+            "runtime %s, kernel %s, %d threads",
             time.perf_counter() - t0,
             self.fingerprint,
             self.index_version,
@@ -134,6 +142,7 @@ class Linker:
             m.factory,
             self.device,
             self.encoder_runtime,
+            self.kernel.runtime,
             self.threads,
         )
 

@@ -344,6 +344,7 @@ class LinkService:
                 default_reranker=linker.default_reranker,
                 intra_op_threads=linker.threads,
                 model_workers=self.state.batcher.workers,
+                kernel_runtime=linker.kernel.runtime,
             )
         if self.load_error:
             body["error"] = self.load_error

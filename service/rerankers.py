@@ -28,7 +28,7 @@ from models.fusion import (
     candidate_features,
 )
 from models.model import LinkingModel
-from models.rerank_kernel import score_candidates
+from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
 
 
@@ -104,15 +104,19 @@ class RetrievalOnly:
 
 class MimicReranker:
     """``mimic``: MIMIC's three units over the candidates' precomputed store records, through
-    the batched serving kernel (``models.rerank_kernel``: the same scores as
-    ``MimicMatcher.score_precomputed`` within float rounding)."""
+    the batched serving kernel: ``models.rerank_kernel`` in torch, or its onnxruntime graph
+    (``models.onnx_kernel``); both the scores of ``MimicMatcher.score_precomputed`` within
+    float rounding."""
 
     name: ClassVar[str] = "mimic"
     uses_lexical: ClassVar[bool] = False
 
-    def __init__(self, model: LinkingModel, searcher: IndexSearcher) -> None:
+    def __init__(
+        self, model: LinkingModel, searcher: IndexSearcher, kernel: MimicKernel | None = None
+    ) -> None:
         self.model, self.searcher = model, searcher
         self.device = next(model.parameters()).device
+        self.kernel = kernel if kernel is not None else TorchKernel(model.matcher)
 
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
@@ -122,7 +126,7 @@ class MimicReranker:
         no_image = (
             torch.from_numpy(image_rows == 0).to(self.device) if image_rows is not None else None
         )
-        s = score_candidates(self.model.matcher, batch.encoded.mimic, records, no_image=no_image)
+        s = self.kernel(batch.encoded.mimic, records, no_image)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
@@ -283,9 +287,11 @@ def load_rerankers(
     searcher: IndexSearcher,
     drin: DrinModel | None = None,
     fusion: FusionModel | None = None,
+    kernel: MimicKernel | None = None,
 ) -> dict[str, Reranker]:
-    """The rerankers this server offers, by name, in the order ``/readyz`` lists them."""
-    mimic = MimicReranker(model, searcher)
+    """The rerankers this server offers, by name, in the order ``/readyz`` lists them
+    (``kernel``: how MIMIC's scores are computed; None: the torch kernel)."""
+    mimic = MimicReranker(model, searcher, kernel)
     graph = DrinGraphReranker(drin, searcher) if drin is not None else None
     out: list[Reranker] = []
     if fusion is not None:

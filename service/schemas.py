@@ -183,6 +183,7 @@ class Readiness(BaseModel):
         None, description="torch / onnxruntime intra-op threads of each model worker"
     )
     model_workers: int | None = Field(None, description="model threads running batches at once")
+    kernel_runtime: str | None = Field(None, description="how the MIMIC kernel runs: torch | onnx")
     live: LiveStatus | None = Field(None, description="live KB updates applied since the build")
     pending: dict[str, PendingModel] = Field(
         {}, description="rerankers configured but still training (loaded once complete)"

@@ -47,10 +47,16 @@ class ServiceSettings(BaseSettings):
         "faster, same quality), torch for clip; must be the one the index was built with "
         "(its manifest says)",
     )
+    kernel_runtime: str | None = Field(
+        None,
+        description="how the MIMIC rerank kernel runs: torch (eager ops) or onnx (one "
+        "onnxruntime graph, exported on first start into onnx_cache; equal within float "
+        "rounding, measured faster); None: onnx on the CPU, torch on a GPU",
+    )
     onnx_cache: str | None = Field(
         None,
-        description="folder for the ONNX exports of the encoder (made on first start, never "
-        "downloaded); None: the onnx/ folder inside model_path",
+        description="folder for the ONNX exports of the encoder and the MIMIC kernel (made on "
+        "first start, never downloaded); None: the onnx/ folder inside model_path",
     )
     intra_op_threads: int | None = Field(
         None,
@@ -171,6 +177,14 @@ class ServiceSettings(BaseSettings):
         runtimes = ("torch", "onnx", "onnx-int8")
         if v is not None and v not in runtimes:
             raise ValueError(f"encoder_runtime must be one of {runtimes}, got {v!r}")
+        return v
+
+    @field_validator("kernel_runtime")
+    @classmethod
+    def _kernel_runtime(cls, v: str | None) -> str | None:
+        runtimes = ("torch", "onnx")  # models.onnx_kernel.KERNEL_RUNTIMES
+        if v is not None and v not in runtimes:
+            raise ValueError(f"kernel_runtime must be one of {runtimes}, got {v!r}")
         return v
 
     @field_validator("image_formats")

@@ -1,0 +1,315 @@
+"""The serving kernel through ONNX Runtime: MIMIC over per-mention candidate lists, one graph.
+
+:func:`models.rerank_kernel.score_candidates` runs the kernel as eager torch ops. At the
+server's usual sizes (1-32 mentions x 100 candidates) much of its time is per-op overhead:
+about 60 small ops (LayerNorms, the VDLU and CMFU products) around one large attention GEMM.
+``kernel_runtime = "onnx"`` exports the same computation once per matcher as one ONNX graph
+and runs it with onnxruntime, which runs small ops with less overhead and a faster softmax
+(bench/speed.py, "MIMIC over B x K candidates"):
+
+* the same formulation as the torch kernel: one attention GEMM per mention for all its
+  candidates (its K candidates' queries as one (K L, h) matrix against its (h, L) keys), the
+  mean of the softmax rows, then times V (the released order); no candidate blocks (a graph
+  has no cheap loop; the measured cost of the block slices outweighed their cache gain);
+* the three VDLU record fields may have one candidate instead of K (``KI`` = 1 in the graph):
+  when no candidate of the batch has an image they are all the store's no-image record, so
+  VDLU is one pair per mention, broadcast to the list, as the torch kernel does.
+
+MIMIC itself (models/mimic.py) is unchanged and the graph is traced from its own modules.
+Exports are keyed by the matcher's config and weights, the text length, the torch and
+onnxruntime versions and :data:`KERNEL_EXPORT_VERSION`, and checked against the torch kernel
+on random inputs before they are kept (tests/test_onnx_kernel.py holds them to the torch
+kernel's own tolerance against ``score_precomputed``). CPU only: on a CUDA device the torch
+kernel runs (the CUDA provider is unmeasured here).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.mimic import MimicEntityRecord, MimicFeatures, MimicMatcher, MimicScores
+from models.onnx_encoders import OPSET, OnnxRuntimeError
+from models.rerank_kernel import score_candidates
+
+logger = logging.getLogger(__name__)
+
+KERNEL_RUNTIMES = ("torch", "onnx")
+# Bump when the graph changes meaning (inputs, outputs, formulation).
+KERNEL_EXPORT_VERSION = 1
+KERNEL_FILE = "mimic_kernel.onnx"
+# The export check, relative to the largest score: the torch kernel itself differs from
+# score_precomputed by up to ~2 ulp of the largest |score| (bench/speed.py: 1.5e-5 at 112).
+EXPORT_CHECK_RTOL = 1e-6
+_MENTION = ("text_cls", "text_tokens", "image_cls", "image_tokens")
+_RECORD = MimicEntityRecord.field_names()
+# VDLU's entity fields: one no-image record may stand for the whole list
+_IMAGE_FIELDS = ("e2m_query", "m2e_key", "m2e_pooled")
+_OUTPUTS = ("score", "tglu", "vdlu", "cmfu")
+
+
+class MimicKernel(Protocol):
+    """Scores (B, K) of B mentions against their own K candidates' records."""
+
+    runtime: str
+
+    def __call__(
+        self, mentions: MimicFeatures, records: MimicEntityRecord, no_image: Tensor | None
+    ) -> MimicScores: ...
+
+
+class TorchKernel:
+    """:func:`models.rerank_kernel.score_candidates` (eager torch; also the CUDA path)."""
+
+    runtime = "torch"
+
+    def __init__(self, matcher: MimicMatcher) -> None:
+        self.matcher = matcher
+
+    def __call__(
+        self, mentions: MimicFeatures, records: MimicEntityRecord, no_image: Tensor | None
+    ) -> MimicScores:
+        return score_candidates(self.matcher, mentions, records, no_image=no_image)
+
+
+class _KernelGraph(nn.Module):
+    """``score_candidates`` without candidate blocks, as one traceable forward."""
+
+    def __init__(self, matcher: MimicMatcher) -> None:
+        super().__init__()
+        self.matcher = matcher
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        m = self.matcher
+        men = m._normalise(MimicFeatures(*inputs[:4]))
+        rec = MimicEntityRecord(*inputs[4:])
+        t = m.tglu
+        key = t.fc_key(men.text_tokens)  # (B, L, h)
+        value = t.fc_value(men.text_tokens)  # (B, L, h)
+        key_t = (key * (1.0 / math.sqrt(t.hidden))).transpose(1, 2)  # (B, h, L)
+        b, k, length, h = rec.tglu_query.shape
+        att = torch.matmul(rec.tglu_query.reshape(b, k * length, h), key_t)  # (B, K L, L)
+        pbar = att.softmax(dim=-1).reshape(b, k, length, length).mean(dim=-2)  # (B, K, L)
+        ctx = t.layer_norm(torch.matmul(pbar, value))  # (B, K, h)
+        g2l = (ctx * rec.tglu_cls).sum(-1)
+        g2g = (men.text_cls.unsqueeze(1) * rec.text_cls).sum(-1)
+        s_t = (g2l + g2g) / 2
+        s_v = m.vdlu.score(
+            men.image_cls, men.image_tokens, rec.e2m_query, rec.m2e_key, rec.m2e_pooled, False
+        ).expand_as(s_t)  # (B, K) or (B, 1) -> (B, K)
+        h_m = m.cmfu.fuse(men.text_cls, men.image_tokens)  # (B, d)
+        s_c = (h_m.unsqueeze(1) * rec.cmfu).sum(-1)
+        s = m._combine(s_t, s_v, s_c, None)
+        return s.score, s.tglu, s.vdlu, s.cmfu
+
+
+def export_key(matcher: MimicMatcher) -> str:
+    """Identity of an export: what the graph is a function of."""
+    import onnxruntime as ort
+
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "v": KERNEL_EXPORT_VERSION,
+                "opset": OPSET,
+                "config": repr(matcher.config),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    for name, t in sorted(matcher.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _example(
+    matcher: MimicMatcher, b: int, k: int, text_length: int, image_tokens: int, seed: int
+) -> tuple[MimicFeatures, MimicEntityRecord]:
+    """Random mentions and the records of random entities (through the matcher's own
+    ``precompute_entities``, so the records have the stored fields' shapes and scales)."""
+    cfg = matcher.config
+    g = torch.Generator().manual_seed(seed)
+
+    def feats(*lead: int) -> MimicFeatures:
+        def r(*s: int) -> Tensor:
+            return torch.randn(*lead, *s, generator=g)
+
+        return MimicFeatures(r(cfg.dt), r(text_length, cfg.dt), r(cfg.dv), r(image_tokens, cfg.dv))
+
+    with torch.inference_mode():
+        rec = matcher.precompute_entities(feats(b, k)).map(Tensor.clone)
+    return feats(b), rec
+
+
+def _feeds(mentions: MimicFeatures, records: MimicEntityRecord, one_image: bool) -> dict:
+    def arr(t: Tensor) -> np.ndarray:
+        return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
+
+    feeds = {f"m_{n}": arr(getattr(mentions, n)) for n in _MENTION}
+    for n in _RECORD:
+        t = getattr(records, n)
+        feeds[f"e_{n}"] = arr(t[:, :1] if one_image and n in _IMAGE_FIELDS else t)
+    return feeds
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The transformer fusion that turns VDLU's LayerNorm(p + a) into SkipLayerNormalization
+    # ran 7x slower than the plain LayerNorm on (1000, 96) here (onnxruntime's profiler).
+    return ort.InferenceSession(
+        str(path),
+        so,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["SkipLayerNormFusion"],
+    )
+
+
+def _max_rel_error(got: list[np.ndarray], want: MimicScores) -> float:
+    worst = 0.0
+    for g, n in zip(got, _OUTPUTS, strict=True):
+        ref = getattr(want, n).numpy()
+        worst = max(worst, float(np.abs(g - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    return worst
+
+
+@torch.inference_mode(False)
+def ensure_kernel_export(matcher: MimicMatcher, cache_dir: str | os.PathLike[str]) -> Path:
+    """The kernel graph of this matcher, exported into ``cache_dir/kernel-<key>/`` the first
+    time (about 1 s) and checked against the torch kernel; reused after."""
+    folder = Path(cache_dir) / f"kernel-{export_key(matcher)}"
+    path = folder / KERNEL_FILE
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cpu = copy.deepcopy(matcher).to("cpu", torch.float32).eval()  # the served matcher's form
+    men, rec = _example(cpu, 2, 3, 6, 4, seed=0)  # (B, K, L tokens, P image tokens)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape arithmetic
+        # inputs m_<mention field>, e_<record field>; outputs the MimicScores fields
+        names = [*(f"m_{n}" for n in _MENTION), *(f"e_{n}" for n in _RECORD)]
+        dynamic: dict[str, dict[int, str]] = {
+            "m_text_cls": {0: "B"},
+            "m_text_tokens": {0: "B", 1: "L"},
+            "m_image_cls": {0: "B"},
+            "m_image_tokens": {0: "B", 1: "P"},
+        }
+        for n in _RECORD:
+            dynamic[f"e_{n}"] = {0: "B", 1: "KI" if n in _IMAGE_FIELDS else "K"}
+        dynamic["e_tglu_query"][2] = "L"
+        torch.onnx.export(
+            _KernelGraph(cpu).eval(),
+            tuple(getattr(men, n) for n in _MENTION) + tuple(getattr(rec, n) for n in _RECORD),
+            str(tmp),
+            input_names=names,
+            output_names=list(_OUTPUTS),
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    # checked on other shapes than the traced ones (so no size was frozen into the graph),
+    # with images and with the one no-image record standing for every candidate
+    sess = _session(tmp, 1)
+    for b, k, length, p, one_image in (
+        (1, 7, 9, 5, False),
+        (3, 5, 6, 4, True),
+        (2, 11, 4, 2, False),
+    ):
+        m2, r2 = _example(cpu, b, k, length, p, seed=b * 10 + k)
+        if one_image:
+            r2 = MimicEntityRecord(
+                *(
+                    getattr(r2, n)[:, :1].expand_as(getattr(r2, n)).contiguous()
+                    if n in _IMAGE_FIELDS
+                    else getattr(r2, n)
+                    for n in _RECORD
+                )
+            )
+        with torch.inference_mode():
+            want = score_candidates(cpu, m2, r2)
+        err = _max_rel_error(sess.run(None, _feeds(m2, r2, one_image)), want)
+        if not err <= EXPORT_CHECK_RTOL:
+            tmp.unlink(missing_ok=True)
+            raise OnnxRuntimeError(
+                f"the exported MIMIC kernel differs from the torch kernel by {err:.1e} of the "
+                f"largest score at B={b}, K={k}, L={length} (> {EXPORT_CHECK_RTOL}); not cached"
+            )
+    tmp.replace(path)  # two processes exporting at once both write whole files; one wins
+    logger.info("exported the MIMIC kernel to %s in %.1fs", path, time.perf_counter() - t0)
+    return path
+
+
+class OnnxKernel:
+    """The kernel graph in an onnxruntime session (thread-safe: model workers share it)."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: str | os.PathLike[str], threads: int) -> None:
+        self.path = Path(path)
+        self.session = _session(self.path, threads)
+
+    def __call__(
+        self, mentions: MimicFeatures, records: MimicEntityRecord, no_image: Tensor | None
+    ) -> MimicScores:
+        if records.text_cls.dim() != 3 or records.text_cls.shape[0] != mentions.text_cls.shape[0]:
+            raise ValueError(
+                f"the kernel scores per-mention candidate records (B={len(mentions)}, K, ...), "
+                f"got {tuple(records.text_cls.shape)}"
+            )
+        one_image = no_image is not None and bool(no_image.all())
+        out = self.session.run(None, _feeds(mentions, records, one_image))
+        return MimicScores(*(torch.from_numpy(o) for o in out))
+
+
+def load_kernel(
+    matcher: MimicMatcher,
+    runtime: str | None,
+    cache_dir: str | os.PathLike[str],
+    threads: int,
+    device: torch.device,
+) -> MimicKernel:
+    """The kernel ``runtime`` asks for; None: onnx on the CPU, torch on a GPU."""
+    if runtime is not None and runtime not in KERNEL_RUNTIMES:
+        raise ValueError(f"kernel runtime must be one of {KERNEL_RUNTIMES}, got {runtime!r}")
+    if runtime is None:
+        runtime = "torch" if device.type != "cpu" else "onnx"
+    if runtime == "torch":
+        return TorchKernel(matcher)
+    if device.type != "cpu":
+        raise ValueError("kernel runtime onnx runs on the CPU; a CUDA model uses torch")
+    path = ensure_kernel_export(matcher, cache_dir)
+    return OnnxKernel(path, threads)
+
+
+__all__ = [
+    "KERNEL_RUNTIMES",
+    "MimicKernel",
+    "OnnxKernel",
+    "TorchKernel",
+    "ensure_kernel_export",
+    "export_key",
+    "load_kernel",
+]

@@ -1,0 +1,140 @@
+"""The MIMIC kernel's onnxruntime graph (models/onnx_kernel.py) == MimicMatcher.score_precomputed
+on fresh random inputs and shapes it was not traced at; its export cache; the runtime choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.mimic import MimicConfig, MimicEntityRecord, MimicFeatures, MimicMatcher
+from models.onnx_kernel import (
+    OnnxKernel,
+    TorchKernel,
+    ensure_kernel_export,
+    export_key,
+    load_kernel,
+)
+from tests.reference_mimic import randomise_layernorms
+
+CFG = MimicConfig(dt=32, dv=12, tglu_hidden_dim=16, idlu_hidden_dim=16, cmfu_hidden_dim=16)
+FIELDS = ("score", "tglu", "vdlu", "cmfu")
+CPU = torch.device("cpu")
+
+
+def _matcher(seed: int, cfg: MimicConfig = CFG) -> MimicMatcher:
+    torch.manual_seed(seed)
+    m = MimicMatcher(cfg)
+    randomise_layernorms(m)
+    return m.eval()
+
+
+def _feats(
+    *lead: int, gen: torch.Generator, cfg: MimicConfig = CFG, length: int = 7, p: int = 5
+) -> MimicFeatures:
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*lead, *s, generator=gen)
+
+    return MimicFeatures(r(cfg.dt), r(length, cfg.dt), r(cfg.dv), r(p, cfg.dv))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MimicMatcher, OnnxKernel]:
+    m = _matcher(seed=11)
+    path = ensure_kernel_export(m, tmp_path_factory.mktemp("kernel"))
+    return m, OnnxKernel(path, threads=1)
+
+
+@pytest.mark.parametrize(("b", "k", "length"), [(1, 1, 7), (1, 100, 40), (4, 9, 7), (32, 3, 5)])
+def test_onnx_kernel_equals_score_precomputed(
+    exported: tuple[MimicMatcher, OnnxKernel], b: int, k: int, length: int
+) -> None:
+    m, kernel = exported
+    gen = torch.Generator().manual_seed(b * 100 + k)
+    men = _feats(b, gen=gen, length=length)
+    rec = m.precompute_entities(_feats(b, k, gen=gen, length=length))
+    with torch.inference_mode():
+        ref = m.score_precomputed(men, rec)
+    got = kernel(men, rec, None)
+    for f in FIELDS:
+        assert getattr(got, f).shape == (b, k)
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.4])
+def test_onnx_kernel_with_imageless_candidates(
+    exported: tuple[MimicMatcher, OnnxKernel], share: float
+) -> None:
+    """fp16 records as the store holds them; when every candidate carries the no-image
+    record the graph gets it once per mention (KI = 1) and broadcasts it; same scores."""
+    m, kernel = exported
+    gen = torch.Generator().manual_seed(3)
+    b, k = 3, 8
+    men = _feats(b, gen=gen)
+    ent = _feats(b, k, gen=gen)
+    blank = _feats(1, gen=gen)
+    no_image = torch.rand(b, k, generator=gen) < share
+    ent = MimicFeatures(
+        ent.text_cls,
+        ent.text_tokens,
+        torch.where(no_image[..., None], blank.image_cls, ent.image_cls),
+        torch.where(no_image[..., None, None], blank.image_tokens, ent.image_tokens),
+    )
+    rec = m.precompute_entities(ent).map(lambda t: t.half())
+    with torch.inference_mode():
+        ref = m.score_precomputed(men, rec)
+    got = kernel(men, rec, no_image)
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
+
+
+def test_onnx_kernel_refuses_shared_records(exported: tuple[MimicMatcher, OnnxKernel]) -> None:
+    m, kernel = exported
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="per-mention"):
+        kernel(_feats(2, gen=gen), m.precompute_entities(_feats(5, gen=gen)), None)
+
+
+def test_export_is_cached_and_keyed_by_the_weights(tmp_path: Path) -> None:
+    m = _matcher(seed=1)
+    first = ensure_kernel_export(m, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert ensure_kernel_export(m, tmp_path) == first  # reused, not re-exported
+    assert first.stat().st_mtime_ns == stamp
+    other = _matcher(seed=2)
+    assert export_key(other) != export_key(m)
+    with torch.no_grad():
+        m.tglu.fc_key.weight.add_(1e-3)  # any weight change is another graph
+    assert ensure_kernel_export(m, tmp_path) != first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
+
+
+def test_units_are_the_matchers(tmp_path: Path) -> None:
+    cfg = MimicConfig(
+        dt=32,
+        dv=12,
+        tglu_hidden_dim=16,
+        idlu_hidden_dim=16,
+        cmfu_hidden_dim=16,
+        units=("tglu", "cmfu"),
+    )
+    m = _matcher(seed=5, cfg=cfg)
+    kernel = OnnxKernel(ensure_kernel_export(m, tmp_path), threads=1)
+    gen = torch.Generator().manual_seed(5)
+    men = _feats(2, gen=gen, cfg=cfg)
+    rec: MimicEntityRecord = m.precompute_entities(_feats(2, 4, gen=gen, cfg=cfg))
+    with torch.inference_mode():
+        ref = m.score_precomputed(men, rec)
+    torch.testing.assert_close(kernel(men, rec, None).score, ref.score, rtol=0, atol=1e-5)
+
+
+def test_load_kernel_runtime_choice(tmp_path: Path) -> None:
+    m = _matcher(seed=0)
+    assert isinstance(load_kernel(m, None, tmp_path, 1, CPU), OnnxKernel)  # the CPU default
+    assert isinstance(load_kernel(m, "torch", tmp_path, 1, CPU), TorchKernel)
+    assert isinstance(load_kernel(m, None, tmp_path, 1, torch.device("cuda")), TorchKernel)
+    with pytest.raises(ValueError, match="kernel runtime"):
+        load_kernel(m, "tensorrt", tmp_path, 1, CPU)
+    with pytest.raises(ValueError, match="CPU"):
+        load_kernel(m, "onnx", tmp_path, 1, torch.device("cuda"))
