@@ -209,7 +209,9 @@ def raw_memmap(path: Path, dtype: Any, shape: Sequence[int]) -> np.ndarray:
     n = int(shape[0])
     if n == 0:
         return np.zeros(tuple(shape), dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape))
+    # a plain ndarray over the mapping: np.memmap's Python-level __getitem__ and
+    # __array_finalize__ ran on every row read (~70 per fused request), for nothing it offers
+    return np.memmap(path, dtype=dtype, mode="r", shape=tuple(shape)).view(np.ndarray)
 
 
 def write_id_table(folder: Path, hashes: np.ndarray) -> None:
