@@ -13,7 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.mimic import MimicMatcher
+from models.mimic import MimicFeatures, MimicMatcher
+
+
+def without_images(ent: MimicFeatures, blank: MimicFeatures, no_image: Tensor) -> MimicFeatures:
+    """``ent`` with the image features of the candidates marked in ``no_image`` replaced by
+    the one no-image record ``blank`` (what the store holds for an entity without an image)."""
+    return MimicFeatures(
+        ent.text_cls,
+        ent.text_tokens,
+        torch.where(no_image[..., None], blank.image_cls, ent.image_cls),
+        torch.where(no_image[..., None, None], blank.image_tokens, ent.image_tokens),
+    )
 
 
 def randomise_layernorms(module: torch.nn.Module) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from models.onnx_kernel import (
     export_key,
     load_kernel,
 )
-from tests.reference_mimic import randomise_layernorms
+from tests.reference_mimic import randomise_layernorms, without_images
 
 CFG = MimicConfig(dt=32, dv=12, tglu_hidden_dim=16, idlu_hidden_dim=16, cmfu_hidden_dim=16)
 FIELDS = ("score", "tglu", "vdlu", "cmfu")
@@ -75,12 +75,7 @@ def test_onnx_kernel_with_imageless_candidates(
     ent = _feats(b, k, gen=gen)
     blank = _feats(1, gen=gen)
     no_image = torch.rand(b, k, generator=gen) < share
-    ent = MimicFeatures(
-        ent.text_cls,
-        ent.text_tokens,
-        torch.where(no_image[..., None], blank.image_cls, ent.image_cls),
-        torch.where(no_image[..., None, None], blank.image_tokens, ent.image_tokens),
-    )
+    ent = without_images(ent, blank, no_image)
     rec = m.precompute_entities(ent).map(lambda t: t.half())
     with torch.inference_mode():
         ref = m.score_precomputed(men, rec)

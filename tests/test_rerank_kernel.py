@@ -8,7 +8,7 @@ import torch
 
 from models.mimic import MimicConfig, MimicFeatures, MimicMatcher
 from models.rerank_kernel import score_candidates, tglu_candidates
-from tests.reference_mimic import pair_scores, randomise_layernorms
+from tests.reference_mimic import pair_scores, randomise_layernorms, without_images
 
 CFG = MimicConfig(dt=32, dv=12, tglu_hidden_dim=16, idlu_hidden_dim=16, cmfu_hidden_dim=16)
 L, P = 7, 5  # text tokens, image tokens
@@ -79,12 +79,7 @@ def test_kernel_at_serving_sizes_fp16_records_and_entities_without_images() -> N
     ent = _feats(2, 1000, dtype=torch.float32, gen=gen, cfg=cfg, length=40)
     blank = _feats(1, dtype=torch.float32, gen=gen, cfg=cfg, length=40)
     no_image = torch.arange(1000) % 3 == 0
-    ent = MimicFeatures(
-        ent.text_cls,
-        ent.text_tokens,
-        torch.where(no_image[:, None], blank.image_cls, ent.image_cls),
-        torch.where(no_image[:, None, None], blank.image_tokens, ent.image_tokens),
-    )
+    ent = without_images(ent, blank, no_image)
     rec = m.precompute_entities(ent).map(lambda t: t.half())
     with torch.inference_mode():
         ref = m.score_precomputed(men, rec)
@@ -106,12 +101,7 @@ def test_vdlu_for_imageless_candidates_equals_every_pair(
     ent = _feats(b, k, dtype=torch.float32, gen=gen)
     blank = _feats(1, dtype=torch.float32, gen=gen)
     no_image = torch.rand(b, k, generator=gen) < share
-    ent = MimicFeatures(
-        ent.text_cls,
-        ent.text_tokens,
-        torch.where(no_image[..., None], blank.image_cls, ent.image_cls),
-        torch.where(no_image[..., None, None], blank.image_tokens, ent.image_tokens),
-    )
+    ent = without_images(ent, blank, no_image)
     rec = m.precompute_entities(ent)
     with torch.inference_mode():
         ref = m.score_precomputed(men, rec)
