@@ -48,6 +48,7 @@ from index.search import refine_rows
 from index.store import EntityStore
 from models.data.demo_world import DemoWorldConfig, generate_retrieval_world
 from models.model import LinkingModel
+from models.onnx_encoders import ENCODER_RUNTIMES, default_cache_dir, resolve_runtime, use_runtime
 from models.preprocess import load_image_or_none, mention_text
 
 logger = logging.getLogger("retrieval_scale")
@@ -94,6 +95,7 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 device="cpu",
                 progress=False,
                 drin_fields=False,
+                encoder_runtime=a.encoder_runtime,
                 engine=a.engine,
                 ray=RayOptions(actors=a.ray_actors, cpus_per_actor=1),
             )
@@ -114,6 +116,7 @@ def part_encode(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
                 "seconds": round(secs, 1),
                 "entities_per_s": round(n / secs, 1),
                 "threads": torch.get_num_threads(),
+                "encoder_runtime": getattr(manifest, "encoder_runtime", None),
                 "engine": a.engine
                 + (f" ({a.ray_actors or 'auto'} actors x 1 thread)" if a.engine == "ray" else ""),
                 "build_seconds_manifest": getattr(manifest, "build_seconds", None),
@@ -141,12 +144,15 @@ def _keys(a: argparse.Namespace, n: int) -> np.ndarray:
 def _queries(a: argparse.Namespace, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(queries (Q, d) float32, gold rows (Q,), -1 when the gold is not among the n indexed)."""
     world = _world(a)
-    cache = Path(a.work) / f"queries-{a.queries}.npz"
+    runtime = resolve_runtime(a.encoder_runtime, "minilm-effnet")
+    cache = Path(a.work) / f"queries-{a.queries}-{runtime}.npz"
     ids = [json.loads(x)["id"] for x in (world / "kb.jsonl").read_bytes().splitlines()]
     row = {eid: i for i, eid in enumerate(ids)}
     ms = [json.loads(x) for x in (world / "mentions.jsonl").read_text().splitlines()][: a.queries]
     if not cache.is_file():
         model = LinkingModel.from_pretrained(a.model).eval()
+        if runtime != "torch":  # the entities' runtime (the server refuses a mismatch)
+            use_runtime(model.encoder, runtime, default_cache_dir(a.model), a.threads)
         parts = []
         t = time.perf_counter()
         with torch.inference_mode():
@@ -165,6 +171,7 @@ def _queries(a: argparse.Namespace, n: int) -> tuple[np.ndarray, np.ndarray, dic
         "queries": len(q),
         "with_image": sum(bool(m.get("image")) for m in ms[: a.queries]),
         "gold_indexed": int((gold >= 0).sum()),
+        "encoder_runtime": runtime,
     }
     return q, gold, info
 
@@ -233,6 +240,7 @@ def variants(n: int) -> list[tuple[str, dict[str, Any], list[dict[str, int]]]]:
             [
                 {"efSearch": 256, "refine": 500},
                 {"efSearch": 512, "refine": 500},
+                {"efSearch": 768, "refine": 500},
                 {"efSearch": 1024, "refine": 500},
             ],
         ),
@@ -360,8 +368,10 @@ def markdown(res: dict[str, Any]) -> str:
     if e and e["slices"]:
         n = sum(s["entities"] for s in e["slices"])
         secs = sum(s["seconds"] for s in e["slices"])
+        runtimes = sorted({str(s.get("encoder_runtime") or "onnx") for s in e["slices"]})
         lines += [
-            f"**Encoding** (the index job, text-only entities, `--no-drin`, CPU): {n:,} entities "
+            f"**Encoding** (the index job, text-only entities, `--no-drin`, CPU, encoder "
+            f"runtime {' + '.join(runtimes)}): {n:,} entities "
             f"in {len(e['slices'])} slices of {SLICE:,}, {secs:,.0f} s, **{n / secs:.1f} "
             f"entities/s** (per slice: "
             + ", ".join(f"{s['entities_per_s']:.0f}" for s in e["slices"])
@@ -374,7 +384,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             f"**Search at {s['entities']:,} entities** (the first {s['entities']:,} of the "
             f"{s['world_entities']:,}-entity demo world, seed 1; entities encoded text-only by "
-            f"the index job; {q['queries']} test mentions as queries, text + image "
+            f"the index job, encoder runtime {q.get('encoder_runtime', 'onnx')}; "
+            f"{q['queries']} test mentions as queries, text + image "
             f"({q['with_image']} have one; {q['gold_indexed']} have their gold indexed); "
             f"d = {s['retrieval_dim']}, inner product, k = {s['k']}; {s['threads']} threads).",
             "",
@@ -426,6 +437,12 @@ def main(argv: list[str] | None = None) -> int:
         help="encode: mel-index build's engine (ray: --ray-actors single-threaded actors)",
     )
     p.add_argument("--ray-actors", type=int, default=None)
+    p.add_argument(
+        "--encoder-runtime",
+        choices=ENCODER_RUNTIMES,
+        default=None,
+        help="encode and queries: the encoder runtime (default: the index job's, onnx)",
+    )
     p.add_argument("--train-sample", type=int, default=100_000)
     p.add_argument(
         "--only",

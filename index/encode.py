@@ -165,7 +165,7 @@ def project_fields(
     fields = {f: getattr(rec, f) for f in MimicEntityRecord.field_names()}
     # the name alone through the text encoder: the fusion stage's zero-shot
     # mention-vs-name cosine (the mention side is encoded the same way per request)
-    fields[NAME_FIELD] = encoder.text_features(names).global_
+    fields[NAME_FIELD] = encoder.surface_features(names)
     if drin_fields:
         fields.update(entity_parts(encoder.backbone, text, image, has_image).to_store())
     return fields

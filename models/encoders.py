@@ -389,6 +389,18 @@ class MimicEncoder(nn.Module):
             enc["input_ids"].to(device), enc["attention_mask"].to(device)
         )
 
+    def surface_features(self, texts: Sequence[str]) -> Tensor:
+        """The global text feature alone, (B, dt): ``text_features(texts).global_`` without
+        padding every text to ``text_max_length``. Both backbones' global features ignore
+        padding (MiniLM's masked mean; CLIP's EOS state under a causal mask), so this is the
+        same vector, for a fraction of the encoder's work on short strings (names, mention
+        strings: the fusion stage's zero-shot name cosine)."""
+        enc = self.backbone.tokenizer(texts, to_longest=True)
+        device = self.image_cls_fc.weight.device
+        return self.backbone.encode_text(
+            enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        ).global_
+
     def no_image_features(self) -> ImageFeatures:
         """Features of the zero-pixel "no image" input (cached in eval mode)."""
         if self._no_image is not None and not self.training:

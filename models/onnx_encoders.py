@@ -57,7 +57,7 @@ ENCODER_RUNTIMES = ("torch", "onnx", "onnx-int8")
 BACKEND_RUNTIMES = {"minilm-effnet": "onnx", "clip": "torch"}
 # Bump when the exported graphs change meaning (inputs, outputs, folding): old exports then
 # get new keys and are not reused.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the text tower's sequence axis is dynamic
 OPSET = 17
 # The export check: an exported fp32 tower must reproduce the torch tower this closely on one
 # input before it is cached (tests/test_onnx_encoders.py holds fp32 to 1e-4 on random inputs).
@@ -161,10 +161,15 @@ def providers_for(device: torch.device) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, names: list[str]) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    names: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     inputs, output = names[:-1], names[-1]
-    dynamic = {n: {0: "batch"} for n in names}
     with warnings.catch_warnings():
         # the TorchScript exporter warns about traced python conditionals that are constant
         # for these inputs (e.g. the causal-mask check of a non-causal BERT)
@@ -233,12 +238,17 @@ def ensure_exports(
             mask = torch.ones_like(ids)
             mask[1, text_length // 2 :] = 0
             tower = _TextTower(backbone.text_model)
-            _export(tower, (ids, mask), text, ["input_ids", "attention_mask", "tokens"])
-            _check(
-                text,
-                {"input_ids": ids.numpy(), "attention_mask": mask.numpy()},
-                tower(ids, mask),
+            names = ["input_ids", "attention_mask", "tokens"]
+            # batch and sequence both free: the surface features pad only to the longest text
+            _export(
+                tower, (ids, mask), text, names, {n: {0: "batch", 1: "sequence"} for n in names}
             )
+            for cut in (text_length, 5):  # the traced length and a shorter one
+                _check(
+                    text,
+                    {"input_ids": ids[:, :cut].numpy(), "attention_mask": mask[:, :cut].numpy()},
+                    tower(ids[:, :cut], mask[:, :cut]),
+                )
             made.append(text.name)
         if not image.is_file():
             fused = fuse_efficientnet_for_inference(backbone.image_model).to(
@@ -247,7 +257,8 @@ def ensure_exports(
             size = backbone.pixel_size
             x = torch.zeros(1, 3, size, size)
             itower = _ImageTower(fused)
-            _export(itower, (x,), image, ["pixel_values", "feature_map"])
+            inames = ["pixel_values", "feature_map"]
+            _export(itower, (x,), image, inames, {n: {0: "batch"} for n in inames})
             _check(image, {"pixel_values": x.numpy()}, itower(x))
             made.append(image.name)
     if runtime == "onnx-int8":

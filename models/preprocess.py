@@ -160,10 +160,13 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: Sequence[str], to_longest: bool = False) -> dict[str, torch.Tensor]:
+        """``to_longest``: pad only to the batch's longest text (still truncated at
+        ``max_length``), for callers that use nothing but the masked pooled feature, which
+        padding does not change; a short name then costs a few tokens, not ``max_length``."""
         enc = self.tokenizer(
             list(texts),
-            padding="max_length",
+            padding="longest" if to_longest else "max_length",
             max_length=self.max_length,
             truncation=True,
             return_tensors="pt",

@@ -172,7 +172,7 @@ class Linker:
         mimic = enc.project(text, image)
         surface = None
         if self.fusion is not None:  # the mention string alone: the zero-shot name cosine
-            surface = enc.text_features([it.mention for it in items]).global_
+            surface = enc.surface_features([it.mention for it in items])
         if self.drin is None:
             return EncodedMentions(mimic, None, surface)
         backbone = enc.backbone

@@ -97,9 +97,7 @@ def build_table(
         items = dataset_inputs(ds, chunk)
         encoded = linker.encode(items)
         if encoded.surface is None:  # the fusion stage's input, also without a fusion model
-            encoded = replace(
-                encoded, surface=enc.text_features([it.mention for it in items]).global_
-            )
+            encoded = replace(encoded, surface=enc.surface_features([it.mention for it in items]))
         batch = MentionBatch(items, encoded)
         dense = linker.retrieve(encoded, candidates)
         merged = linker.merge_lexical(batch, dense, lexical)

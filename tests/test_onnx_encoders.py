@@ -93,6 +93,26 @@ def test_fp32_onnx_equals_torch_on_random_inputs(encoder: MimicEncoder, cache: P
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=1e-4, msg=f)
 
 
+NAMES = ["Noor Barinski", "Paris", "x", "Jean-Baptiste de La Salle of the Brothers", "Ada"]
+
+
+def test_surface_features_pad_to_the_longest_and_equal_the_padded_global(
+    encoder: MimicEncoder, cache: Path
+) -> None:
+    """Names and mention strings are encoded padded to the batch's longest (the fusion stage's
+    name cosine): the same vector as the full-length global feature, in each runtime; the
+    onnx text tower takes any sequence length (its export checks a shorter one)."""
+    ids = encoder.backbone.tokenizer(NAMES, to_longest=True)["input_ids"]
+    assert 3 <= ids.shape[1] < encoder.config.text_max_length
+    onnx = _variant(encoder, "onnx", cache)
+    with torch.inference_mode():
+        ref = encoder.text_features(NAMES).global_
+        for e in (encoder, onnx):
+            torch.testing.assert_close(e.surface_features(NAMES), ref, rtol=0, atol=1e-5)
+            one = torch.cat([e.surface_features([n]) for n in NAMES])  # other lengths alone
+            torch.testing.assert_close(one, ref, rtol=0, atol=1e-5)
+
+
 def test_int8_within_its_measured_bound(encoder: MimicEncoder, cache: Path) -> None:
     int8 = _variant(encoder, "onnx-int8", cache)
     with torch.inference_mode():
@@ -141,6 +161,13 @@ def test_exports_are_cached_keyed_and_training_runs_torch(
 
 def test_onnx_refuses_other_backbones(tiny_clip_dir: Path, cache: Path) -> None:
     model = LinkingModel.for_backbone(ClipBackbone.from_folder(tiny_clip_dir), dv=8, hidden=12)
+    with torch.inference_mode():  # CLIP's EOS state under its causal mask ignores padding too
+        torch.testing.assert_close(
+            model.encoder.surface_features(NAMES),
+            model.encoder.text_features(NAMES).global_,
+            rtol=0,
+            atol=1e-5,
+        )
     with pytest.raises(OnnxRuntimeError, match="minilm-effnet backend only"):
         use_runtime(model.encoder, "onnx", cache, threads=1)
 
