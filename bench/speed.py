@@ -1,6 +1,7 @@
 """Speed of the serving path's model work, and what each speed-up costs in quality.
 
     flock /work/heavy.lock python bench/speed.py --part encoders --threads 1
+    flock /work/heavy.lock python bench/speed.py --part surface --threads 1
     flock /work/heavy.lock python bench/speed.py --part kernel --threads 1
     flock /work/heavy.lock python bench/speed.py --part quality --threads 1
     flock /work/heavy.lock python bench/speed.py --part store --threads 1
@@ -14,6 +15,8 @@ intra-op threads); medians of ``--reps``.
 
 ``encoders``  the frozen towers per encoder runtime (torch, onnx, onnx-int8): demo-world
               entity texts (batches of 32 and 1) and images (batches of 16 and 1).
+``surface``   the string-only pass of names and mention strings (the fusion stage's name
+              cosine): padded to 40 tokens (before) against padded to the batch's longest.
 ``kernel``    MIMIC over B x K candidates: the released computation (``MimicMatcher.score``:
               the entity side recomputed from encoder features per request), today's serving
               path (``score_precomputed`` over stored records: one product per pair), the new
@@ -138,6 +141,51 @@ def part_encoders(a: argparse.Namespace, threads: int) -> dict[str, Any]:
         )
         r["speedup_vs_torch"] = base["seconds"] / r["seconds"]
     return {"rows": rows, "texts": len(texts), "images": len(imgs)}
+
+
+# ---------------------------------------------------------------------- surface
+@torch.inference_mode()
+def part_surface(a: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The fusion stage's string-only pass (entity names at index time, the mention string per
+    request): padded to ``text_max_length`` as before (``text_features(...).global_``) against
+    padded to the batch's longest (``surface_features``), per runtime, alternating."""
+    ds = load_dataset(a.data)
+    encs = _encoders(a.model, Path(a.work) / "onnx", threads)
+    sets = {
+        "entity names": [e.name for e in ds.entities[:32]],
+        "mention strings": [m.mention for m in ds.split("test")[:32]],
+    }
+    fns: dict[str, Callable[[], Any]] = {}
+    diff: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for what, texts in sets.items():
+        tokens[what] = int(
+            encs["torch"].backbone.tokenizer(texts, to_longest=True)["input_ids"].shape[1]
+        )
+        for rt, enc in encs.items():
+            for b in (32, 1):
+                xs = texts[:b]
+                fns[f"{rt}|{what}|{b}|padded"] = lambda e=enc, xs=xs: e.text_features(xs).global_
+                fns[f"{rt}|{what}|{b}|longest"] = lambda e=enc, xs=xs: e.surface_features(xs)
+            full, short = enc.text_features(texts).global_, enc.surface_features(texts)
+            diff[f"{rt}|{what}"] = float((full - short).abs().max())
+    times = timed_alternating(fns, a.reps)
+    rows = []
+    for key in [k for k in times if k.endswith("|padded")]:
+        rt, what, b, _ = key.split("|")
+        old, new = med(times[key]), med(times[key.replace("|padded", "|longest")])
+        rows.append(
+            {
+                "runtime": rt,
+                "texts": what,
+                "batch": int(b),
+                "padded_ms": 1e3 * old,
+                "longest_ms": 1e3 * new,
+                "speedup": old / new,
+                "max_abs_diff": diff[f"{rt}|{what}"],
+            }
+        )
+    return {"rows": rows, "longest_tokens": tokens}
 
 
 # ---------------------------------------------------------------------- kernel
@@ -514,6 +562,27 @@ def render(res: dict[str, Any]) -> str:
                 f"{r['items_per_s']:.1f} | {r['speedup_vs_torch']:.2f}x |"
             )
         out += ["", _machine_line(e["machine"]), ""]
+    if "surface" in res:
+        su = res["surface"]
+        toks = ", ".join(f"{w} {n}" for w, n in su["longest_tokens"].items())
+        out += [
+            "## The surface pass (names, mention strings) padded to the longest",
+            "",
+            "The fusion stage's name cosine encodes each entity name (index job) and each "
+            "mention string (per request) alone. Padded to 40 tokens as the entity and mention "
+            f"texts are, against padded to the batch's longest (tokens at batch 32: {toks}); "
+            "median ms per call, alternating; the largest difference of the two vectors.",
+            "",
+            "| texts | batch | runtime | padded to 40 ms | to the longest ms | speed-up "
+            "| max abs diff |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in su["rows"]:
+            out.append(
+                f"| {r['texts']} | {r['batch']} | {r['runtime']} | {r['padded_ms']:.2f} | "
+                f"{r['longest_ms']:.2f} | {r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
+            )
+        out += ["", _machine_line(su["machine"]), ""]
     if "quality" in res:
         q = res["quality"]
         out += [
@@ -660,6 +729,7 @@ def _machine_line(m: dict[str, Any]) -> str:
 
 PARTS = {
     "encoders": part_encoders,
+    "surface": part_surface,
     "kernel": part_kernel,
     "quality": part_quality,
     "store": part_store,
