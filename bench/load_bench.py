@@ -109,6 +109,9 @@ def start_server(a: argparse.Namespace, port: int, log: Path) -> subprocess.Pope
     mel_serve = Path(sys.executable).parent / "mel-serve"
     cmd = [str(mel_serve), "--model", a.model, "--index", a.index, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning"]
+    for flag, path in (("--drin", a.drin), ("--fusion", a.fusion)):
+        if path:  # with fusion loaded it is the default reranker (as in make demo)
+            cmd += [flag, path]
     logger.info("starting %s", " ".join(cmd))
     with open(log, "wb") as f:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -324,6 +327,12 @@ async def drive(a: argparse.Namespace, base: str, items: Items) -> dict[str, Any
     return out
 
 
+def _reranker_label(name: str) -> str:
+    if name == "fusion":
+        return "fusion (MIMIC over the dense + lexical candidates, then the fusion ranker)"
+    return "MIMIC" if name == "mimic" else name
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, c1, c16 = res["machine"], res["single_c1"], res["single_c16"]
     b, c, met = res["batch"], res["cache"], res["metrics"]
@@ -337,7 +346,8 @@ def markdown(res: dict[str, Any]) -> str:
         "Flat index of the demo world "
         f"({res['index_entities']:,} entities); client: httpx (async) in a second process on "
         f"the same machine. Every request: a distinct demo test mention with its image "
-        f"(base64), top_k 10, 100 candidates reranked by MIMIC, unless it is a cache hit.",
+        f"(base64), top_k 10, 100 candidates reranked by "
+        f"{_reranker_label(res['settings'].get('reranker', 'mimic'))}, unless it is a cache hit.",
         "",
         "| measurement | n | p50 ms | p95 ms | p99 ms | throughput |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -411,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-timeout", type=float, default=180.0, help="seconds per phase")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--server-threads", type=int, help="the server's MEL_INTRA_OP_THREADS")
+    p.add_argument("--drin", help="a DRIN model folder for mel-serve --drin")
+    p.add_argument(
+        "--fusion",
+        help="a fusion model folder for mel-serve --fusion: requests then get fusion, the "
+        "server's default when it is loaded (the index must have the lexical channel)",
+    )
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from --results")
     a = p.parse_args(argv)
     path = Path(a.results)
@@ -442,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             "intra_op_threads": a.server_threads,
             "ran_model_workers": ready.get("model_workers"),
             "ran_intra_op_threads": ready.get("intra_op_threads"),
+            "reranker": ready.get("default_reranker") or ("fusion" if a.fusion else "mimic"),
+            "drin": a.drin,
+            "fusion": a.fusion,
         },
         "index": a.index,
         "index_entities": manifest["entity_count"],
