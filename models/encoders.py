@@ -382,8 +382,10 @@ class MimicEncoder(nn.Module):
         return self
 
     # ---------------------------------------------------------------- raw backbone features
-    def text_features(self, texts: Sequence[str]) -> TextFeatures:
-        enc = self.backbone.tokenizer(texts)
+    def text_features(self, texts: Sequence[str], to_longest: bool = False) -> TextFeatures:
+        """``to_longest``: pad to the batch's longest text, not ``text_max_length`` (only for
+        callers that read ``global_`` alone: :meth:`surface_features`)."""
+        enc = self.backbone.tokenizer(texts, to_longest=to_longest)
         device = self.image_cls_fc.weight.device
         return self.backbone.encode_text(
             enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -395,11 +397,7 @@ class MimicEncoder(nn.Module):
         padding (MiniLM's masked mean; CLIP's EOS state under a causal mask), so this is the
         same vector, for a fraction of the encoder's work on short strings (names, mention
         strings: the fusion stage's zero-shot name cosine)."""
-        enc = self.backbone.tokenizer(texts, to_longest=True)
-        device = self.image_cls_fc.weight.device
-        return self.backbone.encode_text(
-            enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        ).global_
+        return self.text_features(texts, to_longest=True).global_
 
     def no_image_features(self) -> ImageFeatures:
         """Features of the zero-pixel "no image" input (cached in eval mode)."""
