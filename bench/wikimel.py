@@ -668,7 +668,7 @@ def stage_fusion_tables(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
     dense top K + the lexical channel's top ``--lexical-k``, MIMIC's scores, the signals."""
     from service.linker import Linker
     from service.settings import ServiceSettings
-    from service.tables import build_table
+    from service.tables import build_table, table_meta
 
     settings = ServiceSettings(
         model_path=str(folder / "best"),
@@ -680,13 +680,7 @@ def stage_fusion_tables(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
     ds = load_dataset(a.work / "data")
     out = a.work / "fusion-tables"
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "mimic_fingerprint": linker.fingerprint,
-        "drin_fingerprint": None,
-        "index_version": linker.index_version,
-        "candidates": K,
-        "lexical": a.lexical_k,
-    }
+    meta = table_meta(linker, K, a.lexical_k)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     res: dict[str, Any] = {"candidates": K, "lexical": a.lexical_k}
     try:
@@ -773,6 +767,23 @@ def stage_fusion_latency(a: argparse.Namespace, reps: int = 160) -> dict[str, An
             "fusion_ms_per_mention": round(med["fusion"], 3),
             "fusion_adds_ms": round(med["fusion"] - med["mimic"], 3),
         }
+    # the zero-shot name cosine's mention vector, one mention at a time: what the model reads
+    # (from the mention-text pass) against the mention string encoded alone (the source
+    # before it: a second encoder pass per request, outside the link() times above)
+    enc = linker.model.encoder
+    zero: dict[str, list[float]] = {"mention_pass": [], "surface": []}
+    with torch.inference_mode():
+        for i in range(min(reps, len(items))):
+            tokens, mention = encoded.mimic.text_tokens[i : i + 1], [items[i].mention]
+            t0 = time.perf_counter()
+            enc.lead_features(tokens, mention)
+            t1 = time.perf_counter()
+            enc.surface_features(mention)
+            zero["mention_pass"].append(t1 - t0)
+            zero["surface"].append(time.perf_counter() - t1)
+    out["zero_shot_source"] = linker.fusion.config.zero_shot if linker.fusion else None
+    out["zero_shot_vector_ms"] = {k: round(1000 * float(np.median(v)), 3) for k, v in zero.items()}
+    out["encoder_runtime"] = linker.encoder_runtime
     linker.close()
     table = CandidateTable.load(a.work / "fusion-tables" / "test")
     fusion = FusionModel.from_pretrained(a.work / "fusion")
@@ -1156,7 +1167,35 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
             "",
             f"The verifier also learned from the {nil.get('augmented_lists', 0):,} dev lists "
             "that hold their gold, once more with it removed (weight "
-            f"{nil['augment_weight']:g}): NIL examples a 10% removal split alone is short of.",
+            f"{nil['augment_weight']:g})"
+            + (
+                f", and from {nil['train_lists']:,} train-split lists, as the protocol leaves "
+                f"them and once more without their own gold (weight {nil['train_weight']:g})"
+                if nil.get("train_lists") and nil.get("train_weight")
+                else ""
+            )
+            + ": NIL examples a 10% removal split alone is short of."
+            + (
+                " Weights chosen by dev accuracy among "
+                + ", ".join(
+                    f"{w['augment']:g}/{w['train']:g} ({100 * w['dev_accuracy']:.2f})"
+                    for w in nil["weights_tried"]
+                )
+                + " (dev lists / train lists, dev accuracy)."
+                if nil.get("weights_tried")
+                else ""
+            )
+            + (
+                f" Verifier inputs v{nil['verifier_inputs']}"
+                + (
+                    ": also the list's none / second-best probabilities and the surface's "
+                    "training links (log count, share to the listed entities)."
+                    if nil["verifier_inputs"] >= 2
+                    else "."
+                )
+                if nil.get("verifier_inputs")
+                else ""
+            ),
         ]
     lines.append("")
     ft = f.get("fit_on_train")
@@ -1198,10 +1237,24 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
             f"({b32['mimic_ms_per_mention']:.2f} -> {b32['fusion_ms_per_mention']:.2f} ms); "
             f"of it, features + trees {lat['features_and_trees_ms']:.2f} ms. Fusion training "
             f"took {f['seconds']['total']:.0f} s (features {f['seconds']['features']:.0f} s).",
+            *_zero_shot_line(lat),
             "",
             f"![reliability diagram of fusion on test]({f.get('reliability_png', '')})",
         ]
     return lines
+
+
+def _zero_shot_line(lat: dict[str, Any]) -> list[str]:
+    z = lat.get("zero_shot_vector_ms")
+    if not z:
+        return []
+    return [
+        "",
+        f"Outside those times, the mention's vector of the zero-shot name cosine (the model "
+        f"reads `{lat.get('zero_shot_source')}`): from the mention-text pass "
+        f"**{z['mention_pass']:.2f} ms**, against {z['surface']:.2f} ms to encode the mention "
+        f"string alone ({lat.get('encoder_runtime')} encoders), one mention at a time.",
+    ]
 
 
 def _train_line(tr: dict[str, Any]) -> str:

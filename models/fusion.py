@@ -33,11 +33,19 @@ import numpy as np
 from models.lexical import NAME_FEATURES, name_features, norm_name
 
 FUSION_FORMAT = "mel-fusion"
-FUSION_VERSION = 1
+FUSION_VERSION = 2  # 2: verifier_inputs and zero_shot in the config (older code refuses it)
 CONFIG_FILE = "config.json"
 BOOSTER_FILE = "booster-{}.txt"  # one per cross-fitting fold; the model is their mean
 PRIOR_FILE = "prior.json"
 VERIFIER_FILE = "verifier.txt"
+# What a new verifier reads (models trained before v2 keep v1: their config says 1)
+VERIFIER_INPUTS = 2
+# Where the mention's vector of the zero-shot name cosine comes from: "surface" = the mention
+# string encoded alone (a second encoder pass per request; models trained before
+# "mention_pass" existed), "mention_pass" = the leading mention tokens of the mention-text
+# pass MIMIC already runs (MimicEncoder.lead_features: no extra pass). New tables and models:
+ZERO_SHOT_SOURCES = ("surface", "mention_pass")
+ZERO_SHOT = "mention_pass"
 
 # Feature groups (the ablation drops one group at a time). Each name is one column.
 SCORE_FEATURES = {
@@ -264,12 +272,20 @@ class Calibration:
 
 # ------------------------------------------------------------------------------- verifier
 def answer_features(
-    scores: np.ndarray, probs: np.ndarray, x: np.ndarray, valid: np.ndarray
+    scores: np.ndarray,
+    probs: np.ndarray,
+    x: np.ndarray,
+    valid: np.ndarray,
+    context: AnswerContext | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per list, what the NIL verifier reads: the best score, its margin over the second,
     its calibrated probability, the list length and the best candidate's own features
     (absolute values: a lone namesake can top a list whose real referent left the KB).
-    Returns (B, 4 + F) and the best candidate's position (B,) (-1 for an empty list)."""
+    With a ``context`` (verifier inputs v2, :data:`VERIFIER_INPUTS`) also the list's "none"
+    probability, the second-best probability, how often the mention's surface was linked in
+    the training split and the share of those links whose entity is in this list (a surface
+    seen often and linked to none of the candidates points at an entity the KB lacks).
+    Returns (B, 4 + F [+ 4]) and the best candidate's position (B,) (-1 for an empty list)."""
     s = np.where(valid, scores, -np.inf)
     k = s.argmax(axis=1)
     srt = -np.sort(-s, axis=1)
@@ -278,9 +294,51 @@ def answer_features(
     margin = np.where(np.isfinite(second), top - second, 10.0)
     conf = np.take_along_axis(probs, k[:, None], axis=1)[:, 0]
     best = x[np.arange(len(k)), k]
-    feats = np.column_stack([top, margin, conf, valid.sum(axis=1), best]).astype(np.float32)
+    cols = [top, margin, conf, valid.sum(axis=1), best]
+    if context is not None:
+        p = np.where(valid, probs, 0.0)
+        p_sorted = -np.sort(-p, axis=1)
+        p2 = p_sorted[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
+        cols += [1.0 - p.sum(axis=1), p2, context.surface_links, context.prior_in_list]
+    feats = np.column_stack(cols).astype(np.float32)
     empty = ~valid.any(axis=1)
     return feats, np.where(empty, -1, k)
+
+
+@dataclass(frozen=True)
+class AnswerContext:
+    """Per list, what the verifier (inputs v2) reads beyond the candidates' features:
+    log(1 + training links of the mention's surface) and the share of those links whose
+    entity is in the list (0 for a surface never seen)."""
+
+    surface_links: np.ndarray
+    prior_in_list: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        prior: EntityPrior,
+        mentions: Sequence[MentionText],
+        info: Sequence[Sequence[CandidateInfo | None]],
+        exclude: Sequence[str | None] | None = None,
+    ) -> AnswerContext:
+        """``exclude``: per mention, its own gold when it is a training mention (its own link
+        is not counted, as in :meth:`EntityPrior.features`)."""
+        links = np.zeros(len(mentions), dtype=np.float32)
+        share = np.zeros(len(mentions), dtype=np.float32)
+        for b, m in enumerate(mentions):
+            counts = prior.surface.get(norm_name(m.mention))
+            if not counts:
+                continue
+            own = exclude[b] if exclude is not None else None
+            ids = {c.id for c in info[b] if c is not None}
+            total = sum(counts.values()) - (1 if own is not None and own in counts else 0)
+            if total <= 0:
+                continue
+            inside = sum(n - (1 if e == own else 0) for e, n in counts.items() if e in ids)
+            links[b] = math.log1p(total)
+            share[b] = inside / total
+        return cls(links, share)
 
 
 # ---------------------------------------------------------------------------------- model
@@ -294,6 +352,8 @@ class FusionConfig:
     lexical_k: int = 20  # lexical candidates merged into the dense top-k
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # by reranker
     nil_threshold: float | None = None  # on answer confidence, chosen on dev (NIL protocol)
+    verifier_inputs: int = 1  # which answer_features the verifier reads (VERIFIER_INPUTS)
+    zero_shot: str = "surface"  # the mention vector of name_cos (ZERO_SHOT_SOURCES)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,6 +370,8 @@ class FusionConfig:
             lexical_k=int(d.get("lexical_k", 20)),
             calibration=dict(d.get("calibration", {})),
             nil_threshold=d.get("nil_threshold"),
+            verifier_inputs=int(d.get("verifier_inputs", 1)),
+            zero_shot=str(d.get("zero_shot", "surface")),
             meta=dict(d.get("meta", {})),
         )
 
@@ -349,13 +411,25 @@ class FusionModel:
         return np.where(np.isnan(x[..., 0]), -np.inf, out)
 
     def answer_confidence(
-        self, scores: np.ndarray, probs: np.ndarray, x: np.ndarray, valid: np.ndarray
+        self,
+        scores: np.ndarray,
+        probs: np.ndarray,
+        x: np.ndarray,
+        valid: np.ndarray,
+        mentions: Sequence[MentionText] | None = None,
+        info: Sequence[Sequence[CandidateInfo | None]] | None = None,
     ) -> np.ndarray | None:
         """(B,) probability that each list's best candidate is the right entity, from the
-        NIL verifier (None without one); 0 for an empty list."""
+        NIL verifier (None without one); 0 for an empty list. A v2 verifier also reads the
+        mentions' surfaces and the lists' entities (:class:`AnswerContext`)."""
         if self.verifier is None:
             return None
-        feats, k = answer_features(scores, probs, self.select_lists(x), valid)
+        context = None
+        if self.config.verifier_inputs >= 2:
+            if mentions is None or info is None:
+                raise ValueError("this fusion model's verifier reads the mentions and lists")
+            context = AnswerContext.of(self.prior, mentions, info)
+        feats, k = answer_features(scores, probs, self.select_lists(x), valid, context)
         q = np.asarray(self.verifier.predict(feats, num_threads=1), dtype=np.float32)
         return np.where(k >= 0, q, 0.0)
 
@@ -405,6 +479,8 @@ class FusionModel:
         if doc.get("format") != FUSION_FORMAT or doc.get("version", 0) > FUSION_VERSION:
             raise ValueError(f"{folder}: not a {FUSION_FORMAT} v<={FUSION_VERSION} model")
         config = FusionConfig.from_dict(doc)
+        if config.zero_shot not in ZERO_SHOT_SOURCES:
+            raise ValueError(f"{folder}: unknown zero_shot source {config.zero_shot!r}")
         unknown = set(config.features) - set(all_features())
         if unknown:
             raise ValueError(f"{folder}: features this code does not compute: {sorted(unknown)}")
@@ -445,6 +521,10 @@ def check_compatible(
 
 __all__ = [
     "FUSION_FORMAT",
+    "VERIFIER_INPUTS",
+    "ZERO_SHOT",
+    "ZERO_SHOT_SOURCES",
+    "AnswerContext",
     "Calibration",
     "CandidateInfo",
     "CandidateSignals",

@@ -17,10 +17,13 @@
    and a reliability diagram.
 4. NIL protocol: the gold entities of a seeded share of the dev and test mentions leave the KB
    (every mention whose gold left becomes NIL). A verifier (LightGBM binary on the best
-   candidate's score, margin, probability and own features) learns on dev's out-of-fold lists
-   (and, weighted ``--nil-augment``, on every dev list once more without its own gold: more
-   NIL examples than the split gives) the probability that the answer is right, the *answer
-   confidence*; the threshold on it
+   candidate's score, margin, probability and own features, and with ``--verifier-inputs 2``
+   the list's none / second-best probabilities and the surface's training links) learns the
+   probability that the answer is right, the *answer confidence*, on dev's out-of-fold lists
+   plus more NIL examples than the split gives: every dev list once more without its own
+   gold (weight ``--nil-augment``) and the train split's lists, as the protocol leaves them
+   and without their own gold (weight ``--nil-train``); the weights with the best dev
+   accuracy win. The threshold on the answer confidence
    that maximises dev accuracy (NIL counted as a class) is saved; test NIL precision / recall
    / F1 and accuracy are reported, next to a threshold on the softmax confidence alone.
 5. ``--ablation``: the ranker retrained without each feature group, test H@1 / MRR.
@@ -42,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from models.fusion import (
+    VERIFIER_INPUTS,
+    AnswerContext,
     Calibration,
     CandidateTable,
     EntityPrior,
@@ -56,6 +61,10 @@ from models.fusion import (
 logger = logging.getLogger(__name__)
 
 HITS = (1, 3, 5, 10)
+# The NIL verifier's extra training rows: the weights tried, the best dev accuracy (NIL as a
+# class) kept. Own-gold-removed dev lists, and the train split's lists (0: not used).
+NIL_AUGMENT = (0.3, 1.0)
+NIL_TRAIN = (0.3, 1.0)
 ECE_BINS = 15
 
 
@@ -301,25 +310,26 @@ def fit_verifier(
     fold_of: np.ndarray,
     seed: int,
     threads: int,
-    extra: tuple[np.ndarray, np.ndarray, np.ndarray, float] | None = None,
+    extra: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, float]] = (),
 ) -> tuple[Any, np.ndarray]:
     """P(the answer is right) from :func:`~models.fusion.answer_features`: LightGBM binary,
     its rounds chosen by cross-fitting (out-of-fold predictions of ``feats`` returned for the
     threshold), then one model on all rows (fold models averaged would blunt the
-    probabilities). ``extra``: more training rows (features, right, fold, weight), e.g. the
-    lists with their own gold removed; they train but are not returned."""
+    probabilities). ``extra``: more training rows, each set (features, right, fold, weight),
+    e.g. the lists with their own gold removed; they train but are not returned (fold -1:
+    in every fold's training rows, never held out)."""
     import lightgbm as lgb
 
     n = len(feats)
     w = np.ones(n, dtype=np.float32)
-    if extra is not None and len(extra[0]):
-        fx, rx, ox, wx = extra
+    fold_all = fold_of
+    for fx, rx, ox, wx in extra:
+        if not len(fx) or wx <= 0:
+            continue
         feats = np.concatenate([feats, fx])
         right = np.concatenate([right, rx])
-        fold_all = np.concatenate([fold_of, ox])
+        fold_all = np.concatenate([fold_all, ox])
         w = np.concatenate([w, np.full(len(fx), wx, dtype=np.float32)])
-    else:
-        fold_all = fold_of
 
     params = {
         "objective": "binary",
@@ -459,7 +469,9 @@ def train_fusion(
     threads: int | None = None,
     folds: int = 4,
     compare_train_fit: bool = True,
-    nil_augment: float = 0.1,
+    nil_augment: Sequence[float] = NIL_AUGMENT,
+    verifier_inputs: int = VERIFIER_INPUTS,
+    nil_train: Sequence[float] = NIL_TRAIN,
 ) -> dict[str, Any]:
     """Fit on dev, cross-fitted in ``folds`` (the folds share one tree count, chosen on
     their held-out NDCG@1; their out-of-fold scores calibrate the served model and choose
@@ -533,28 +545,59 @@ def train_fusion(
     fusion_cal = Calibration(**calibration["fusion"])
     lists = {}
 
-    def verifier_inputs(t: CandidateTable, oof: bool) -> tuple[np.ndarray, ...]:
-        xn = table_features(t, prior, training=False)
+    def verifier_rows(
+        t: CandidateTable, oof: bool, training: bool = False, gold: Sequence[str | None] = ()
+    ) -> tuple[np.ndarray, ...]:
+        """Answer features of ``t``'s lists (``training``: train mentions, leave-one-out
+        priors; ``gold``: their own golds, which ``t`` may have dropped), the answer's
+        position, the gold's, the softmax confidence."""
+        xn = candidate_features(t.mentions, t.signals, prior, list(gold) if training else None)
         sn, vn = scores_of("fusion", t, xn, oof=oof)
         probs = fusion_cal.probabilities(sn, vn)
-        feats, k = answer_features(sn, probs, xn[..., columns], vn)
+        ctx = None
+        if verifier_inputs >= 2:
+            own = list(gold) if training else None
+            ctx = AnswerContext.of(prior, t.mentions, t.signals.info, own)
+        feats, k = answer_features(sn, probs, xn[..., columns], vn, ctx)
         return feats, k, t.gold_positions(), top1(probs, vn)[1]
 
     for split, t in (("dev", dev), ("test", test)):
-        lists[split] = verifier_inputs(t.without(removed), oof=split == "dev")
+        lists[split] = verifier_rows(t.without(removed), oof=split == "dev")
     fd, kd, pd_, cd = lists["dev"]
-    extra = None
-    if nil_augment > 0:  # every dev list that holds its gold, once more without it
-        dn = dev.without(removed)
-        keep = np.flatnonzero(dn.gold_positions() >= 0)
-        fa, *_ = verifier_inputs(dn.without_own_gold(), oof=True)
-        extra = (fa[keep], np.zeros(len(keep), dtype=bool), fold_of[keep], nil_augment)
-        nil["augmented_lists"] = len(keep)
-    nil["augment_weight"] = nil_augment
-    verifier, q_dev = fit_verifier(fd, (kd == pd_) & (kd >= 0), fold_of, seed, threads, extra)
+    # more NIL examples than a 10% split gives: every dev list that holds its gold, once
+    # more without it (weight nil_augment); and the train split's lists, as the protocol
+    # leaves them and once more without their own gold (weight nil_train; the ranker never
+    # saw train, its priors there leave each mention's own link out)
+    dn = dev.without(removed)
+    keep = np.flatnonzero(dn.gold_positions() >= 0)
+    fa, *_ = verifier_rows(dn.without_own_gold(), oof=True)
+    dev_aug = (fa[keep], np.zeros(len(keep), dtype=bool), fold_of[keep])
+    nil["augmented_lists"] = len(keep)
+    train_sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    if any(w > 0 for w in nil_train):
+        tn = train.without(removed)
+        ftr, ktr, ptr, _ = verifier_rows(tn, oof=False, training=True, gold=train.gold)
+        held = np.flatnonzero(tn.gold_positions() >= 0)
+        fto, *_ = verifier_rows(tn.without_own_gold(), oof=False, training=True, gold=train.gold)
+        rows = np.concatenate([ftr, fto[held]])
+        right_t = np.concatenate([(ktr == ptr) & (ktr >= 0), np.zeros(len(held), dtype=bool)])
+        train_sets.append((rows, right_t, np.full(len(rows), -1, dtype=np.int64)))
+        nil["train_lists"] = len(rows)
+    right_d = (kd == pd_) & (kd >= 0)
+    choices = []  # (dev accuracy, augment weight, train weight, model, out-of-fold dev)
+    for wa in nil_augment:
+        for wt in nil_train if train_sets else (0.0,):
+            extra = [(*dev_aug, wa), *[(*t_, wt) for t_ in train_sets]]
+            model, q = fit_verifier(fd, right_d, fold_of, seed, threads, extra)
+            acc = nil_decisions(q, kd, pd_, choose_threshold(q, kd, pd_))["accuracy"]
+            choices.append((acc, wa, wt, model, q))
+    acc, wa, wt, verifier_model, q_dev = max(choices, key=lambda c: c[0])
+    nil["weights_tried"] = [{"augment": c[1], "train": c[2], "dev_accuracy": c[0]} for c in choices]
+    nil["augment_weight"], nil["train_weight"] = wa, wt
+    nil["verifier_inputs"] = verifier_inputs
     threshold = choose_threshold(q_dev, kd, pd_)
     ft, kt, pt, ct = lists["test"]
-    q_test = np.where(kt >= 0, verifier.predict(ft), 0.0)
+    q_test = np.where(kt >= 0, verifier_model.predict(ft), 0.0)
     nil["dev"] = nil_decisions(q_dev, kd, pd_, threshold)
     nil["test"] = nil_decisions(q_test, kt, pt, threshold)
     softmax_t = choose_threshold(cd, kd, pd_)
@@ -562,8 +605,15 @@ def train_fusion(
     # the answer confidence on the full KB too (what nil reads when nothing was removed)
     s_full = ensemble(boosters, x_test, columns, test.signals.valid)
     p_full = fusion_cal.probabilities(s_full, test.signals.valid)
-    f_full, k_full = answer_features(s_full, p_full, x_test[..., columns], test.signals.valid)
-    q_full = np.where(k_full >= 0, verifier.predict(f_full), 0.0)
+    ctx_full = AnswerContext.of(prior, test.mentions, test.signals.info)
+    f_full, k_full = answer_features(
+        s_full,
+        p_full,
+        x_test[..., columns],
+        test.signals.valid,
+        ctx_full if verifier_inputs >= 2 else None,
+    )
+    q_full = np.where(k_full >= 0, verifier_model.predict(f_full), 0.0)
     right = k_full == test.gold_positions()
     has_gold = np.array([g is not None for g in test.gold])
     nil["answer_confidence_ece_full_kb"] = calibration_error(q_full[has_gold], right[has_gold])[
@@ -580,9 +630,11 @@ def train_fusion(
         lexical_k=int(meta.get("lexical", lexical_k)),
         calibration=calibration,
         nil_threshold=threshold,
+        verifier_inputs=verifier_inputs,
+        zero_shot=str(meta.get("zero_shot", "surface")),  # what the tables' name_cos read
         meta={"trees": trees, "folds": folds, "fit_on": "dev", "seed": seed, "tables": str(tables)},
     )
-    FusionModel(config, boosters, prior, verifier).save_pretrained(out)
+    FusionModel(config, boosters, prior, verifier_model).save_pretrained(out)
     if compare_train_fit:  # the same ranker fitted on train, early-stopped on dev
         x_train = table_features(train, prior, training=True)
         b = fit_ranker(x_train, train, x_dev, dev, columns, features, seed, threads)
@@ -634,9 +686,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--nil-augment",
         type=float,
-        default=0.1,
-        help="weight of the dev lists with their own gold removed in the NIL verifier's "
-        "training (0: the removal split only; 0.1 chosen by dev accuracy on WikiMEL)",
+        nargs="+",
+        default=list(NIL_AUGMENT),
+        help="weights tried for the dev lists with their own gold removed in the NIL "
+        "verifier's training (the best dev accuracy wins; 0: the removal split only)",
+    )
+    p.add_argument(
+        "--nil-train",
+        type=float,
+        nargs="+",
+        default=list(NIL_TRAIN),
+        help="weights tried for the train split's lists in the NIL verifier's training "
+        "(as the protocol leaves them, and without their own gold; 0: not used)",
+    )
+    p.add_argument(
+        "--verifier-inputs",
+        type=int,
+        choices=(1, 2),
+        default=VERIFIER_INPUTS,
+        help="what the NIL verifier reads: 1 = the best candidate's score, margin, probability "
+        "and features; 2 = also the none / second-best probabilities and the surface's "
+        "training links (how many, and the share to entities in the list)",
     )
     p.add_argument("--no-train-fit", action="store_true", help="skip the fit-on-train comparison")
     a = p.parse_args(argv)
@@ -653,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         folds=a.folds,
         compare_train_fit=not a.no_train_fit,
         nil_augment=a.nil_augment,
+        verifier_inputs=a.verifier_inputs,
+        nil_train=a.nil_train,
     )
     text = json.dumps(report, indent=1)
     if a.report:

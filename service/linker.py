@@ -171,8 +171,8 @@ class Linker:
         image = enc.image_features([it.image for it in items])
         mimic = enc.project(text, image)
         surface = None
-        if self.fusion is not None:  # the mention string alone: the zero-shot name cosine
-            surface = enc.surface_features([it.mention for it in items])
+        if self.fusion is not None:  # the mention's vector of the zero-shot name cosine
+            surface = self.zero_shot_vectors(items, text.tokens, self.fusion.config.zero_shot)
         if self.drin is None:
             return EncodedMentions(mimic, None, surface)
         backbone = enc.backbone
@@ -185,6 +185,18 @@ class Linker:
         has_image = torch.tensor([it.image is not None for it in items], device=self.device)
         drin = mention_parts(backbone, text, image, mask, has_image)
         return EncodedMentions(mimic, drin, surface)
+
+    def zero_shot_vectors(
+        self, items: Sequence[MentionInput], text_tokens: torch.Tensor, source: str
+    ) -> torch.Tensor:
+        """(B, dt) mention vectors of the zero-shot name cosine (``models.fusion.ZERO_SHOT_SOURCES``):
+        from the mention-text pass's token states (``mention_pass``, no encoder work) or the
+        mention string encoded alone (``surface``, what models trained before it read)."""
+        enc = self.model.encoder
+        mentions = [it.mention for it in items]
+        if source == "surface":
+            return enc.surface_features(mentions)
+        return enc.lead_features(text_tokens, mentions)
 
     def _layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """(field, per-mention shape) of a cache blob, in order: MIMIC's, then DRIN's."""

@@ -277,7 +277,7 @@ class FusionReranker:
         if cal is not None and self.fusion.verifier is not None:
             valid = candidates.rows >= 0
             answer = self.fusion.answer_confidence(
-                scores, cal.probabilities(scores, valid), x, valid
+                scores, cal.probabilities(scores, valid), x, valid, texts, sig.info
             )
         return RerankOutput(scores, FeatureContributions(x, self.fusion), answer)
 

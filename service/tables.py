@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
-from models.fusion import CandidateSignals, CandidateTable, MentionText
+from models.fusion import ZERO_SHOT, CandidateSignals, CandidateTable, MentionText
 from models.preprocess import load_image_or_none
 from service.linker import Linker
 from service.primitives import MentionBatch, MentionInput
@@ -72,6 +72,19 @@ def dataset_inputs(ds: MelDataset, mentions: Sequence[Mention]) -> tuple[Mention
     )
 
 
+def table_meta(linker: Linker, candidates: int, lexical: int) -> dict[str, object]:
+    """What a folder of tables was built with (its ``meta.json``; ``mel-train-fusion`` copies
+    the fingerprints, the lexical k and the zero-shot source into the model it trains)."""
+    return {
+        "mimic_fingerprint": linker.fingerprint,
+        "drin_fingerprint": linker.drin_fingerprint,
+        "index_version": linker.index_version,
+        "candidates": candidates,
+        "lexical": lexical if linker.searcher.has_lexical else 0,
+        "zero_shot": ZERO_SHOT,  # where name_cos's mention vector comes from
+    }
+
+
 @torch.inference_mode()
 def build_table(
     linker: Linker,
@@ -88,7 +101,6 @@ def build_table(
     drin = linker.rerankers.get("drin")
     assert isinstance(mimic, MimicReranker)
     assert drin is None or isinstance(drin, DrinGraphReranker)
-    enc = linker.model.encoder
     parts: list[CandidateSignals] = []
     info = CandidateInfoReader(linker.searcher)
     steps = range(0, len(mentions), batch_size)
@@ -97,7 +109,8 @@ def build_table(
         items = dataset_inputs(ds, chunk)
         encoded = linker.encode(items)
         if encoded.surface is None:  # the fusion stage's input, also without a fusion model
-            encoded = replace(encoded, surface=enc.surface_features([it.mention for it in items]))
+            vectors = linker.zero_shot_vectors(items, encoded.mimic.text_tokens, ZERO_SHOT)
+            encoded = replace(encoded, surface=vectors)
         batch = MentionBatch(items, encoded)
         dense = linker.retrieve(encoded, candidates)
         merged = linker.merge_lexical(batch, dense, lexical)
@@ -137,14 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = load_dataset(a.data)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "data": str(a.data),
-        "mimic_fingerprint": linker.fingerprint,
-        "drin_fingerprint": linker.drin_fingerprint,
-        "index_version": linker.index_version,
-        "candidates": a.candidates,
-        "lexical": a.lexical if linker.searcher.has_lexical else 0,
-    }
+    meta = {"data": str(a.data), **table_meta(linker, a.candidates, a.lexical)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     for split in a.split:
         t0 = time.perf_counter()
@@ -168,4 +174,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_table", "dataset_inputs", "main"]
+__all__ = ["build_table", "dataset_inputs", "main", "table_meta"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.fusion import (
+    AnswerContext,
     Calibration,
     CandidateInfo,
     CandidateSignals,
@@ -158,6 +159,38 @@ def test_answer_features_pick_the_best_candidate() -> None:
     assert f[0, 4:].tolist() == x[0, 1].tolist()
 
 
+def test_answer_context_counts_the_surface_links_the_list_covers() -> None:
+    # "Biden" was linked 3 times in training: twice to Joe, once to Jill. With Joe gone from
+    # the KB (the NIL case) the list covers a third of those links; with Joe in it, all.
+    prior = EntityPrior.fit([("Biden", "Joe"), ("biden", "Joe"), ("Biden", "Jill")])
+    m = [MentionText("Biden", "Biden spoke"), MentionText("Harris", "Harris spoke")]
+    jill, joe = CandidateInfo("Jill", ("Jill Biden",)), CandidateInfo("Joe", ("Joe Biden",))
+    ctx = AnswerContext.of(prior, m, [[jill, None], [joe, jill]])
+    assert ctx.surface_links.tolist() == pytest.approx([math.log1p(3), 0.0])
+    assert ctx.prior_in_list.tolist() == pytest.approx([1 / 3, 0.0])  # Harris: never seen
+    full = AnswerContext.of(prior, m[:1], [[jill, joe]])
+    assert full.prior_in_list.tolist() == pytest.approx([1.0])
+
+
+def test_answer_features_v2_add_the_list_and_surface_columns() -> None:
+    scores = np.array([[1.0, 3.0, 2.0]])
+    valid = np.array([[True, True, True]])
+    probs = np.array([[0.1, 0.6, 0.2]])
+    x = np.zeros((1, 3, 2), dtype=np.float32)
+    ctx = AnswerContext(np.array([2.0], np.float32), np.array([0.25], np.float32))
+    v1, _ = answer_features(scores, probs, x, valid)
+    v2, k = answer_features(scores, probs, x, valid, ctx)
+    assert v2.shape[1] == v1.shape[1] + 4 and k.tolist() == [1]
+    assert v2[0, : v1.shape[1]].tolist() == v1[0].tolist()
+    assert v2[0, v1.shape[1] :].tolist() == pytest.approx([0.1, 0.2, 2.0, 0.25])  # none, p2
+
+
+def test_a_v1_config_keeps_its_verifier_inputs() -> None:
+    doc = FusionConfig(features=("mimic",), mimic_fingerprint="m").to_dict()
+    doc.pop("verifier_inputs")  # a model saved before v2
+    assert FusionConfig.from_dict(doc).verifier_inputs == 1
+
+
 def _table(n: int, k: int, seed: int) -> CandidateTable:
     """Synthetic lists whose gold has the best mimic score 70% of the time."""
     rng = np.random.default_rng(seed)
@@ -249,11 +282,30 @@ def test_verifier_learns_from_extra_nil_lists() -> None:
     fold = np.arange(n) % 4
     _, plain = fit_verifier(feats, right, fold, seed=0, threads=1)
     extra = (feats, np.zeros(n, dtype=bool), fold, 1.0)
-    _, pulled = fit_verifier(feats, right, fold, seed=0, threads=1, extra=extra)
+    _, pulled = fit_verifier(feats, right, fold, seed=0, threads=1, extra=[extra])
     assert plain.shape == pulled.shape == (n,)
     assert pulled.mean() < plain.mean() - 0.1
     # it still ranks by the planted signal
     assert np.corrcoef(pulled, feats[:, 0])[0, 1] > 0.5
+    # rows in no fold (-1: train-split lists) always train; weight 0 leaves a set out
+    always = (feats, np.zeros(n, dtype=bool), np.full(n, -1), 1.0)
+    _, pulled2 = fit_verifier(feats, right, fold, seed=0, threads=1, extra=[always])
+    assert pulled2.mean() < plain.mean() - 0.1
+    _, same = fit_verifier(feats, right, fold, 0, 1, extra=[(*always[:3], 0.0)])
+    assert np.allclose(same, plain)
+
+
+def test_answer_context_leaves_a_training_mentions_own_link_out() -> None:
+    prior = EntityPrior.fit([("Biden", "Joe"), ("Biden", "Jill"), ("Solo", "Han")])
+    jill, joe = CandidateInfo("Jill", ("Jill Biden",)), CandidateInfo("Joe", ("Joe Biden",))
+    han = CandidateInfo("Han", ("Han Solo",))
+    m = [MentionText("Biden", "Biden spoke"), MentionText("Solo", "Solo flew")]
+    ctx = AnswerContext.of(prior, m, [[joe], [han]], exclude=["Joe", "Han"])
+    # Biden: one other link (Jill), not in the list; Solo: no link but its own
+    assert ctx.surface_links.tolist() == pytest.approx([math.log1p(1), 0.0])
+    assert ctx.prior_in_list.tolist() == pytest.approx([0.0, 0.0])
+    with_jill = AnswerContext.of(prior, m[:1], [[joe, jill]], exclude=["Joe"])
+    assert with_jill.prior_in_list.tolist() == pytest.approx([1.0])
 
 
 def test_cross_fit_folds_share_one_tree_count_and_refit_uses_it() -> None:

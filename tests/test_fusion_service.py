@@ -7,17 +7,20 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from models.data.schema import load_dataset
-from models.fusion import CandidateTable, FusionModel
+from models.fusion import ZERO_SHOT, CandidateTable, FusionModel
 from models.fusion_train import train_fusion
 from service.linker import Linker
+from service.primitives import MentionInput
 from service.settings import ServiceSettings
 from service.tables import build_table
 from tests.test_service import _settings, serve
@@ -61,6 +64,7 @@ def test_tables_come_from_the_serving_path(
     tables, _, _ = fusion_dir
     meta = json.loads((tables / "meta.json").read_text())
     assert meta["lexical"] == 4 and meta["candidates"] == 8
+    assert meta["zero_shot"] == ZERO_SHOT == "mention_pass"
     test = CandidateTable.load(tables / "test")
     ds = load_dataset(tiny_world)
     assert test.ids == [m.id for m in ds.split("test")]
@@ -85,7 +89,58 @@ def test_training_report_and_model(fusion_dir: tuple[Path, Path, dict[str, Any]]
     assert report["nil"]["test"]["mentions"] == 10
     assert (model_dir.parent / "rel.png").stat().st_size > 1000
     assert fusion.config.nil_threshold is not None and fusion.verifier is not None
+    assert fusion.config.zero_shot == "mention_pass" and fusion.config.verifier_inputs == 2
+    assert report["nil"]["verifier_inputs"] == 2
     assert set(report["nil"]) >= {"dev", "test", "softmax_only", "answer_confidence_ece_full_kb"}
+
+
+def test_lead_features_pool_the_templates_leading_mention_tokens(
+    artifacts: tuple[Path, Path],
+) -> None:
+    # the vector of "[CLS] mention [SEP]" inside the mention text: the template's first
+    # token, the mention's own tokens (the same ids as the mention tokenised alone: it leads
+    # the template) and the one after them
+    linker = Linker(_settings(artifacts))
+    enc = linker.model.encoder
+    items = [
+        MentionInput("Jo Ames", "Jo Ames the painter spoke."),
+        MentionInput("Dr. O'Neil-Smith", "Later Dr. O'Neil-Smith wrote back."),
+    ]
+    texts = [it.text() for it in items]
+    feats = enc.text_features(texts)
+    got = enc.lead_features(feats.tokens, [it.mention for it in items])
+    ids = enc.backbone.tokenizer(texts)["input_ids"]
+    hf = enc.backbone.tokenizer.tokenizer
+    for b, it in enumerate(items):
+        alone = hf(it.mention, add_special_tokens=False)["input_ids"]
+        n = len(alone)
+        assert ids[b, 1 : n + 1].tolist() == alone
+        mean = feats.tokens[b, : n + 2].mean(0, keepdim=True)
+        want = torch.nn.functional.normalize(enc.backbone.pooled_text(mean), dim=-1)[0]
+        torch.testing.assert_close(got[b], want, rtol=0, atol=1e-6)
+    # and it is not the mention encoded alone (that one never saw the sentence)
+    alone = enc.surface_features([it.mention for it in items])
+    assert float((alone * got).sum(-1).min()) < 0.9999
+    linker.close()
+
+
+def test_the_served_zero_shot_vector_follows_the_models_source(
+    artifacts: tuple[Path, Path], fusion_dir: tuple[Path, Path, dict[str, Any]]
+) -> None:
+    linker = Linker(_settings(artifacts, fusion_model_path=str(fusion_dir[1])))
+    items = (MentionInput("Jo Ames", "Jo Ames the painter spoke."),)
+    enc = linker.model.encoder
+    served = linker.encode(items)
+    assert served.surface is not None
+    lead = enc.lead_features(served.mimic.text_tokens, ["Jo Ames"])
+    torch.testing.assert_close(served.surface, lead, rtol=0, atol=1e-6)
+    # a model trained before the mention-pass source reads the mention encoded alone
+    assert linker.fusion is not None
+    linker.fusion.config = replace(linker.fusion.config, zero_shot="surface")
+    old = linker.encode(items).surface
+    assert old is not None
+    torch.testing.assert_close(old, enc.surface_features(["Jo Ames"]), rtol=0, atol=1e-6)
+    linker.close()
 
 
 _SERVED: dict[str, Path] = {}

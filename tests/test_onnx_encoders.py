@@ -113,6 +113,24 @@ def test_surface_features_pad_to_the_longest_and_equal_the_padded_global(
             torch.testing.assert_close(one, ref, rtol=0, atol=1e-5)
 
 
+def test_lead_features_are_the_minilm_tokens_up_to_the_templates_sep(
+    encoder: MimicEncoder,
+) -> None:
+    """MiniLM reads the template's literal "[SEP]" as its separator token: the mention's
+    vector from the mention-text pass is the normalised mean of the states from [CLS] to it."""
+    items = [("Barinski", "Barinski, an architect, received a medal in Oslo."), ("x", "x y")]
+    texts = [mention_text(m, s) for m, s in items]
+    with torch.inference_mode():
+        feats = encoder.text_features(texts)
+        got = encoder.lead_features(feats.tokens, [m for m, _ in items])
+    ids = encoder.backbone.tokenizer(texts)["input_ids"]
+    sep = encoder.backbone.tokenizer.tokenizer.sep_token_id
+    for b in range(len(items)):
+        end = int((ids[b] == sep).nonzero()[0, 0]) + 1
+        want = torch.nn.functional.normalize(feats.tokens[b, :end].mean(0), dim=0)
+        torch.testing.assert_close(got[b], want, rtol=0, atol=1e-6)
+
+
 def test_int8_within_its_measured_bound(encoder: MimicEncoder, cache: Path) -> None:
     int8 = _variant(encoder, "onnx-int8", cache)
     with torch.inference_mode():
