@@ -680,13 +680,13 @@ def stage_fusion_tables(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
     ds = load_dataset(a.work / "data")
     out = a.work / "fusion-tables"
     out.mkdir(parents=True, exist_ok=True)
-    meta = table_meta(linker, K, a.lexical_k)
+    meta = table_meta(linker, K, a.lexical_k, a.zero_shot)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     res: dict[str, Any] = {"candidates": K, "lexical": a.lexical_k}
     try:
         for split in ("train", "dev", "test"):
             t0 = time.perf_counter()
-            table = build_table(linker, ds, split, K, a.lexical_k)
+            table = build_table(linker, ds, split, K, a.lexical_k, zero_shot=a.zero_shot)
             table.save(out / split)
             pos = table.gold_positions()
             sig = table.signals
@@ -893,6 +893,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="a sentence for the report's first paragraph")
     p.add_argument("--skip-drin", action="store_true", help="leave out the DRIN stages (~30 min)")
     p.add_argument("--lexical-k", type=int, default=20, help="lexical candidates merged (fusion)")
+    p.add_argument(
+        "--zero-shot",
+        choices=("mention_pass", "surface"),
+        default="mention_pass",
+        help="the fusion stage's zero-shot mention vector (mel-candidates --zero-shot); "
+        "changing it needs --redo fusion_tables fusion_train fusion_latency",
+    )
     p.add_argument("--redo", nargs="*", default=[], help="stages to run again though cached")
     p.add_argument("--fresh", action="store_true", help="delete --work first")
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from --out")

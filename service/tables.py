@@ -26,7 +26,13 @@ import torch
 from tqdm import tqdm
 
 from models.data.schema import MelDataset, Mention, load_dataset
-from models.fusion import ZERO_SHOT, CandidateSignals, CandidateTable, MentionText
+from models.fusion import (
+    ZERO_SHOT,
+    ZERO_SHOT_SOURCES,
+    CandidateSignals,
+    CandidateTable,
+    MentionText,
+)
 from models.preprocess import load_image_or_none
 from service.linker import Linker
 from service.primitives import MentionBatch, MentionInput
@@ -72,7 +78,9 @@ def dataset_inputs(ds: MelDataset, mentions: Sequence[Mention]) -> tuple[Mention
     )
 
 
-def table_meta(linker: Linker, candidates: int, lexical: int) -> dict[str, object]:
+def table_meta(
+    linker: Linker, candidates: int, lexical: int, zero_shot: str = ZERO_SHOT
+) -> dict[str, object]:
     """What a folder of tables was built with (its ``meta.json``; ``mel-train-fusion`` copies
     the fingerprints, the lexical k and the zero-shot source into the model it trains)."""
     return {
@@ -81,7 +89,7 @@ def table_meta(linker: Linker, candidates: int, lexical: int) -> dict[str, objec
         "index_version": linker.index_version,
         "candidates": candidates,
         "lexical": lexical if linker.searcher.has_lexical else 0,
-        "zero_shot": ZERO_SHOT,  # where name_cos's mention vector comes from
+        "zero_shot": zero_shot,  # where name_cos's mention vector comes from
     }
 
 
@@ -94,8 +102,12 @@ def build_table(
     lexical: int = 20,
     batch_size: int = 32,
     progress: bool = True,
+    zero_shot: str = ZERO_SHOT,
 ) -> CandidateTable:
-    """The split's mentions (NIL ones included) with their candidate signals."""
+    """The split's mentions (NIL ones included) with their candidate signals; the zero-shot
+    cosine's mention vector from ``zero_shot`` (``models.fusion.ZERO_SHOT_SOURCES``)."""
+    if zero_shot not in ZERO_SHOT_SOURCES:
+        raise ValueError(f"zero_shot must be one of {ZERO_SHOT_SOURCES}, got {zero_shot!r}")
     mentions = ds.split(split)
     mimic = linker.rerankers["mimic"]
     drin = linker.rerankers.get("drin")
@@ -108,9 +120,9 @@ def build_table(
         chunk = mentions[s : s + batch_size]
         items = dataset_inputs(ds, chunk)
         encoded = linker.encode(items)
-        if encoded.surface is None:  # the fusion stage's input, also without a fusion model
-            vectors = linker.zero_shot_vectors(items, encoded.mimic.text_tokens, ZERO_SHOT)
-            encoded = replace(encoded, surface=vectors)
+        # the fusion stage's input, from the source asked for (whatever a loaded model reads)
+        vectors = linker.zero_shot_vectors(items, encoded.mimic.text_tokens, zero_shot)
+        encoded = replace(encoded, surface=vectors)
         batch = MentionBatch(items, encoded)
         dense = linker.retrieve(encoded, candidates)
         merged = linker.merge_lexical(batch, dense, lexical)
@@ -135,6 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--candidates", type=int, default=100, help="dense top-k")
     p.add_argument("--lexical", type=int, default=20, help="lexical candidates merged in")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--zero-shot",
+        choices=ZERO_SHOT_SOURCES,
+        default=ZERO_SHOT,
+        help="the mention's vector of the zero-shot name cosine: mention_pass = the leading "
+        "mention tokens of the mention-text pass (no extra encoder call when served); surface "
+        "= the mention string encoded alone (one more encoder call per request)",
+    )
     p.add_argument("--out", required=True, help="folder: one table per split under it")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -150,11 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = load_dataset(a.data)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"data": str(a.data), **table_meta(linker, a.candidates, a.lexical)}
+    meta = {"data": str(a.data), **table_meta(linker, a.candidates, a.lexical, a.zero_shot)}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     for split in a.split:
         t0 = time.perf_counter()
-        table = build_table(linker, ds, split, a.candidates, a.lexical, a.batch_size)
+        table = build_table(
+            linker, ds, split, a.candidates, a.lexical, a.batch_size, zero_shot=a.zero_shot
+        )
         table.save(out / split)
         found = table.gold_positions() >= 0
         with_gold = sum(g is not None for g in table.gold)

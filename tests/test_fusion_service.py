@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from index.encode import NAME_FIELD
 from models.data.schema import load_dataset
 from models.fusion import ZERO_SHOT, CandidateTable, FusionModel
 from models.fusion_train import train_fusion
@@ -79,6 +80,29 @@ def test_tables_come_from_the_serving_path(
     linker.close()
     assert np.array_equal(again.signals.rows, test.signals.rows)
     assert np.allclose(again.signals.mimic, test.signals.mimic, atol=1e-5)
+
+
+def test_tables_can_take_the_surface_zero_shot_source(
+    artifacts: tuple[Path, Path], tiny_world: Path
+) -> None:
+    linker = Linker(_settings(artifacts))
+    ds = load_dataset(tiny_world)
+    lead = build_table(linker, ds, "test", 8, 4, progress=False)
+    alone = build_table(linker, ds, "test", 8, 4, progress=False, zero_shot="surface")
+    assert np.array_equal(lead.signals.rows, alone.signals.rows)
+    assert not np.allclose(lead.signals.name_cos, alone.signals.name_cos)
+    # surface: the mention string encoded alone against each candidate's stored name vector
+    with torch.inference_mode():
+        v = linker.model.encoder.surface_features([m.mention for m in alone.mentions]).numpy()
+    rows = alone.signals.rows
+    flat = np.where(rows < 0, 0, rows).reshape(-1)
+    names = linker.searcher.store.rows(NAME_FIELD, flat).reshape(*rows.shape, -1)
+    want = np.einsum("bd,bkd->bk", v, names)
+    valid = rows >= 0
+    assert np.allclose(alone.signals.name_cos[valid], want[valid], atol=1e-5)
+    with pytest.raises(ValueError, match="zero_shot"):
+        build_table(linker, ds, "test", 8, 4, progress=False, zero_shot="elsewhere")
+    linker.close()
 
 
 def test_training_report_and_model(fusion_dir: tuple[Path, Path, dict[str, Any]]) -> None:
