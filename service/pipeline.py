@@ -452,18 +452,42 @@ class LinkService:
         assert self.cache is not None
         sha = hashlib.sha256(p.image).hexdigest() if p.image is not None else None
         key = self._result_key(state, p, sha)
-        cached = (await self.cache.get_many([key]))[0]
+        hit = self._cached(p, (await self.cache.get_many([key]))[0])
+        if hit is not None:
+            return hit
+        img, t_dec = await self._decode(p)
+        return await self._link_decoded(state, p, key, sha, img, t_dec)
+
+    def _cached(self, p: Prepared, cached: bytes | None) -> LinkResponse | None:
+        """The cached answer of ``p`` (``cached``: what the result cache held), or None."""
         self.metrics.cache.labels(kind="result", outcome="hit" if cached else "miss").inc()
-        if cached:
-            hit = LinkResponse.model_validate_json(cached)
-            total = 1000 * (time.perf_counter() - p.started)
-            return hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)})
-        img, t_dec = None, 0.0
-        if p.image is not None:
-            td = time.perf_counter()
-            img, _ = await asyncio.to_thread(open_image, p.image, self.limits)
-            t_dec = time.perf_counter() - td
-            self.metrics.stage_seconds.labels(stage="decode").observe(t_dec)
+        if not cached:
+            return None
+        hit = LinkResponse.model_validate_json(cached)
+        total = 1000 * (time.perf_counter() - p.started)
+        return hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)})
+
+    async def _decode(self, p: Prepared) -> tuple[Image.Image | None, float]:
+        """``p``'s image decoded on a worker thread (None without one), and the seconds."""
+        if p.image is None:
+            return None, 0.0
+        td = time.perf_counter()
+        img, _ = await asyncio.to_thread(open_image, p.image, self.limits)
+        t_dec = time.perf_counter() - td
+        self.metrics.stage_seconds.labels(stage="decode").observe(t_dec)
+        return img, t_dec
+
+    async def _link_decoded(
+        self,
+        state: Serving,
+        p: Prepared,
+        key: str,
+        sha: str | None,
+        img: Image.Image | None,
+        t_dec: float,
+    ) -> LinkResponse:
+        """The batcher's answer for a decoded request, cached; ``key``: its result key."""
+        assert self.cache is not None
         span = (p.req.span[0], p.req.span[1]) if p.req.span else None
         item = MentionInput(p.req.mention, p.req.sentence, img, sha, span)
         timeout = self.settings.request_timeout_s
@@ -536,17 +560,53 @@ class LinkService:
                 return error(exc)
 
         ready = await asyncio.gather(*(prepare(it) for it in items))
-        self.check_budget([p for p in ready if isinstance(p, Prepared)])
+        todo = [p for p in ready if isinstance(p, Prepared)]
+        self.check_budget(todo)
+        # the model gets the batch as one group: one result-cache lookup for every item, every
+        # image decoded (on worker threads, at once), and only then every miss submitted, with
+        # no await between the submits, so the batcher collects them together (up to
+        # MEL_MAX_BATCH_SIZE) instead of item by item as their decodes finish
+        state = self.require_state()
+        assert self.cache is not None
+        shas = [hashlib.sha256(p.image).hexdigest() if p.image is not None else None for p in todo]
+        keys = [self._result_key(state, p, sha) for p, sha in zip(todo, shas, strict=True)]
+        found = await self.cache.get_many(keys)
+        done: dict[int, BatchItemResult] = {}
+        misses = []
+        for i, (p, blob) in enumerate(zip(todo, found, strict=True)):
+            hit = self._cached(p, blob)
+            if hit is not None:
+                done[i] = BatchItemResult(result=hit)
+            else:
+                misses.append(i)
 
-        async def run(p: Prepared | BatchItemResult) -> BatchItemResult:
-            if isinstance(p, BatchItemResult):
-                return p
+        async def decode(i: int) -> tuple[Image.Image | None, float] | BatchItemResult:
             try:
-                return BatchItemResult(result=await self.run(p))
+                return await self._decode(todo[i])
             except ApiError as exc:
                 return error(exc)
 
-        return BatchResponse(results=list(await asyncio.gather(*(run(p) for p in ready))))
+        decoded = await asyncio.gather(*(decode(i) for i in misses))
+
+        async def link(i: int, dec: tuple[Image.Image | None, float]) -> BatchItemResult:
+            try:
+                out = await self._link_decoded(state, todo[i], keys[i], shas[i], *dec)
+                return BatchItemResult(result=out)
+            except ApiError as exc:
+                return error(exc)
+
+        jobs = []
+        for i, dec in zip(misses, decoded, strict=True):
+            if isinstance(dec, BatchItemResult):
+                done[i] = dec
+            else:
+                jobs.append((i, link(i, dec)))
+        for (i, _), res in zip(jobs, await asyncio.gather(*(c for _, c in jobs)), strict=True):
+            done[i] = res
+        answers = iter(done[i] for i in range(len(todo)))
+        return BatchResponse(
+            results=[p if isinstance(p, BatchItemResult) else next(answers) for p in ready]
+        )
 
     def entity(self, entity_id: str) -> dict[str, Any]:
         ent = self.require_ready().entity(entity_id)

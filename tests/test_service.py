@@ -180,6 +180,33 @@ def test_batch_keeps_order_and_isolates_bad_items(server: str) -> None:
     assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "batch_too_large"
 
 
+def test_batch_items_reach_the_model_as_one_group(server: str) -> None:
+    # images of very different sizes decode in different times; the batch still reaches the
+    # model as one group (every item reports the same model batch of 4), not item by item
+    def noise_jpeg(side: int, seed: int) -> bytes:  # noise: a big one decodes slowly
+        g = torch.Generator().manual_seed(seed)
+        px = torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="JPEG", quality=60)
+        return buf.getvalue()
+
+    sides = [560, 16, 480, 24]
+    items = [
+        {
+            "mention": f"Jo Group{i}",
+            "sentence": f"Jo Group{i} arrived in the batch.",
+            "image": _b64(noise_jpeg(side, i)),
+        }
+        for i, side in enumerate(sides)
+    ]
+    r = httpx.post(f"{server}/v1/link/batch", json={"items": items}, timeout=60)
+    assert r.status_code == 200, r.text
+    timings = [x["result"]["timings"] for x in r.json()["results"]]
+    assert [t["cached"] for t in timings] == [False] * 4
+    assert [t["batch_size"] for t in timings] == [4] * 4
+    assert all(t["decode_ms"] > 0 for t in timings)
+
+
 @pytest.mark.parametrize(
     ("patch", "status", "code"),
     [
