@@ -450,13 +450,17 @@ class LinkService:
         """Link one prepared request: result cache, decode, batcher, cache the answer."""
         state = self.require_state()
         assert self.cache is not None
-        sha = hashlib.sha256(p.image).hexdigest() if p.image is not None else None
-        key = self._result_key(state, p, sha)
+        sha, key = self._keyed(state, p)
         hit = self._cached(p, (await self.cache.get_many([key]))[0])
         if hit is not None:
             return hit
         img, t_dec = await self._decode(p)
         return await self._link_decoded(state, p, key, sha, img, t_dec)
+
+    def _keyed(self, state: Serving, p: Prepared) -> tuple[str | None, str]:
+        """``p``'s image hash (None without an image) and its result-cache key."""
+        sha = hashlib.sha256(p.image).hexdigest() if p.image is not None else None
+        return sha, self._result_key(state, p, sha)
 
     def _cached(self, p: Prepared, cached: bytes | None) -> LinkResponse | None:
         """The cached answer of ``p`` (``cached``: what the result cache held), or None."""
@@ -568,8 +572,8 @@ class LinkService:
         # MEL_MAX_BATCH_SIZE) instead of item by item as their decodes finish
         state = self.require_state()
         assert self.cache is not None
-        shas = [hashlib.sha256(p.image).hexdigest() if p.image is not None else None for p in todo]
-        keys = [self._result_key(state, p, sha) for p, sha in zip(todo, shas, strict=True)]
+        keyed = [self._keyed(state, p) for p in todo]
+        shas, keys = [sha for sha, _ in keyed], [key for _, key in keyed]
         found = await self.cache.get_many(keys)
         done: dict[int, BatchItemResult] = {}
         misses = []
