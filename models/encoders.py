@@ -47,6 +47,7 @@ from models.preprocess import (
     TEXT_MAX_LENGTH,
     ClipImageTransform,
     ImageTransform,
+    ModelImage,
     NormalizeTransform,
     TextTokenizer,
     image_batch,
@@ -428,8 +429,14 @@ class MimicEncoder(nn.Module):
             self._no_image = ImageFeatures(feats.global_.detach(), feats.tokens.detach())
         return feats
 
-    def image_features(self, images: Sequence[Image.Image | None]) -> ImageFeatures:
-        """Raw image features; ``None`` entries take the no-image rule without a tower pass."""
+    def pixels(self, image: Image.Image) -> Tensor:
+        """``image`` through the backbone's transform, (3, S, S): what :meth:`image_features`
+        would do to it first. Thread-safe, so it can run off the model's thread."""
+        return self.backbone.image_transform(image)
+
+    def image_features(self, images: Sequence[ModelImage | None]) -> ImageFeatures:
+        """Raw image features; ``None`` entries take the no-image rule without a tower pass;
+        tensors are :meth:`pixels` already."""
         device = self.image_cls_fc.weight.device
         present = [i for i, im in enumerate(images) if im is not None]
         blank = self.no_image_features()

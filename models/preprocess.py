@@ -111,6 +111,9 @@ class ClipImageTransform:
 
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+# A decoded image, or its pixels already through the backbone's transform, (3, S, S): the
+# server runs the transform on its decode threads so the model's thread does not.
+ModelImage = Image.Image | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -122,15 +125,24 @@ class ImageBatch:
 
 
 def image_batch(
-    images: Sequence[Image.Image | None], transform: ImageTransform, out_size: int
+    images: Sequence[ModelImage | None], transform: ImageTransform, out_size: int
 ) -> ImageBatch:
-    """Stack decoded images into a batch; ``None`` takes the no-image rule (zero pixels)."""
+    """Stack decoded images into a batch; ``None`` takes the no-image rule (zero pixels).
+    A tensor is taken as ``transform``'s output already (see :data:`ModelImage`)."""
     pixels = torch.zeros((len(images), 3, out_size, out_size), dtype=torch.float32)
     has = torch.zeros(len(images), dtype=torch.bool)
     for i, img in enumerate(images):
-        if img is not None:
+        if img is None:
+            continue
+        if isinstance(img, torch.Tensor):
+            if tuple(img.shape) != (3, out_size, out_size):
+                raise ValueError(
+                    f"pixels {tuple(img.shape)}, but this transform gives (3, {out_size}, {out_size})"
+                )
+            pixels[i] = img
+        else:
             pixels[i] = transform(img)
-            has[i] = True
+        has[i] = True
     return ImageBatch(pixel_values=pixels, has_image=has)
 
 
@@ -186,6 +198,7 @@ __all__ = [
     "ImageBatch",
     "ImageDecodeError",
     "ImageTransform",
+    "ModelImage",
     "NormalizeTransform",
     "TextTokenizer",
     "decode_image",

@@ -57,6 +57,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from pydantic import ValidationError
 from tqdm import tqdm
 
@@ -131,9 +133,17 @@ class RunReport:
 class LineParser:
     """Input line -> :class:`LineItem`, with the API's validation and image limits."""
 
-    def __init__(self, root: Path, settings: ServiceSettings) -> None:
+    def __init__(
+        self,
+        root: Path,
+        settings: ServiceSettings,
+        pixels: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
+        """``pixels``: the encoder's transform (``MimicEncoder.pixels``), run here on the
+        reader thread so the model's thread gets each image resized already."""
         self.root = root
         self.settings = settings
+        self.pixels = pixels
         self.limits = ImageLimits(
             settings.max_image_bytes, settings.max_image_pixels, tuple(settings.image_formats)
         )
@@ -184,7 +194,8 @@ class LineParser:
                 ) from exc
             image, sha = open_image(raw, self.limits)
         span = (req.span[0], req.span[1]) if req.span else None
-        return MentionInput(req.mention, req.sentence, image, sha, span)
+        pixels = self.pixels(image) if image is not None and self.pixels is not None else None
+        return MentionInput(req.mention, req.sentence, image, sha, span, pixels)
 
 
 def read_lines(path: Path, skip: int) -> Iterator[tuple[int, bytes]]:
@@ -485,7 +496,7 @@ def link_file(
         raise BulkLinkError(f"no input file at {inp}")
     bulk = BulkLinker(linker, opts)
     run = open_run(inp, out, opts, linker_facts(linker), restart)
-    parser = LineParser(run.inp.parent, settings or linker.settings)
+    parser = LineParser(run.inp.parent, settings or linker.settings, linker.model.encoder.pixels)
     writer = LinksWriter(run.out)
     bar = tqdm(
         total=run.total, initial=run.done, unit="mention", disable=not progress, smoothing=0.05

@@ -168,7 +168,7 @@ class Linker:
     def encode(self, items: Sequence[MentionInput]) -> EncodedMentions:
         enc = self.model.encoder
         text = enc.text_features([it.text() for it in items])
-        image = enc.image_features([it.image for it in items])
+        image = enc.image_features([it.model_image() for it in items])
         mimic = enc.project(text, image)
         surface = None
         if self.fusion is not None:  # the mention's vector of the zero-shot name cosine

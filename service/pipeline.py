@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -60,6 +62,16 @@ class Prepared:
     @property
     def pixels(self) -> int:
         return self.probe.pixels if self.probe is not None else 0
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A request's image decoded (None without one), its pixels through the serving encoder's
+    transform, and the seconds both took on the worker thread."""
+
+    image: Image.Image | None
+    pixels: torch.Tensor | None
+    seconds: float
 
 
 def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
@@ -454,8 +466,8 @@ class LinkService:
         hit = self._cached(p, (await self.cache.get_many([key]))[0])
         if hit is not None:
             return hit
-        img, t_dec = await self._decode(p)
-        return await self._link_decoded(state, p, key, sha, img, t_dec)
+        dec = await self._decode(state, p)
+        return await self._link_decoded(state, p, key, sha, dec)
 
     def _keyed(self, state: Serving, p: Prepared) -> tuple[str | None, str]:
         """``p``'s image hash (None without an image) and its result-cache key."""
@@ -471,15 +483,22 @@ class LinkService:
         total = 1000 * (time.perf_counter() - p.started)
         return hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)})
 
-    async def _decode(self, p: Prepared) -> tuple[Image.Image | None, float]:
-        """``p``'s image decoded on a worker thread (None without one), and the seconds."""
+    async def _decode(self, state: Serving, p: Prepared) -> Decoded:
+        """``p``'s image decoded and through ``state``'s encoder transform, on a worker thread
+        (the resize is not the model thread's work), with the seconds it took."""
         if p.image is None:
-            return None, 0.0
+            return Decoded(None, None, 0.0)
+        raw, encoder = p.image, state.linker.model.encoder
+
+        def work() -> tuple[Image.Image, torch.Tensor]:
+            img, _ = open_image(raw, self.limits)
+            return img, encoder.pixels(img)
+
         td = time.perf_counter()
-        img, _ = await asyncio.to_thread(open_image, p.image, self.limits)
+        img, pixels = await asyncio.to_thread(work)
         t_dec = time.perf_counter() - td
         self.metrics.stage_seconds.labels(stage="decode").observe(t_dec)
-        return img, t_dec
+        return Decoded(img, pixels, t_dec)
 
     async def _link_decoded(
         self,
@@ -487,13 +506,12 @@ class LinkService:
         p: Prepared,
         key: str,
         sha: str | None,
-        img: Image.Image | None,
-        t_dec: float,
+        dec: Decoded,
     ) -> LinkResponse:
         """The batcher's answer for a decoded request, cached; ``key``: its result key."""
         assert self.cache is not None
         span = (p.req.span[0], p.req.span[1]) if p.req.span else None
-        item = MentionInput(p.req.mention, p.req.sentence, img, sha, span)
+        item = MentionInput(p.req.mention, p.req.sentence, dec.image, sha, span, dec.pixels)
         timeout = self.settings.request_timeout_s
         try:
             while True:
@@ -506,6 +524,7 @@ class LinkService:
                     if self.stopping or self.state is None or self.state is state:
                         raise
                     state = self.state
+                    item = dataclasses.replace(item, pixels=None)  # the old encoder's transform
                     if p.params.reranker not in state.linker.rerankers:
                         raise ApiError(
                             503, "reranker_unavailable", "the reloaded server lacks this reranker"
@@ -524,7 +543,7 @@ class LinkService:
         await self.cache.set_many([(key, out.model_dump_json(exclude={"timings"}).encode())])
         t = linked.times
         out.timings = Timings(
-            decode_ms=1000 * t_dec,
+            decode_ms=1000 * dec.seconds,
             queue_ms=linked.queue_ms,
             encode_ms=t.encode_ms,
             retrieve_ms=t.retrieve_ms,
@@ -584,17 +603,17 @@ class LinkService:
             else:
                 misses.append(i)
 
-        async def decode(i: int) -> tuple[Image.Image | None, float] | BatchItemResult:
+        async def decode(i: int) -> Decoded | BatchItemResult:
             try:
-                return await self._decode(todo[i])
+                return await self._decode(state, todo[i])
             except ApiError as exc:
                 return error(exc)
 
         decoded = await asyncio.gather(*(decode(i) for i in misses))
 
-        async def link(i: int, dec: tuple[Image.Image | None, float]) -> BatchItemResult:
+        async def link(i: int, dec: Decoded) -> BatchItemResult:
             try:
-                out = await self._link_decoded(state, todo[i], keys[i], shas[i], *dec)
+                out = await self._link_decoded(state, todo[i], keys[i], shas[i], dec)
                 return BatchItemResult(result=out)
             except ApiError as exc:
                 return error(exc)

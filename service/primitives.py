@@ -18,20 +18,30 @@ from PIL import Image
 
 from models.drin_features import DrinMentionParts
 from models.mimic import MimicFeatures
-from models.preprocess import mention_text
+from models.preprocess import ModelImage, mention_text
 
 Explain = dict[str, float | dict[str, float]]
 
 
 @dataclass(frozen=True)
 class MentionInput:
-    """One decoded mention. ``image_sha`` identifies the image bytes (cache keys)."""
+    """One decoded mention. ``image_sha`` identifies the image bytes (cache keys).
+
+    ``pixels``: ``image`` through the encoder's transform (``MimicEncoder.pixels``), when the
+    caller ran it on its own thread (the server's decode threads); the model's thread then
+    skips the resize. It belongs to one encoder: drop it before handing the item to another.
+    """
 
     mention: str
     sentence: str
     image: Image.Image | None = None
     image_sha: str | None = None
     span: tuple[int, int] | None = None  # char offsets of the mention in the sentence (DRIN)
+    pixels: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def model_image(self) -> ModelImage | None:
+        """What the encoder reads: the pixels when ready, else the decoded image."""
+        return self.pixels if self.pixels is not None else self.image
 
     def text(self) -> str:
         return mention_text(self.mention, self.sentence)

@@ -76,7 +76,7 @@ class LinkActor:
         if s.warmup:  # the first block pays no lazy setup, as a local run's does not
             self.linker.warmup()
         self.opts = BulkOptions(**opts)
-        self.parser = LineParser(Path(root), s)
+        self.parser = LineParser(Path(root), s, self.linker.model.encoder.pixels)
         self.error: str | None = None
         try:
             self.bulk: BulkLinker | None = BulkLinker(self.linker, self.opts)

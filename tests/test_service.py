@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -903,3 +904,63 @@ def test_redis_gauge_follows_redis_without_readyz(
         body = {"mention": "Jo Ames", "sentence": "gauge"}
         assert httpx.post(f"{base}/v1/link", json=body, timeout=30).status_code == 200
         assert httpx.post(f"{base}/v1/link", json=body, timeout=30).json()["timings"]["cached"]
+
+
+class _ThreadsLinker(Linker):
+    """Records the thread of each image transform and of each encode, and what encode got."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        super().__init__(settings)
+        self.seen: list[tuple[str, int, bool]] = []
+        backbone = self.model.encoder.backbone
+        transform = backbone.image_transform
+
+        def recorded(img: Image.Image) -> torch.Tensor:
+            self.seen.append(("transform", threading.get_ident(), True))
+            return transform(img)
+
+        backbone.image_transform = recorded
+
+    def encode(self, items: Any) -> Any:
+        for it in items:
+            self.seen.append(("encode", threading.get_ident(), it.pixels is not None))
+        return super().encode(items)
+
+
+def test_images_are_resized_off_the_model_thread(artifacts: tuple[Path, Path]) -> None:
+    # the transform (LANCZOS resize, normalisation) runs on the decode threads, single calls
+    # and batch calls alike; the model thread gets the pixels and transforms nothing
+    holder: list[_ThreadsLinker] = []
+
+    def factory(settings: ServiceSettings) -> _ThreadsLinker:
+        holder.append(_ThreadsLinker(settings))
+        return holder[-1]
+
+    with serve(_settings(artifacts, warmup=False), factory) as (base, _):
+        one = {"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "image": _b64(_png())}
+        assert httpx.post(f"{base}/v1/link", json=one, timeout=30).status_code == 200
+        items = [{**one, "image": _b64(_png((i, 2 * i, 90)))} for i in range(3)]
+        r = httpx.post(f"{base}/v1/link/batch", json={"items": items}, timeout=30)
+        assert r.status_code == 200 and all("result" in x for x in r.json()["results"])
+    seen = holder[0].seen
+    transforms = {t for kind, t, _ in seen if kind == "transform"}
+    encodes = [(t, px) for kind, t, px in seen if kind == "encode"]
+    assert len([s for s in seen if s[0] == "transform"]) == 4 and len(encodes) == 4
+    assert all(px for _, px in encodes)
+    assert not transforms & {t for t, _ in encodes}
+
+
+def test_pixels_from_another_thread_encode_like_the_image(artifacts: tuple[Path, Path]) -> None:
+    from service.primitives import MentionInput
+
+    linker = Linker(_settings(artifacts, warmup=False))
+    img = Image.new("RGB", (40, 28), (9, 90, 200))
+    plain = MentionInput("Jo Bell", "Jo Bell the pilot", img, "sha")
+    ready = dataclasses.replace(plain, pixels=linker.model.encoder.pixels(img))
+    a, b = linker.encode([plain]).mimic, linker.encode([ready]).mimic
+    for name in a.__dataclass_fields__:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    wrong = dataclasses.replace(plain, pixels=torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="pixels"):
+        linker.encode([wrong])
+    linker.close()
