@@ -79,11 +79,12 @@ class DrinInputs:
 
 @dataclass(frozen=True)
 class DrinOutput:
-    """scores: (B, K) cosine of final text vertices; edges_initial / edges_final: (B, K, 4)."""
+    """scores: (B, K) cosine of final text vertices; edges_initial / edges_final: (B, K, 4)
+    (edges_final None when the caller asked for the scores alone)."""
 
     scores: Tensor
     edges_initial: Tensor
-    edges_final: Tensor
+    edges_final: Tensor | None
 
 
 def _mean_over_candidates(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -108,6 +109,23 @@ class DynamicGcnLayer(nn.Module):
     def _vertex(self, x: Tensor) -> Tensor:
         return F.gelu(self.layer_norm(self.w_h(x)))  # exact (erf) GELU, as released
 
+    def text_vertices(
+        self,
+        mt: Tensor,
+        mi: Tensor,
+        et: Tensor,
+        ei: Tensor,
+        edges: Tensor,
+        mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The updated text vertices (m_t', e_t'): all the last layer gives the scores."""
+        a_tt, a_ti, a_it = (edges[..., i].unsqueeze(-1) for i in range(3))
+        new_mt = self._vertex(
+            mt + _mean_over_candidates(a_tt * et, mask) + _mean_over_candidates(a_ti * ei, mask)
+        )
+        new_et = self._vertex(et + a_tt * mt.unsqueeze(1) + a_it * mi.unsqueeze(1))
+        return new_mt, new_et
+
     def forward(
         self,
         mt: Tensor,
@@ -117,14 +135,11 @@ class DynamicGcnLayer(nn.Module):
         edges: Tensor,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        a_tt, a_ti, a_it, a_ii = (edges[..., i].unsqueeze(-1) for i in range(4))
-        new_mt = self._vertex(
-            mt + _mean_over_candidates(a_tt * et, mask) + _mean_over_candidates(a_ti * ei, mask)
-        )
+        a_ti, a_it, a_ii = (edges[..., i].unsqueeze(-1) for i in range(1, 4))
+        new_mt, new_et = self.text_vertices(mt, mi, et, ei, edges, mask)
         new_mi = self._vertex(
             mi + _mean_over_candidates(a_it * et, mask) + _mean_over_candidates(a_ii * ei, mask)
         )
-        new_et = self._vertex(et + a_tt * mt.unsqueeze(1) + a_it * mi.unsqueeze(1))
         new_ei = self._vertex(ei + a_ti * mt.unsqueeze(1) + a_ii * mi.unsqueeze(1))
         # edges from the PRE-update vertices: (tt, ti, it, ii) = (mt-et, mt-ei, mi-et, mi-ei)
         fu_t, fu_i = self.w_u(mt).unsqueeze(1), self.w_u(mi).unsqueeze(1)  # (B, 1, d)
@@ -155,7 +170,12 @@ class DrinModel(nn.Module):
         self.entity_image_proj = nn.Linear(config.image_dim, d)
         self.layers = nn.ModuleList([DynamicGcnLayer(d) for _ in range(config.layers)])
 
-    def forward(self, x: DrinInputs, candidate_mask: Tensor | None = None) -> DrinOutput:
+    def forward(
+        self, x: DrinInputs, candidate_mask: Tensor | None = None, final_edges: bool = True
+    ) -> DrinOutput:
+        """``final_edges=False``: the scores alone, the same values bit for bit. The last
+        layer's image vertices and edges feed no score, so it updates only the text
+        vertices (about 3/4 of its products skipped) and ``edges_final`` is None."""
         B, K = x.entity_text.shape[:2]
         if x.edges.shape != (B, K, 4):
             raise ValueError(f"edges {tuple(x.edges.shape)} != (B={B}, K={K}, 4)")
@@ -164,12 +184,20 @@ class DrinModel(nn.Module):
         et = self.entity_text_proj(x.entity_text)
         ei = self.entity_image_proj(x.entity_image)
         edges = x.edges
-        for layer in self.layers:
+        layers = list(self.layers)
+        full = layers if final_edges or not layers else layers[:-1]
+        for layer in full:
             mt, mi, et, ei, edges = layer(mt, mi, et, ei, edges, candidate_mask)
+        if len(full) < len(layers):
+            last = layers[-1]
+            assert isinstance(last, DynamicGcnLayer)
+            mt, et = last.text_vertices(mt, mi, et, ei, edges, candidate_mask)
         scores = F.cosine_similarity(mt.unsqueeze(1).expand_as(et), et, dim=-1)
         if candidate_mask is not None:
             scores = scores.masked_fill(~candidate_mask, float("-inf"))
-        return DrinOutput(scores=scores, edges_initial=x.edges, edges_final=edges)
+        return DrinOutput(
+            scores=scores, edges_initial=x.edges, edges_final=edges if final_edges else None
+        )
 
 
 def margin_ranking_loss(scores: Tensor, gold: Tensor, margin: float = 0.25) -> Tensor:

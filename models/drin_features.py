@@ -334,12 +334,16 @@ class DrinReranker(PretrainedModule):
         return DrinInputs(m.span_text, m.image, e.text, e.image, self.initial_edges(m, e))
 
     def forward(
-        self, m: DrinMentionParts, e: DrinEntityParts, candidate_mask: Tensor | None = None
+        self,
+        m: DrinMentionParts,
+        e: DrinEntityParts,
+        candidate_mask: Tensor | None = None,
+        final_edges: bool = True,
     ) -> DrinOutput:
         dtype = self.align.proj.weight.dtype
         m = m.map(lambda t: t.to(dtype))
         e = e.map(lambda t: t.to(dtype))
-        return self.drin(self.inputs(m, e), candidate_mask)
+        return self.drin(self.inputs(m, e), candidate_mask, final_edges)
 
     # ------------------------------------------------------------------ checkpoint
     @classmethod

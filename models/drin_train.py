@@ -204,6 +204,7 @@ def drin_scores(
         out = drin(split.parts.map(lambda t, sl=sl: t[sl]), data.gather(split.candidates[sl]))
         s_out.append(out.scores)
         e0.append(out.edges_initial)
+        assert out.edges_final is not None
         e1.append(out.edges_final)
     return torch.cat(s_out), torch.cat(e0), torch.cat(e1)
 
@@ -345,7 +346,12 @@ def _train_drin(
         losses: list[float] = []
         desc = f"drin epoch {epoch + 1}/{cfg.epochs}"
         for idx in shuffled_batches(len(train), cfg.batch_size, gen, desc, cfg.progress, losses):
-            outp = drin(train.parts.map(lambda t, idx=idx: t[idx]), data.gather(cand[idx]))
+            # the scores alone: the last layer's edges and image vertices reach no loss
+            outp = drin(
+                train.parts.map(lambda t, idx=idx: t[idx]),
+                data.gather(cand[idx]),
+                final_edges=False,
+            )
             loss = margin_ranking_loss(outp.scores, gold_col[idx], cfg.margin)
             losses.append(optimizer_step(opt, loss))
         return float(np.mean(losses))

@@ -9,6 +9,7 @@ feeds them the stored entity records.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Protocol
@@ -56,13 +57,21 @@ class UnitScores:
         }
 
 
-@dataclass(frozen=True)
 class EdgeWeights:
     """DRIN's edge weights before and after the graph layers, each ``(B, K, 4)`` in
-    ``EDGE_TYPES`` order (tt, ti, it, ii)."""
+    ``EDGE_TYPES`` order (tt, ti, it, ii). The rerank computes the scores alone; ``final``
+    runs the whole graph the first time an explanation asks for it."""
 
-    initial: np.ndarray
-    final: np.ndarray
+    def __init__(self, initial: np.ndarray, final: Callable[[], np.ndarray]) -> None:
+        self.initial = initial
+        self._final = final
+        self._final_edges: np.ndarray | None = None
+
+    @property
+    def final(self) -> np.ndarray:
+        if self._final_edges is None:
+            self._final_edges = self._final()
+        return self._final_edges
 
     def of(self, b: int, k: int) -> Explain:
         return {
@@ -158,14 +167,20 @@ class DrinGraphReranker:
         ents = self.searcher.drin_parts(rows).map(lambda t: t.to(self.device))
         valid = torch.from_numpy(rows >= 0).to(self.device)
         # all candidates valid (the usual case): the released plain mean over candidates
-        out = self.drin(mentions.drin, ents, None if bool(valid.all()) else valid)
+        mask = None if bool(valid.all()) else valid
+        drin_parts = mentions.drin
+        out = self.drin(drin_parts, ents, mask, final_edges=False)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
 
-        return RerankOutput(
-            np_(out.scores), EdgeWeights(np_(out.edges_initial), np_(out.edges_final))
-        )
+        @torch.inference_mode()
+        def final() -> np.ndarray:  # only an explain request pays for the last layer's edges
+            edges = self.drin(drin_parts, ents, mask).edges_final
+            assert edges is not None
+            return np_(edges)
+
+        return RerankOutput(np_(out.scores), EdgeWeights(np_(out.edges_initial), final))
 
 
 @dataclass(frozen=True)

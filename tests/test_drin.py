@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +174,21 @@ def test_a_candidates_own_image_reaches_its_score_only_through_the_mention_means
         x.mention_text, x.mention_image, x.entity_text[:, perm], x.entity_image, x.edges
     )
     assert not torch.allclose(m(text_swapped).scores, m(x).scores)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_scores_alone_are_bit_for_bit_the_full_graphs(layers: int) -> None:
+    # final_edges=False skips the last layer's image vertices and edges (they reach no score):
+    # the same scores exactly, masked lists too, and no final edges
+    torch.manual_seed(layers)
+    m = DrinModel(dataclasses.replace(CFG, layers=layers)).eval()  # float32, as served
+    for B, K in ((1, 7), (4, 30)):
+        x = _inputs(B, K, seed=layers * 100 + K, dtype=torch.float32)
+        mask = torch.ones(B, K, dtype=torch.bool)
+        mask[0, K // 2 :] = False
+        for cm in (None, mask):
+            with torch.no_grad():
+                full, fast = m(x, cm), m(x, cm, final_edges=False)
+            assert torch.equal(full.scores, fast.scores)
+            assert torch.equal(full.edges_initial, fast.edges_initial)
+            assert fast.edges_final is None and full.edges_final is not None
