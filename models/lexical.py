@@ -110,6 +110,8 @@ class _Name:
     tokens: tuple[str, ...]
     token_set: frozenset[str]
     grams: frozenset[str]
+    n_set: int  # len(token_set)
+    n_grams: int  # len(grams)
 
 
 @lru_cache(maxsize=1 << 16)  # candidate names recur across mentions; analysed once
@@ -118,7 +120,8 @@ def _analyse(s: str) -> _Name:
     tokens = tuple(_WORD.findall(n))  # == name_tokens(s), without normalising twice
     t = f" {n} "  # == char_ngrams(s)
     grams = frozenset(t[i : i + 3] for i in range(max(1, len(t) - 2))) if n else frozenset()
-    return _Name(n, tokens, frozenset(tokens), grams)
+    token_set = frozenset(tokens)
+    return _Name(n, tokens, token_set, grams, len(token_set), len(grams))
 
 
 def _outside_tokens(mention: str, sentence: str, span: tuple[int, int] | None) -> set[str]:
@@ -170,20 +173,27 @@ def name_features(
         if not nt:
             rows.append(zero)
             continue
+        cos = len(mg & n.grams) / math.sqrt(n_mg * n.n_grams) if n_mg else 0.0
+        other = len(ts & outside) / n.n_set
+        if ms.isdisjoint(ts):
+            # most of a list: no mention token in the name, so no containment, and no equal
+            # first / last / leading tokens either
+            rows.append((cos, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, other))
+            continue
         shared = len(ms & ts)
         k_ = min(n_mt, len(nt))
         rows.append(
             (
-                len(mg & n.grams) / math.sqrt(n_mg * len(n.grams)) if n_mg else 0.0,
-                shared / n_ms if n_ms else 0.0,
-                shared / len(ts),
-                float(k_ > 0 and m.norm == n.norm),
-                float(k_ > 0 and mt[:k_] == nt[:k_]),
-                float(k_ > 0 and mt[-1] == nt[-1]),
-                float(k_ > 0 and mt[0] == nt[0]),
+                cos,
+                shared / n_ms,
+                shared / n.n_set,
+                float(m.norm == n.norm),
+                float(mt[:k_] == nt[:k_]),
+                float(mt[-1] == nt[-1]),
+                float(mt[0] == nt[0]),
                 0.0,
                 0.0,
-                len(ts & outside) / len(ts),
+                other,
             )
         )
     per = np.array(rows, dtype=np.float32)
