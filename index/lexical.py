@@ -51,6 +51,9 @@ LEXICAL_DIR = "lexical"
 LEXICAL_FORMAT = "mel-lexical"
 LEXICAL_VERSION = 1
 META_FILE = "meta.json"
+# Postings.top sums a query's postings in one slot per name entry (not by sorting them) when
+# it gathered at least 1/DENSE_ACCUMULATE as many postings as there are entries.
+DENSE_ACCUMULATE = 32
 _ARRAYS = ("grams", "idf", "indptr", "postings", "weights", "entry_row")
 _BLOCK = 65_536  # names turned into (gram, entry) pairs at a time
 _BITS = 21  # a Unicode code point fits in 21 bits; three of them in a non-negative int64
@@ -207,8 +210,16 @@ class Postings:
         contrib = np.concatenate(
             [self.weights[s:e] for s, e in zip(lo, hi, strict=True)]
         ) * np.repeat(qw, hi - lo)
-        uniq, inv = np.unique(entries, return_inverse=True)
-        per_entry = np.bincount(inv, weights=contrib)
+        n_entries = len(self.entry_row)
+        if len(entries) * DENSE_ACCUMULATE >= n_entries:
+            # one slot per entry beats sorting the gathered postings (a small KB, or a query
+            # of frequent grams); the same sums in the same order, so the same scores
+            acc = np.bincount(entries, weights=contrib, minlength=n_entries)
+            uniq = np.flatnonzero(acc)  # every gathered contribution is > 0
+            per_entry = acc[uniq]
+        else:
+            uniq, inv = np.unique(entries, return_inverse=True)
+            per_entry = np.bincount(inv, weights=contrib)
         # entries are numbered in row order: a row's entries are adjacent in ``uniq``
         rows = np.asarray(self.entry_row[uniq])
         first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])

@@ -16,6 +16,7 @@ import torch
 from rapidfuzz import fuzz
 
 import index.build as build_mod
+import index.lexical as lexical_index_module
 from index import cli
 from index.build import BuildConfig, add, build
 from index.lexical import LEXICAL_DIR, LexicalIndex, build_lexical, gram_keys
@@ -267,7 +268,12 @@ def test_gram_keys_are_the_trigram_set() -> None:
     assert not np.intersect1d(gram_keys("abc"), gram_keys("cba")).size
 
 
-def test_search_equals_the_dense_computation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulate", [0, 10**9], ids=["sorted", "one-slot-per-entry"])
+def test_search_equals_the_dense_computation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accumulate: int
+) -> None:
+    # both ways of summing a query's postings (Postings.top picks by their count)
+    monkeypatch.setattr(lexical_index_module, "DENSE_ACCUMULATE", accumulate)
     rng = random.Random(1)
     names = _random_names(rng, 300)
     names[7] = ["Same", "SAME", "same (qualifier)"]  # one entry: aliases normalising alike
