@@ -152,6 +152,27 @@ def set_search_params(index: Any, ef_search: int | None = None, nprobe: int | No
             ivf.nprobe = nprobe
 
 
+def flat_ip_vectors(index: Any) -> np.ndarray | None:
+    """The (n, d) vectors of a CPU ``IndexFlatIP``, a view of FAISS's own memory (not a
+    copy); None for any other index (GPU, HNSW, IVF, shards) or an empty one."""
+    if type(index) is not faiss.IndexFlatIP or index.ntotal == 0:
+        return None
+    n, d = index.ntotal, index.d
+    return faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
+
+
+def one_query_flat(xb: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top ``k`` of one query (1, d) over ``xb`` (n, d) by inner product: one BLAS
+    matrix-vector product and a partial sort, best first, ties by row. ``IndexFlat.search``
+    takes 2x as long for a single query here (bench/flat_search.py); from two queries on
+    FAISS's blocked product wins, so only one query comes here."""
+    s = xb @ q[0]
+    k = min(k, len(s))
+    top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+    rows = top[np.lexsort((top, -s[top]))]
+    return s[rows][None].astype(np.float32), rows[None].astype(np.int64)
+
+
 def search(
     index: Any, queries: np.ndarray, k: int, mips_l2_norm: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +185,9 @@ def search(
     k = max(1, min(k, index.ntotal)) if index.ntotal else 1
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if mips_l2_norm is None:
+        xb = flat_ip_vectors(index) if len(q) == 1 else None
+        if xb is not None:
+            return one_query_flat(xb, q, k)
         scores, rows = index.search(q, k)
         return scores, rows
     padded = np.zeros((len(q), index.d), dtype=np.float32)
@@ -178,11 +202,13 @@ def search(
 __all__ = [
     "AnnSpec",
     "build_index",
+    "flat_ip_vectors",
     "gpu_count",
     "max_key_norm",
     "mips_l2_dim",
     "mips_to_l2",
     "needs_training",
+    "one_query_flat",
     "search",
     "set_search_params",
     "to_search_device",

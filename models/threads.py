@@ -191,11 +191,20 @@ def plan_workers(
     return workers, threads or max(1, default_threads(reserve) // workers)
 
 
+_LIMITS: list[object] = []  # threadpoolctl limiters set by configure_threads (kept alive)
+
+
 def configure_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int:
-    """Set torch's intra-op threads (see :func:`resolve_threads`) and return the count, which
-    onnxruntime sessions are given too (models/onnx_encoders.py)."""
+    """Set torch's intra-op threads (see :func:`resolve_threads`) and numpy's BLAS threads,
+    and return the count, which onnxruntime sessions are given too
+    (models/onnx_encoders.py)."""
     n = resolve_threads(threads, reserve)
     torch.set_num_threads(n)
+    # numpy's own BLAS (index.ann's one-query flat search is a numpy product) gets the same
+    # count: its pool defaults to every core, beside torch's and onnxruntime's threads
+    from threadpoolctl import threadpool_limits
+
+    _LIMITS.append(threadpool_limits(n, user_api="blas"))
     logger.info(
         "intra-op threads: %d (%s; %d cores available)",
         n,

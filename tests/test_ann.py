@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from index.ann import build_index, max_key_norm, mips_l2_dim, mips_to_l2, search
+from index.ann import (
+    build_index,
+    flat_ip_vectors,
+    max_key_norm,
+    mips_l2_dim,
+    mips_to_l2,
+    search,
+)
 from index.build import BuildConfig, add, build, retrieval_keys
 from index.search import IndexSearcher, refine_rows
 from index.store import EntityStore, Manifest
@@ -24,6 +31,40 @@ def _vectors(n: int, d: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     # unequal norms, as real keys have: the case where IP and L2 orders differ
     return (rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+
+
+def test_one_query_flat_search_is_faiss_flat_search() -> None:
+    # one query on a Flat IP index goes through a numpy product (index.ann.one_query_flat):
+    # the same rows in the same order as IndexFlat.search, the same scores to float rounding
+    rng = np.random.default_rng(5)
+    xb = rng.standard_normal((3000, 48)).astype(np.float32)
+    index = faiss.IndexFlatIP(48)
+    index.add(xb)
+    view = flat_ip_vectors(index)
+    assert view is not None and np.array_equal(view, xb)
+    for k in (1, 10, 100, 3000, 5000):
+        for q in rng.standard_normal((5, 48)).astype(np.float32):
+            got_s, got_r = search(index, q[None], k)
+            want_s, want_r = index.search(q[None], min(k, 3000))
+            assert got_r.dtype == np.int64 and got_s.dtype == np.float32
+            assert got_s.shape == want_s.shape == (1, min(k, 3000))
+            np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)
+            exact = xb[got_r[0]].astype(np.float64) @ q.astype(np.float64)
+            np.testing.assert_allclose(got_s[0], exact, atol=1e-4)  # each row's own score
+            # the same rows in the same order, but for two rows whose scores differ in the
+            # last bits only (the two products round differently)
+            differ = np.flatnonzero(got_r[0] != want_r[0])
+            gaps = np.abs(np.diff(want_s[0]))
+            for i in differ:
+                near = [gaps[j] for j in (i - 1, i) if 0 <= j < len(gaps)]
+                assert min(near) < 1e-5, (k, i)
+    two = rng.standard_normal((2, 48)).astype(np.float32)  # FAISS's own path from 2 queries
+    np.testing.assert_array_equal(search(index, two, 7)[1], index.search(two, 7)[1])
+    assert flat_ip_vectors(faiss.IndexFlatL2(48)) is None
+    assert flat_ip_vectors(faiss.IndexFlatIP(48)) is None  # empty
+    hnsw = faiss.IndexHNSWFlat(48, 8, faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(xb[:100])
+    assert flat_ip_vectors(hnsw) is None and search(hnsw, two[:1], 5)[1].shape == (1, 5)
 
 
 def test_mips_to_l2_search_is_the_inner_product_search() -> None:
