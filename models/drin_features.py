@@ -318,11 +318,17 @@ class DrinReranker(PretrainedModule):
         self.drin = DrinModel(d)
         self.align = CrossModalAlignment(config.alignment, d.image_dim, d.text_dim)
 
-    def initial_edges(self, m: DrinMentionParts, e: DrinEntityParts) -> Tensor:
-        """(B, K, 4) initial (tt, ti, it, ii) weights of B mentions x their K candidates."""
+    def initial_edges(
+        self, m: DrinMentionParts, e: DrinEntityParts, aligned_image: Tensor | None = None
+    ) -> Tensor:
+        """(B, K, 4) initial (tt, ti, it, ii) weights of B mentions x their K candidates.
+        ``aligned_image``: ``align(e.image)`` when the caller has it (the serving kernel
+        aligns each distinct image once)."""
         m_img, e_img = m.has_image().unsqueeze(1), e.has_image()  # (B, 1), (B, K)
         tt = _cos(m.span_text.unsqueeze(1), e.text)
-        ti = _cos(m.text.unsqueeze(1), self.align(e.image)) * e_img
+        if aligned_image is None:
+            aligned_image = self.align(e.image)
+        ti = _cos(m.text.unsqueeze(1), aligned_image) * e_img
         it = _cos(self.align(m.image).unsqueeze(1), e.text) * m_img
         # ii: sum_ij s_i s_j cos(r_i, r_j) / (sum_ij s_i s_j + eps), regions already unit
         cos_r = torch.einsum("bid,bkd->bik", m.regions, e.region)  # (B, R, K)

@@ -21,6 +21,7 @@ from index.encode import NAME_FIELD
 from index.search import Candidates, IndexSearcher
 from models.drin import EDGE_TYPES
 from models.drin_features import DrinReranker as DrinModel
+from models.drin_kernel import DrinKernel
 from models.fusion import (
     CandidateInfo,
     CandidateSignals,
@@ -144,7 +145,10 @@ class MimicReranker:
 
 
 class DrinGraphReranker:
-    """``drin``: DRIN's dynamic graph over each mention's candidates (stored entity parts)."""
+    """``drin``: DRIN's dynamic graph over each mention's candidates (stored entity parts).
+    Scores through :class:`models.drin_kernel.DrinKernel` (the graph's scores with the first
+    layer's entity products folded, each distinct image once); an explanation's final edges
+    run the graph as released."""
 
     name: ClassVar[str] = "drin"
     uses_lexical: ClassVar[bool] = False
@@ -157,6 +161,7 @@ class DrinGraphReranker:
             )
         self.drin, self.searcher = drin, searcher
         self.device = next(drin.parameters()).device
+        self.kernel = DrinKernel(drin)
 
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
@@ -168,8 +173,10 @@ class DrinGraphReranker:
         valid = torch.from_numpy(rows >= 0).to(self.device)
         # all candidates valid (the usual case): the released plain mean over candidates
         mask = None if bool(valid.all()) else valid
+        image_rows = self.searcher.image_rows(rows)  # equal rows share the image parts
+        groups = None if image_rows is None else torch.from_numpy(image_rows).to(self.device)
         drin_parts = mentions.drin
-        out = self.drin(drin_parts, ents, mask, final_edges=False)
+        scores, edges_initial = self.kernel(drin_parts, ents, mask, groups)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
@@ -180,7 +187,7 @@ class DrinGraphReranker:
             assert edges is not None
             return np_(edges)
 
-        return RerankOutput(np_(out.scores), EdgeWeights(np_(out.edges_initial), final))
+        return RerankOutput(np_(scores), EdgeWeights(np_(edges_initial), final))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""The DRIN serving kernel: the graph's scores with the first layer's entity products folded.
+
+The server scores B mentions x K candidates with DRIN (``models/drin.py``, the released graph)
+over entity parts read from the store. Of the graph's per-candidate matrix products, most sit
+in the first layer and touch nothing but the entity: the input projections ``e_t = P_t x +
+b_t`` and ``e_i = P_i y + b_i``, then ``W_h e_t``, ``W_h e_i``, ``W_v e_t`` and ``W_v e_i``.
+Every one of them is linear, so they compose:
+
+* ``W_h e_t = (W_h P_t) x + W_h b_t``: one (d x Dt) product per candidate instead of two;
+  likewise ``W_h e_i = (W_h P_i) y + W_h b_i``, and ``e_t``, ``e_i`` themselves are never
+  formed (the mention vertices aggregate them only through ``W_h``, and ``W_h`` of a weighted
+  mean is the weighted mean of ``W_h``);
+* an edge logit ``mean_d(u * (W_v e + b_v)) = ((W_v P)^T u) . x / d + u . (W_v b + b_v) / d``
+  with ``u = W_u m + b_u``: one product per MENTION, then a dot product per candidate;
+* image products run once per distinct image (``image_groups``, the store's image records:
+  every imageless entity shares the no-image record), as does the alignment of the entity
+  image for the ti edge.
+
+What remains per candidate is ``(W_h P_t) x`` (Dt x d), the image products of the distinct
+images, and the later layers' ``W_h`` (d x d) each: for MiniLM + EfficientNet (Dt 384, Dg
+1280, d 768, 2 layers) 0.9 M multiply-adds per imageless candidate against 4.7 M in the
+graph as written, and 2.4 M per candidate with an image of its own.
+
+The scores equal ``DrinReranker(..., final_edges=False)`` within float rounding
+(tests/test_drin_kernel.py): the same computation with the products in another order. DRIN
+itself is unchanged, and training and ``explain`` (which reads the last layer's edges) run the
+graph as released. The composed matrices are taken from the weights when the kernel is built:
+build it from a model that no longer trains (the server's, loaded from a checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.drin import DynamicGcnLayer
+from models.drin_features import DrinEntityParts, DrinMentionParts, DrinReranker
+
+
+def _candidate_weights(edges: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, K) weights of a mean over candidates: 1 / K, or 1 / valid count on valid ones
+    (``models.drin._mean_over_candidates``)."""
+    B, K = edges.shape[:2]
+    if mask is None:
+        return torch.full((B, K), 1.0 / K, dtype=edges.dtype, device=edges.device)
+    m = mask.to(edges.dtype)
+    return m / m.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def _distinct(y: Tensor, groups: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(B, K, D) -> the rows of the distinct groups (U, D) and each candidate's index into them
+    (B, K); without groups every candidate is its own row (and None)."""
+    if groups is None:
+        return y.reshape(-1, y.shape[-1]), None
+    flat = groups.reshape(-1)
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    # the first candidate of each group stands for it (equal groups hold equal images)
+    first = torch.full((uniq.numel(),), flat.numel(), dtype=torch.long, device=flat.device)
+    first.scatter_reduce_(0, inverse, torch.arange(flat.numel(), device=flat.device), "amin")
+    return y.reshape(-1, y.shape[-1])[first], inverse.reshape(groups.shape)
+
+
+def _spread(rows: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
+    """Rows of distinct groups back to every candidate: (U, D) -> (B, K, D)."""
+    if inverse is None:
+        return rows.reshape(*shape, rows.shape[-1])
+    return rows[inverse]
+
+
+class DrinKernel:
+    """Scores of a :class:`DrinReranker` over per-mention candidate lists (inference only)."""
+
+    def __init__(self, reranker: DrinReranker) -> None:
+        self.reranker = reranker
+        drin = reranker.drin
+        layers = list(drin.layers)
+        if not layers:
+            raise ValueError("the DRIN kernel folds the first layer: a 0-layer graph has none")
+        first = layers[0]
+        assert isinstance(first, DynamicGcnLayer)
+        self.first = first
+        self.rest = layers[1:]
+        self.dtype = reranker.align.proj.weight.dtype
+        with torch.no_grad():
+            # composed in float64, kept in the model's dtype
+            def w(lin: torch.nn.Linear) -> tuple[Tensor, Tensor]:
+                return lin.weight.detach().double(), lin.bias.detach().double()
+
+            wh, _ = w(first.w_h)
+            wv, bv = w(first.w_v)
+            pt, bt = w(drin.entity_text_proj)
+            pi, bi = w(drin.entity_image_proj)
+            self.h_text = (wh @ pt).to(self.dtype)  # (d, Dt): W_h P_t
+            self.h_text_bias = (wh @ bt).to(self.dtype)
+            self.h_image = (wh @ pi).to(self.dtype)  # (d, Dg): W_h P_i
+            self.h_image_bias = (wh @ bi).to(self.dtype)
+            self.v_text = (wv @ pt).to(self.dtype)  # (d, Dt): W_v P_t
+            self.v_text_bias = (wv @ bt + bv).to(self.dtype)
+            self.v_image = (wv @ pi).to(self.dtype)  # (d, Dg): W_v P_i
+            self.v_image_bias = (wv @ bi + bv).to(self.dtype)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        m: DrinMentionParts,
+        e: DrinEntityParts,
+        candidate_mask: Tensor | None = None,
+        image_groups: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Scores (B, K) (-inf where ``candidate_mask`` is False) and the initial edges
+        (B, K, 4). ``image_groups`` (B, K) int: candidates with equal values have equal image
+        parts (the store's image record of each row); None computes every candidate's."""
+        m = m.map(lambda t: t.to(self.dtype))
+        e = e.map(lambda t: t.to(self.dtype))
+        drin, first = self.reranker.drin, self.first
+        shape = e.text.shape[:2]
+        y_rows, inverse = _distinct(e.image, image_groups)
+        aligned = _spread(self.reranker.align(y_rows), inverse, shape)
+        edges = self.reranker.initial_edges(m, e, aligned_image=aligned)
+
+        mt = drin.mention_text_proj(m.span_text)  # (B, d)
+        mi = drin.mention_image_proj(m.image)
+        hmt = F.linear(mt, first.w_h.weight)  # W_h without its bias
+        hmi = F.linear(mi, first.w_h.weight)
+        h_et = F.linear(e.text, self.h_text, self.h_text_bias)  # (B, K, d) = W_h e_t
+        h_ei = _spread(F.linear(y_rows, self.h_image, self.h_image_bias), inverse, shape)
+
+        w = _candidate_weights(edges, candidate_mask)
+        a_tt, a_ti, a_it, a_ii = (edges[..., i] for i in range(4))
+        bias = first.w_h.bias
+
+        def vertex(pre: Tensor) -> Tensor:  # the layer's _vertex after W_h
+            return F.gelu(first.layer_norm(pre))
+
+        def pooled(a: Tensor, b: Tensor) -> Tensor:  # W_h (mean a e_t + mean b e_i)
+            return torch.einsum("bk,bkd->bd", w * a, h_et) + torch.einsum("bk,bkd->bd", w * b, h_ei)
+
+        def cand(a: Tensor) -> Tensor:  # (B, K) x (B, d) -> (B, K, d)
+            return a.unsqueeze(-1)
+
+        new_mt = vertex(hmt + bias + pooled(a_tt, a_ti))
+        new_et = vertex(h_et + cand(a_tt) * hmt.unsqueeze(1) + cand(a_it) * hmi.unsqueeze(1) + bias)
+        if self.rest:
+            new_mi = vertex(hmi + bias + pooled(a_it, a_ii))
+            new_ei = vertex(
+                h_ei + cand(a_ti) * hmt.unsqueeze(1) + cand(a_ii) * hmi.unsqueeze(1) + bias
+            )
+            edges1 = torch.sigmoid(edges + self._edge_logits(mt, mi, e))
+            state = (new_mt, new_mi, new_et, new_ei, edges1)
+            for layer in self.rest[:-1]:
+                state = layer(*state, candidate_mask)
+            last = self.rest[-1]
+            assert isinstance(last, DynamicGcnLayer)
+            new_mt, new_et = last.text_vertices(*state, candidate_mask)
+        scores = F.cosine_similarity(new_mt.unsqueeze(1).expand_as(new_et), new_et, dim=-1)
+        if candidate_mask is not None:
+            scores = scores.masked_fill(~candidate_mask, float("-inf"))
+        return scores, edges
+
+    def _edge_logits(
+        self,
+        mt: Tensor,
+        mi: Tensor,
+        e: DrinEntityParts,
+    ) -> Tensor:
+        """(B, K, 4) ``mean_d((W_u u + b_u) * (W_v v + b_v))`` for the (tt, ti, it, ii) ends,
+        from the raw entity features: a product per mention, a dot product per candidate."""
+        first = self.first
+        d = first.w_u.out_features
+        u = F.linear(torch.stack([mt, mi], dim=1), first.w_u.weight, first.w_u.bias)  # (B,2,d)
+        q_text = u @ self.v_text  # (B, 2, Dt)
+        q_image = u @ self.v_image  # (B, 2, Dg)
+        c_text = u @ self.v_text_bias  # (B, 2)
+        c_image = u @ self.v_image_bias
+        text = torch.einsum("bkt,bst->bks", e.text, q_text) + c_text.unsqueeze(1)  # (B, K, 2)
+        # per candidate even with image groups: B K Dg multiply-adds, while the distinct
+        # images against every mention's query would be U B Dg
+        image = torch.einsum("bkg,bsg->bks", e.image, q_image) + c_image.unsqueeze(1)
+        # (tt, ti, it, ii) = (m_t-e_t, m_t-e_i, m_i-e_t, m_i-e_i)
+        return torch.stack([text[..., 0], image[..., 0], text[..., 1], image[..., 1]], -1) / d
+
+
+__all__ = ["DrinKernel"]

@@ -1,0 +1,140 @@
+"""The DRIN serving kernel (models/drin_kernel.py) against the graph as released."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.drin import DrinConfig
+from models.drin_features import (
+    DrinEntityParts,
+    DrinMentionParts,
+    DrinReranker,
+    DrinRerankerConfig,
+)
+from models.drin_kernel import DrinKernel
+
+
+def _model(
+    layers: int, dt: int = 6, dg: int = 5, dr: int = 4, hidden: int = 8, dtype=torch.float64
+) -> DrinReranker:
+    torch.manual_seed(layers)
+    cfg = DrinRerankerConfig(
+        DrinConfig(dt, dg, hidden=hidden, layers=layers), "minilm-effnet", dr, "ridge"
+    )
+    model = DrinReranker(cfg).to(dtype).eval()
+    with torch.no_grad():
+        model.align.proj.weight.normal_(std=dg**-0.5)
+        model.align.proj.bias.normal_()
+    return model
+
+
+def _parts(
+    B: int,
+    K: int,
+    dt: int = 6,
+    dg: int = 5,
+    dr: int = 4,
+    seed: int = 0,
+    groups: torch.Tensor | None = None,
+    dtype=torch.float64,
+) -> tuple[DrinMentionParts, DrinEntityParts]:
+    """Random parts; with ``groups`` (B, K) the candidates of a group share one image (group 0:
+    no image, as the store's image record 0)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g, dtype=dtype)
+
+    m = DrinMentionParts(
+        r(B, dt),
+        r(B, dt),
+        r(B, dg),
+        F.normalize(r(B, 3, dr), dim=-1),
+        torch.rand(B, 3, generator=g, dtype=dtype),
+    )
+    if groups is None:
+        e = DrinEntityParts(
+            r(B, K, dt),
+            r(B, K, dg),
+            F.normalize(r(B, K, dr), dim=-1),
+            torch.rand(B, K, 1, generator=g, dtype=dtype),
+        )
+    else:
+        n = int(groups.max()) + 1
+        score = torch.rand(n, 1, generator=g, dtype=dtype)
+        score[0] = 0.0
+        e = DrinEntityParts(
+            r(B, K, dt),
+            r(n, dg)[groups],
+            F.normalize(r(n, dr), dim=-1)[groups],
+            score[groups],
+        )
+    return m, e
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_kernel_scores_equal_the_graph(layers: int) -> None:
+    model = _model(layers)
+    kernel = DrinKernel(model)
+    m, e = _parts(3, 7, seed=layers)
+    ref = model(m, e, final_edges=False)
+    scores, edges = kernel(m, e)
+    torch.testing.assert_close(scores, ref.scores, atol=1e-12, rtol=0)
+    torch.testing.assert_close(edges, ref.edges_initial, atol=0, rtol=0)
+    # fewer valid candidates than K: the means run over the valid ones, the rest are -inf
+    mask = torch.tensor([[True] * 7, [True, False] * 3 + [True], [True] + [False] * 6])
+    ref = model(m, e, mask, final_edges=False)
+    scores, _ = kernel(m, e, mask)
+    assert torch.isinf(scores[~mask]).all() and (scores[~mask] < 0).all()
+    torch.testing.assert_close(scores[mask], ref.scores[mask], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_image_groups_give_the_same_scores(layers: int) -> None:
+    model = _model(layers)
+    groups = torch.tensor([[0, 1, 0, 2, 0], [2, 2, 0, 0, 3]])
+    m, e = _parts(2, 5, seed=5, groups=groups)
+    ref = model(m, e, final_edges=False)
+    for g in (groups, None):
+        scores, edges = DrinKernel(model)(m, e, None, g)
+        torch.testing.assert_close(scores, ref.scores, atol=1e-12, rtol=0)
+        torch.testing.assert_close(edges, ref.edges_initial, atol=1e-12, rtol=0)
+
+
+def test_each_distinct_image_is_projected_and_aligned_once() -> None:
+    model = _model(2)
+    kernel = DrinKernel(model)
+    rows_aligned: list[int] = []
+    model.align.register_forward_hook(lambda mod, inp, out: rows_aligned.append(inp[0].shape[0]))
+    groups = torch.zeros(4, 30, dtype=torch.long)  # every candidate imageless: one record
+    groups[1, 3] = 7
+    m, e = _parts(4, 30, seed=2, groups=groups)
+    ref = model(m, e, final_edges=False)
+    rows_aligned.clear()
+    scores, _ = kernel(m, e, None, groups)
+    torch.testing.assert_close(scores, ref.scores, atol=1e-12, rtol=0)
+    # the entity images (2 distinct records), then the mention images (4) for the it edge
+    assert rows_aligned == [2, 4]
+
+
+def test_float32_at_serving_widths_within_1e5() -> None:
+    """fp32 at the MiniLM + EfficientNet widths: the folded products round differently from
+    the graph's, by far less than any score gap a ranking could see."""
+    model = _model(2, dt=384, dg=1280, dr=320, hidden=768, dtype=torch.float32)
+    with torch.no_grad():  # trained-like scales: small weights, LayerNorm near identity
+        for p in model.drin.parameters():
+            if p.dim() == 2:
+                p.normal_(std=p.shape[1] ** -0.5)
+    groups = torch.randint(0, 6, (2, 40), generator=torch.Generator().manual_seed(0))
+    m, e = _parts(2, 40, 384, 1280, 320, seed=9, groups=groups, dtype=torch.float32)
+    ref = model(m, e, final_edges=False)
+    scores, _ = DrinKernel(model)(m, e, None, groups)
+    assert (scores - ref.scores).abs().max() < 1e-5
+    assert torch.equal(scores.argsort(dim=1), ref.scores.argsort(dim=1))
+
+
+def test_a_graph_without_layers_is_refused() -> None:
+    with pytest.raises(ValueError, match="0-layer"):
+        DrinKernel(_model(0))
