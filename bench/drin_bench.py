@@ -6,7 +6,8 @@
 Times ``Linker.link`` (FAISS retrieval + store reads + reranking, the request path after
 encoding) on already-encoded demo test mentions, for B = 1 and B = 32 mentions per batch and
 K = 10 / 100 candidates each. All rerankers are measured side by side in one run, rounds
-interleaved, medians reported. Also times the DRIN graph alone (no retrieval or store reads).
+interleaved, medians reported. Also times the DRIN graph alone (no retrieval or store reads):
+the whole graph, its scores alone, and the serving kernel, call by call.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import faiss
 import torch
 
 from models.data.schema import load_dataset
+from models.drin_kernel import DrinKernel
 from service.linker import Linker
 from service.primitives import LinkParams, MentionBatch
 from service.settings import ServiceSettings
@@ -79,28 +81,37 @@ def main() -> int:
                     ms_ = _median_ms(lambda f=feats, p=params: linker.link(f, p), a.reps)
                     cells.setdefault((r, b, k), []).append(ms_)
     # the DRIN graph alone, on the same candidates (no FAISS, no store reads): the whole
-    # graph (with the final edges an explanation reads) and the scores alone (what the
-    # server's rerank computes), alternating call by call
-    graph: dict[str, float] = {}
-    scores_only: dict[str, float] = {}
+    # graph (with the final edges an explanation reads), the graph's scores alone, and the
+    # serving kernel (models/drin_kernel.py: the server's rerank), alternating call by call
+    variants = ("graph", "scores_only", "kernel")
+    alone: dict[str, dict[str, float]] = {v: {} for v in variants}
     assert linker.drin is not None
     drin_model = linker.drin
+    kernel = DrinKernel(drin_model)
     for b in (1, 32):
         feats = enc.select(range(b)).encoded
         cand = linker.retrieve(feats, 100)
         for k in (10, 100):
-            ents = linker.searcher.drin_parts(cand.rows[:, :k])
+            rows_ = cand.rows[:, :k]
+            ents = linker.searcher.drin_parts(rows_)
+            image_rows = linker.searcher.image_rows(rows_)
+            groups = None if image_rows is None else torch.from_numpy(image_rows)
             parts = feats.drin
             assert parts is not None
-            times: dict[bool, list[float]] = {True: [], False: []}
+            calls = {
+                "graph": lambda p=parts, e=ents: drin_model(p, e, None),
+                "scores_only": lambda p=parts, e=ents: drin_model(p, e, None, final_edges=False),
+                "kernel": lambda p=parts, e=ents, g=groups: kernel(p, e, None, g),
+            }
+            times: dict[str, list[float]] = {v: [] for v in variants}
             with torch.inference_mode():
                 for _ in range(a.reps * a.rounds):
-                    for edges in (True, False):
+                    for v in variants:
                         t0 = time.perf_counter()
-                        drin_model(parts, ents, None, final_edges=edges)
-                        times[edges].append(1000 * (time.perf_counter() - t0))
-            graph[f"B={b},K={k}"] = round(statistics.median(times[True]), 3)
-            scores_only[f"B={b},K={k}"] = round(statistics.median(times[False]), 3)
+                        calls[v]()
+                        times[v].append(1000 * (time.perf_counter() - t0))
+            for v in variants:
+                alone[v][f"B={b},K={k}"] = round(statistics.median(times[v]), 3)
     rows = [
         {
             "reranker": r,
@@ -126,8 +137,9 @@ def main() -> int:
         "reps": a.reps,
         "rounds": a.rounds,
         "rows": rows,
-        "drin_graph_only_ms": graph,
-        "drin_scores_only_ms": scores_only,
+        "drin_graph_only_ms": alone["graph"],
+        "drin_scores_only_ms": alone["scores_only"],
+        "drin_kernel_ms": alone["kernel"],
     }
     md = _machine.write_results(Path(a.out), res, render)
     print(md)
@@ -174,6 +186,20 @@ def render(res: dict[str, Any]) -> str:
         for cell, t in fast.items():
             full = res["drin_graph_only_ms"][cell]
             lines.append(f"| {cell} | {full:.2f} | {t:.2f} | {full / t:.2f}x |")
+        lines.append("")
+    kern = res.get("drin_kernel_ms")
+    if kern:  # results before the serving kernel have no such row
+        lines += [
+            "The serving kernel (`models/drin_kernel.py`: the first layer's entity products "
+            "folded into the input projections, each distinct image once; the server's DRIN "
+            "rerank since it landed), in the same alternation:",
+            "",
+            "| cell | scores-alone graph ms | kernel ms | speed-up | vs whole graph |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for cell, t in kern.items():
+            so, full = fast[cell], res["drin_graph_only_ms"][cell]
+            lines.append(f"| {cell} | {so:.2f} | {t:.2f} | {so / t:.2f}x | {full / t:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
