@@ -39,7 +39,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,17 @@ import numpy as np
 import torch
 
 from models.data.converters import convert_melbench
-from models.data.schema import MelDataset, Mention, load_dataset
+from models.data.schema import (
+    META_FILE,
+    Entity,
+    MelDataset,
+    Mention,
+    RecordReport,
+    iter_entities,
+    load_dataset,
+    write_json,
+    write_jsonl,
+)
 from models.evaluate import (
     candidate_metrics,
     candidate_ranks,
@@ -346,16 +357,45 @@ def stage_name_prior_dev(a: argparse.Namespace, folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- stages
 def stage_convert(a: argparse.Namespace) -> dict[str, Any]:
     """A MELBench / GHMFC folder is converted; a canonical one (kb.jsonl, mentions.jsonl,
-    splits.json, e.g. the demo world) is used as it is (linked, not copied)."""
+    splits.json, e.g. the demo world) is used as it is (linked, not copied). ``--names-only``
+    then drops every entity's attribute text (:func:`names_only`)."""
     src = Path(a.data)
+    dst = a.work / ("source" if a.names_only else "data")
+    out: dict[str, Any]
     if (src / "kb.jsonl").is_file():
-        dst = a.work / "data"
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
             dst.symlink_to(src.resolve(), target_is_directory=True)
-        return {"source": str(src), "canonical": True, "report": {}}
-    report = convert_melbench(src, a.work / "data")
-    return {"source": str(src), "report": report.to_json()}
+        out = {"source": str(src), "canonical": True, "report": {}}
+    else:
+        report = convert_melbench(src, dst)
+        out = {"source": str(src), "report": report.to_json()}
+    if a.names_only:
+        out["names_only"] = names_only(dst, a.work / "data")
+    return out
+
+
+def names_only(src: Path, dst: Path) -> dict[str, int]:
+    """A canonical folder whose KB has names only: ``src``'s entities with their attribute
+    text emptied (names, aliases, images and popularity kept), its mentions and splits as they
+    are. The held-back kind of KB that gives a linker nothing but the name to read."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if entry.name not in ("kb.jsonl", META_FILE) and not (dst / entry.name).exists():
+            (dst / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    report = RecordReport()
+    emptied = 0
+
+    def stripped() -> Iterator[Entity]:
+        nonlocal emptied
+        for e in iter_entities(src / "kb.jsonl", report):
+            emptied += bool(e.attributes)
+            yield replace(e, attributes="")
+
+    n = write_jsonl(dst / "kb.jsonl", stripped())
+    meta = json.loads((src / META_FILE).read_text(encoding="utf-8"))
+    write_json(dst / META_FILE, {**meta, "names_only": True})
+    return {"entities": n, "attributes_emptied": emptied}
 
 
 def stage_features(a: argparse.Namespace) -> dict[str, Any]:
@@ -892,6 +932,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the dataset's name in the report (default: the folder name)")
     p.add_argument("--note", default="", help="a sentence for the report's first paragraph")
     p.add_argument("--skip-drin", action="store_true", help="leave out the DRIN stages (~30 min)")
+    p.add_argument(
+        "--names-only",
+        action="store_true",
+        help="drop every entity's attribute text first: the protocol on a names-only KB",
+    )
     p.add_argument("--lexical-k", type=int, default=20, help="lexical candidates merged (fusion)")
     p.add_argument(
         "--zero-shot",
@@ -996,11 +1041,14 @@ def render(res: dict[str, Any]) -> str:
     full = res["test_full"]
     ts = res["two_stage"]
     name = res.get("dataset", "WikiMEL")
+    stripped = "names_only" in res["convert"]
     lines = [
         f"# {name}",
         "",
         f"{name} test split ({int(full['test']['count']):,} mentions), KB = "
-        f"{ds['entities']:,} entities ({ds['entities_with_image']:,} with an image), "
+        f"{ds['entities']:,} entities ({ds['entities_with_image']:,} with an image"
+        + (", **names only**: every attribute text dropped (`--names-only`)" if stripped else "")
+        + "), "
         f"{ds['mentions_with_image']:,} mentions with an image. Backbone: MiniLM-L6 + "
         f"EfficientNet-Lite0, frozen. {res.get('note', '')}".rstrip(),
         "",
