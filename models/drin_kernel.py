@@ -24,8 +24,9 @@ graph as written, and 2.4 M per candidate with an image of its own.
 The scores equal ``DrinReranker(..., final_edges=False)`` within float rounding
 (tests/test_drin_kernel.py): the same computation with the products in another order. DRIN
 itself is unchanged, and training and ``explain`` (which reads the last layer's edges) run the
-graph as released. The composed matrices are taken from the weights when the kernel is built:
-build it from a model that no longer trains (the server's, loaded from a checkpoint).
+graph as released. The composed matrices are taken from the weights when the kernel is built,
+and composed again whenever a source weight has changed since (checked per call: a version
+counter per tensor).
 """
 
 from __future__ import annotations
@@ -81,9 +82,30 @@ class DrinKernel:
         assert isinstance(first, DynamicGcnLayer)
         self.first = first
         self.rest = layers[1:]
-        self.dtype = reranker.align.proj.weight.dtype
+        self._sources = (
+            first.w_h.weight,
+            first.w_v.weight,
+            first.w_v.bias,
+            drin.entity_text_proj.weight,
+            drin.entity_text_proj.bias,
+            drin.entity_image_proj.weight,
+            drin.entity_image_proj.bias,
+        )
+        self._stamp: tuple[tuple[object, ...], ...] = ()
+        self._fold()
+
+    def _source_stamp(self) -> tuple[tuple[object, ...], ...]:
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self._sources)
+
+    def _fold(self) -> None:
+        """Compose the first layer's entity products (float64, kept in the model's dtype).
+        Redone when a source weight changed since (an in-place update, ``load_state_dict``,
+        ``.to()``), so the kernel never scores with stale matrices."""
+        drin, first = self.reranker.drin, self.first
+        self.dtype = self.reranker.align.proj.weight.dtype
+        d = first.w_u.out_features
         with torch.no_grad():
-            # composed in float64, kept in the model's dtype
+
             def w(lin: torch.nn.Linear) -> tuple[Tensor, Tensor]:
                 return lin.weight.detach().double(), lin.bias.detach().double()
 
@@ -95,10 +117,12 @@ class DrinKernel:
             self.h_text_bias = (wh @ bt).to(self.dtype)
             self.h_image = (wh @ pi).to(self.dtype)  # (d, Dg): W_h P_i
             self.h_image_bias = (wh @ bi).to(self.dtype)
-            self.v_text = (wv @ pt).to(self.dtype)  # (d, Dt): W_v P_t
-            self.v_text_bias = (wv @ bt + bv).to(self.dtype)
-            self.v_image = (wv @ pi).to(self.dtype)  # (d, Dg): W_v P_i
-            self.v_image_bias = (wv @ bi + bv).to(self.dtype)
+            # the edge logits' mean over the d dims folded in (no overflow of d x the mean)
+            self.v_text = (wv @ pt / d).to(self.dtype)  # (d, Dt): W_v P_t / d
+            self.v_text_bias = ((wv @ bt + bv) / d).to(self.dtype)
+            self.v_image = (wv @ pi / d).to(self.dtype)  # (d, Dg): W_v P_i / d
+            self.v_image_bias = ((wv @ bi + bv) / d).to(self.dtype)
+        self._stamp = self._source_stamp()
 
     @torch.inference_mode()
     def __call__(
@@ -111,10 +135,19 @@ class DrinKernel:
         """Scores (B, K) (-inf where ``candidate_mask`` is False) and the initial edges
         (B, K, 4). ``image_groups`` (B, K) int: candidates with equal values have equal image
         parts (the store's image record of each row); None computes every candidate's."""
+        if self._source_stamp() != self._stamp:
+            self._fold()
         m = m.map(lambda t: t.to(self.dtype))
         e = e.map(lambda t: t.to(self.dtype))
         drin, first = self.reranker.drin, self.first
         shape = e.text.shape[:2]
+        if image_groups is not None and tuple(image_groups.shape) != tuple(shape):
+            raise ValueError(f"image_groups {tuple(image_groups.shape)} != (B, K) {tuple(shape)}")
+        if shape[1] == 0:  # no candidates: nothing to score
+            empty = e.text.new_zeros(shape)
+            return empty, e.text.new_zeros(*shape, 4)
+        if image_groups is not None:
+            image_groups = image_groups.to(e.image.device)
         y_rows, inverse = _distinct(e.image, image_groups)
         aligned = _spread(self.reranker.align(y_rows), inverse, shape)
         edges = self.reranker.initial_edges(m, e, aligned_image=aligned)
@@ -167,7 +200,6 @@ class DrinKernel:
         """(B, K, 4) ``mean_d((W_u u + b_u) * (W_v v + b_v))`` for the (tt, ti, it, ii) ends,
         from the raw entity features: a product per mention, a dot product per candidate."""
         first = self.first
-        d = first.w_u.out_features
         u = F.linear(torch.stack([mt, mi], dim=1), first.w_u.weight, first.w_u.bias)  # (B,2,d)
         q_text = u @ self.v_text  # (B, 2, Dt)
         q_image = u @ self.v_image  # (B, 2, Dg)
@@ -178,7 +210,7 @@ class DrinKernel:
         # images against every mention's query would be U B Dg
         image = torch.einsum("bkg,bsg->bks", e.image, q_image) + c_image.unsqueeze(1)
         # (tt, ti, it, ii) = (m_t-e_t, m_t-e_i, m_i-e_t, m_i-e_i)
-        return torch.stack([text[..., 0], image[..., 0], text[..., 1], image[..., 1]], -1) / d
+        return torch.stack([text[..., 0], image[..., 0], text[..., 1], image[..., 1]], -1)
 
 
 __all__ = ["DrinKernel"]

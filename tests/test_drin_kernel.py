@@ -138,3 +138,90 @@ def test_float32_at_serving_widths_within_1e5() -> None:
 def test_a_graph_without_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="0-layer"):
         DrinKernel(_model(0))
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_image_groups_with_a_mask_and_an_empty_list(layers: int) -> None:
+    model = _model(layers)
+    groups = torch.tensor([[0, 1, 1, 2], [2, 0, 0, 1], [1, 1, 0, 2]])
+    m, e = _parts(3, 4, seed=layers + 10, groups=groups)
+    # mention 1 has no valid candidate at all; masked rows share groups with valid ones
+    mask = torch.tensor([[True, False, True, True], [False] * 4, [True, True, False, False]])
+    ref = model(m, e, mask, final_edges=False)
+    scores, edges = DrinKernel(model)(m, e, mask, groups)
+    assert torch.equal(torch.isinf(scores), ~mask)
+    torch.testing.assert_close(scores[mask], ref.scores[mask], atol=1e-12, rtol=0)
+    torch.testing.assert_close(edges, ref.edges_initial, atol=1e-12, rtol=0)
+
+
+def test_native_alignment_one_candidate_and_no_candidates() -> None:
+    torch.manual_seed(3)
+    cfg = DrinRerankerConfig(DrinConfig(6, 6, hidden=8), "clip", 4, "native")
+    model = DrinReranker(cfg).double().eval()
+    kernel = DrinKernel(model)
+    m, e = _parts(2, 1, dt=6, dg=6, seed=4)
+    torch.testing.assert_close(
+        kernel(m, e)[0], model(m, e, final_edges=False).scores, atol=1e-12, rtol=0
+    )
+    scores, edges = kernel(m, e.map(lambda t: t[:, :0]))
+    assert scores.shape == (2, 0) and edges.shape == (2, 0, 4)
+
+
+def test_changed_weights_are_folded_again() -> None:
+    model = _model(2)
+    kernel = DrinKernel(model)
+    m, e = _parts(2, 5, seed=6)
+    before = kernel(m, e)[0]
+    with torch.no_grad():
+        model.drin.entity_text_proj.weight.mul_(2.0)
+        model.drin.layers[0].w_v.bias.add_(0.5)
+    ref = model(m, e, final_edges=False).scores
+    after = kernel(m, e)[0]
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, ref, atol=1e-12, rtol=0)
+
+
+def test_misshapen_image_groups_are_refused() -> None:
+    model = _model(2)
+    m, e = _parts(3, 3, seed=7)
+    with pytest.raises(ValueError, match="image_groups"):
+        DrinKernel(model)(m, e, None, torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_the_servers_drin_reranker_scores_as_the_graph(artifacts) -> None:
+    """DrinGraphReranker over a real store (image records shared by the imageless entities,
+    a padded list) against DrinReranker on the same stored parts."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from index.search import Candidates, IndexSearcher
+    from models.model import LinkingModel
+    from service.rerankers import DrinGraphReranker
+
+    model = LinkingModel.from_pretrained(artifacts[0])
+    torch.manual_seed(2)
+    drin = DrinReranker(DrinRerankerConfig.for_backbone(model.encoder.backbone, hidden=16))
+    drin.eval()
+    searcher = IndexSearcher(artifacts[1], model.fingerprint())
+    try:
+        n = len(searcher)
+        rows = np.stack([np.random.default_rng(b).permutation(n) for b in range(3)])
+        rows[2, -3:] = -1  # a shorter list, padded
+        image_rows = searcher.image_rows(rows)
+        assert image_rows is not None and (image_rows == 0).sum() > 3  # shared no-image record
+        cfg = drin.config
+        m, _ = _parts(
+            3, 1, cfg.drin.text_dim, cfg.drin.image_dim, cfg.region_dim, seed=8, dtype=torch.float32
+        )
+        cand = Candidates.dense(rows, np.zeros(rows.shape, dtype=np.float32))
+        batch = SimpleNamespace(encoded=SimpleNamespace(drin=m))
+        out = DrinGraphReranker(drin, searcher).rerank(batch, cand)  # type: ignore[arg-type]
+        mask = torch.from_numpy(rows >= 0)
+        with torch.inference_mode():
+            ref = drin(m, searcher.drin_parts(rows), mask, final_edges=False).scores.numpy()
+        valid = rows >= 0
+        assert np.isinf(out.scores[~valid]).all()
+        np.testing.assert_allclose(out.scores[valid], ref[valid], atol=1e-5, rtol=0)
+    finally:
+        searcher.close()
