@@ -21,6 +21,16 @@ images, and the later layers' ``W_h`` (d x d) each: for MiniLM + EfficientNet (D
 1280, d 768, 2 layers) 0.9 M multiply-adds per imageless candidate against 4.7 M in the
 graph as written, and 2.4 M per candidate with an image of its own.
 
+Those entity products depend on the entity and the DRIN weights alone, so the server folds
+the whole base KB once when the model loads (:meth:`DrinKernel.entity_table`, when it fits
+its memory budget) and a request only gathers them: per candidate, the last layer's
+``W_h`` (0.6 M) is then the only matrix product. The per-candidate vector work is batched
+too: ``W_h (x + a m_t + a' m_i) + b`` is ``W_h x`` plus one (K, 3) x (3, d) product per
+mention (``baddbmm``), the means over candidates are (1, K) x (K, d) products, and the final
+cosine is a dot product over the two norms (as ``F.cosine_similarity``: each clamped at 1e-8).
+What is left is the last layer's GEMM and the exact GELU / LayerNorm of three (B, K, d)
+vertex sets (tests/test_drin_kernel.py; bench/drin_bench.py times it).
+
 The scores equal ``DrinReranker(..., final_edges=False)`` within float rounding
 (tests/test_drin_kernel.py): the same computation with the products in another order. DRIN
 itself is unchanged, and training and ``explain`` (which reads the last layer's edges) run the
@@ -31,12 +41,17 @@ counter per tensor).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.drin import DynamicGcnLayer
 from models.drin_features import DrinEntityParts, DrinMentionParts, DrinReranker
+
+COS_EPS = 1e-8  # F.cosine_similarity's default eps
 
 
 def _candidate_weights(edges: Tensor, mask: Tensor | None) -> Tensor:
@@ -67,6 +82,23 @@ def _spread(rows: Tensor, inverse: Tensor | None, shape: torch.Size) -> Tensor:
     if inverse is None:
         return rows.reshape(*shape, rows.shape[-1])
     return rows[inverse]
+
+
+@dataclass(frozen=True)
+class EntityTable:
+    """The first layer's entity products of a whole KB, folded once per DRIN model instead of
+    per candidate per request: ``text`` (N, d) = W_h e_t of entity row n; ``image`` (I, d) =
+    W_h e_i and ``aligned`` (I, Dt) = align(e_i) of image record i (the store's image table,
+    record 0 the no-image one). ``stamp``: the weights it was folded from."""
+
+    text: Tensor
+    image: Tensor
+    aligned: Tensor
+    stamp: tuple[tuple[object, ...], ...]
+
+    @staticmethod
+    def nbytes_for(rows: int, images: int, hidden: int, text_dim: int, itemsize: int = 4) -> int:
+        return itemsize * (rows * hidden + images * (hidden + text_dim))
 
 
 class DrinKernel:
@@ -125,16 +157,48 @@ class DrinKernel:
         self._stamp = self._source_stamp()
 
     @torch.inference_mode()
+    def entity_table(self, texts: Iterable[Tensor], images: Iterable[Tensor]) -> EntityTable:
+        """Fold a whole KB: ``texts`` yields the entity rows' raw text parts in row order,
+        ``images`` the image records' raw image features in record order (chunks of any
+        size)."""
+        if self._source_stamp() != self._stamp:
+            self._fold()
+        align = self.reranker.align
+        text = [F.linear(t.to(self.dtype), self.h_text, self.h_text_bias) for t in texts]
+        image, aligned = [], []
+        for y in images:
+            y = y.to(self.dtype)
+            image.append(F.linear(y, self.h_image, self.h_image_bias))
+            aligned.append(align(y))
+        return EntityTable(torch.cat(text), torch.cat(image), torch.cat(aligned), self._stamp)
+
+    def _from_table(
+        self, table: EntityTable | None, rows: Tensor | None, groups: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(W_h e_t, W_h e_i, align(e_i)) per candidate from ``table`` when it covers every
+        row and image record and was folded from the current weights; else None."""
+        if table is None or rows is None or groups is None or table.stamp != self._stamp:
+            return None
+        r = rows.clamp_min(0)  # padding reads row 0, as the store does
+        if int(r.max()) >= table.text.shape[0] or int(groups.max()) >= table.image.shape[0]:
+            return None  # a live row, or a table of another store
+        return table.text[r], table.image[groups], table.aligned[groups]
+
+    @torch.inference_mode()
     def __call__(
         self,
         m: DrinMentionParts,
         e: DrinEntityParts,
         candidate_mask: Tensor | None = None,
         image_groups: Tensor | None = None,
+        rows: Tensor | None = None,
+        table: EntityTable | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Scores (B, K) (-inf where ``candidate_mask`` is False) and the initial edges
         (B, K, 4). ``image_groups`` (B, K) int: candidates with equal values have equal image
-        parts (the store's image record of each row); None computes every candidate's."""
+        parts (the store's image record of each row); None computes every candidate's.
+        ``table`` (with ``rows``, the candidates' KB rows, and ``image_groups`` = their image
+        records): the first layer's entity products read from it instead of folded here."""
         if self._source_stamp() != self._stamp:
             self._fold()
         m = m.map(lambda t: t.to(self.dtype))
@@ -148,45 +212,67 @@ class DrinKernel:
             return empty, e.text.new_zeros(*shape, 4)
         if image_groups is not None:
             image_groups = image_groups.to(e.image.device)
-        y_rows, inverse = _distinct(e.image, image_groups)
-        aligned = _spread(self.reranker.align(y_rows), inverse, shape)
+        folded = self._from_table(table, rows, image_groups)
+        if folded is not None:
+            h_et, h_ei, aligned = folded
+        else:
+            y_rows, inverse = _distinct(e.image, image_groups)
+            aligned = _spread(self.reranker.align(y_rows), inverse, shape)
+            h_et = F.linear(e.text, self.h_text, self.h_text_bias)  # (B, K, d) = W_h e_t
+            h_ei = _spread(F.linear(y_rows, self.h_image, self.h_image_bias), inverse, shape)
         edges = self.reranker.initial_edges(m, e, aligned_image=aligned)
 
         mt = drin.mention_text_proj(m.span_text)  # (B, d)
         mi = drin.mention_image_proj(m.image)
         hmt = F.linear(mt, first.w_h.weight)  # W_h without its bias
         hmi = F.linear(mi, first.w_h.weight)
-        h_et = F.linear(e.text, self.h_text, self.h_text_bias)  # (B, K, d) = W_h e_t
-        h_ei = _spread(F.linear(y_rows, self.h_image, self.h_image_bias), inverse, shape)
 
         w = _candidate_weights(edges, candidate_mask)
-        a_tt, a_ti, a_it, a_ii = (edges[..., i] for i in range(4))
-        bias = first.w_h.bias
+        ones = torch.ones_like(edges[..., 0])
+        a_tt, a_ti, a_it, a_ii = edges.unbind(-1)
 
-        def vertex(pre: Tensor) -> Tensor:  # the layer's _vertex after W_h
-            return F.gelu(first.layer_norm(pre))
+        def vertex(layer: DynamicGcnLayer, pre: Tensor) -> Tensor:  # _vertex after its W_h
+            return F.gelu(layer.layer_norm(pre))
 
-        def pooled(a: Tensor, b: Tensor) -> Tensor:  # W_h (mean a e_t + mean b e_i)
-            return torch.einsum("bk,bkd->bd", w * a, h_et) + torch.einsum("bk,bkd->bd", w * b, h_ei)
+        def pooled(a: Tensor, x: Tensor) -> Tensor:  # sum_k w_k a_k x_k: (B, K, d) -> (B, d)
+            return torch.bmm((w * a).unsqueeze(1), x).squeeze(1)
 
-        def cand(a: Tensor) -> Tensor:  # (B, K) x (B, d) -> (B, K, d)
-            return a.unsqueeze(-1)
+        def per_candidate(
+            layer: DynamicGcnLayer, hx: Tensor, a1: Tensor, a2: Tensor, hm1: Tensor, hm2: Tensor
+        ) -> Tensor:
+            """W_h (x + a1 m_t + a2 m_i) + b for every candidate from hx = W_h x and the
+            mentions' W_h m: one batched product, (B, K, 3) x (B, 3, d), added to hx."""
+            coef = torch.stack([a1, a2, ones], dim=-1)
+            rows = torch.stack([hm1, hm2, layer.w_h.bias.expand_as(hm1)], dim=1)
+            return torch.baddbmm(hx, coef, rows)
 
-        new_mt = vertex(hmt + bias + pooled(a_tt, a_ti))
-        new_et = vertex(h_et + cand(a_tt) * hmt.unsqueeze(1) + cand(a_it) * hmi.unsqueeze(1) + bias)
+        new_mt = vertex(first, hmt + first.w_h.bias + pooled(a_tt, h_et) + pooled(a_ti, h_ei))
+        new_et = vertex(first, per_candidate(first, h_et, a_tt, a_it, hmt, hmi))
         if self.rest:
-            new_mi = vertex(hmi + bias + pooled(a_it, a_ii))
-            new_ei = vertex(
-                h_ei + cand(a_ti) * hmt.unsqueeze(1) + cand(a_ii) * hmi.unsqueeze(1) + bias
-            )
+            new_mi = vertex(first, hmi + first.w_h.bias + pooled(a_it, h_et) + pooled(a_ii, h_ei))
+            new_ei = vertex(first, per_candidate(first, h_ei, a_ti, a_ii, hmt, hmi))
             edges1 = torch.sigmoid(edges + self._edge_logits(mt, mi, e))
             state = (new_mt, new_mi, new_et, new_ei, edges1)
-            for layer in self.rest[:-1]:
+            for layer in self.rest[:-1]:  # layers between the first and the last, as released
                 state = layer(*state, candidate_mask)
+            mt1, mi1, et1, ei1, ed = state
             last = self.rest[-1]
             assert isinstance(last, DynamicGcnLayer)
-            new_mt, new_et = last.text_vertices(*state, candidate_mask)
-        scores = F.cosine_similarity(new_mt.unsqueeze(1).expand_as(new_et), new_et, dim=-1)
+            # the last layer's text vertices (DynamicGcnLayer.text_vertices), W_h distributed
+            b_tt, b_ti, b_it = ed[..., 0], ed[..., 1], ed[..., 2]
+            wh = last.w_h.weight
+            new_mt = vertex(last, last.w_h(mt1 + pooled(b_tt, et1) + pooled(b_ti, ei1)))
+            new_et = vertex(
+                last,
+                per_candidate(
+                    last, F.linear(et1, wh), b_tt, b_it, F.linear(mt1, wh), F.linear(mi1, wh)
+                ),
+            )
+        # cos(m_t, e_t) as F.cosine_similarity: each side over its norm clamped at 1e-8
+        dots = torch.bmm(new_et, new_mt.unsqueeze(-1)).squeeze(-1)
+        norm_e = new_et.norm(dim=-1).clamp_min(COS_EPS)
+        norm_m = new_mt.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
+        scores = dots / (norm_e * norm_m)
         if candidate_mask is not None:
             scores = scores.masked_fill(~candidate_mask, float("-inf"))
         return scores, edges
@@ -213,4 +299,4 @@ class DrinKernel:
         return torch.stack([text[..., 0], image[..., 0], text[..., 1], image[..., 1]], -1)
 
 
-__all__ = ["DrinKernel"]
+__all__ = ["DrinKernel", "EntityTable"]

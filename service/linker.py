@@ -113,7 +113,7 @@ class Linker:
             self.device,
         )
         self.rerankers: dict[str, Reranker] = load_rerankers(
-            self.model, self.searcher, self.drin, self.fusion, self.kernel
+            self.model, self.searcher, self.drin, self.fusion, self.kernel, settings.drin_table_mb
         )
         # calibrated confidences, per reranker, when a fusion model brought them
         self.calibrations: dict[str, Calibration] = {}

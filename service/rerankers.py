@@ -9,7 +9,9 @@ feeds them the stored entity records.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import ClassVar, Protocol
@@ -21,7 +23,7 @@ from index.encode import NAME_FIELD
 from index.search import Candidates, IndexSearcher
 from models.drin import EDGE_TYPES
 from models.drin_features import DrinReranker as DrinModel
-from models.drin_kernel import DrinKernel
+from models.drin_kernel import DrinKernel, EntityTable
 from models.fusion import (
     CandidateInfo,
     CandidateSignals,
@@ -32,6 +34,13 @@ from models.fusion import (
 from models.model import LinkingModel
 from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
+
+logger = logging.getLogger(__name__)
+
+# DRIN's folded entity table (DrinGraphReranker): the default memory budget, and the rows
+# folded at a time while it is built
+DRIN_TABLE_MB = 1024.0
+TABLE_CHUNK = 16384
 
 
 class Explanation(Protocol):
@@ -147,13 +156,16 @@ class MimicReranker:
 class DrinGraphReranker:
     """``drin``: DRIN's dynamic graph over each mention's candidates (stored entity parts).
     Scores through :class:`models.drin_kernel.DrinKernel` (the graph's scores with the first
-    layer's entity products folded, each distinct image once); an explanation's final edges
-    run the graph as released."""
+    layer's entity products folded, each distinct image once); with the base KB's products
+    folded at load into an :class:`EntityTable` when they fit ``table_mb``, a request only
+    gathers them. An explanation's final edges run the graph as released."""
 
     name: ClassVar[str] = "drin"
     uses_lexical: ClassVar[bool] = False
 
-    def __init__(self, drin: DrinModel, searcher: IndexSearcher) -> None:
+    def __init__(
+        self, drin: DrinModel, searcher: IndexSearcher, table_mb: float = DRIN_TABLE_MB
+    ) -> None:
         if not searcher.has_drin:
             raise ValueError(
                 f"a DRIN model is configured but the index {searcher.folder} was built "
@@ -162,6 +174,44 @@ class DrinGraphReranker:
         self.drin, self.searcher = drin, searcher
         self.device = next(drin.parameters()).device
         self.kernel = DrinKernel(drin)
+        self.table = self._entity_table(table_mb)
+
+    def _entity_table(self, table_mb: float) -> EntityTable | None:
+        """The base KB's first-layer entity products, folded now when they fit ``table_mb``
+        (a store with an image table only): a request then reads them instead of folding its
+        candidates. Rows added live since the base are folded per request."""
+        store, m = self.searcher.store, self.searcher.manifest
+        if store.image_rows is None:
+            return None
+        cfg = self.drin.config.drin
+        n, images = m.entity_count, m.image_count
+        nbytes = EntityTable.nbytes_for(n, images, cfg.hidden, cfg.text_dim)
+        if nbytes > table_mb * 2**20:
+            logger.info(
+                "DRIN entity table: %d rows + %d images need %.0f MB > MEL_DRIN_TABLE_MB=%g: "
+                "folded per request",
+                n,
+                images,
+                nbytes / 2**20,
+                table_mb,
+            )
+            return None
+        t0 = time.perf_counter()
+
+        def chunks(field: str, count: int) -> Iterator[torch.Tensor]:
+            for s in range(0, count, TABLE_CHUNK):
+                rows = np.arange(s, min(count, s + TABLE_CHUNK))
+                yield torch.from_numpy(store.fields[field].take(rows)).to(self.device)
+
+        table = self.kernel.entity_table(chunks("drin_text", n), chunks("drin_image", images))
+        logger.info(
+            "DRIN entity table: %d rows + %d images, %.1f MB, folded in %.2f s",
+            n,
+            images,
+            nbytes / 2**20,
+            time.perf_counter() - t0,
+        )
+        return table
 
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
@@ -176,7 +226,9 @@ class DrinGraphReranker:
         image_rows = self.searcher.image_rows(rows)  # equal rows share the image parts
         groups = None if image_rows is None else torch.from_numpy(image_rows).to(self.device)
         drin_parts = mentions.drin
-        scores, edges_initial = self.kernel(drin_parts, ents, mask, groups)
+        scores, edges_initial = self.kernel(
+            drin_parts, ents, mask, groups, torch.from_numpy(rows).to(self.device), self.table
+        )
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()
@@ -310,11 +362,13 @@ def load_rerankers(
     drin: DrinModel | None = None,
     fusion: FusionModel | None = None,
     kernel: MimicKernel | None = None,
+    drin_table_mb: float = DRIN_TABLE_MB,
 ) -> dict[str, Reranker]:
     """The rerankers this server offers, by name, in the order ``/readyz`` lists them
-    (``kernel``: how MIMIC's scores are computed; None: the torch kernel)."""
+    (``kernel``: how MIMIC's scores are computed, None: the torch kernel; ``drin_table_mb``:
+    the memory DRIN's folded entity table may take, :class:`DrinGraphReranker`)."""
     mimic = MimicReranker(model, searcher, kernel)
-    graph = DrinGraphReranker(drin, searcher) if drin is not None else None
+    graph = DrinGraphReranker(drin, searcher, drin_table_mb) if drin is not None else None
     out: list[Reranker] = []
     if fusion is not None:
         out.append(FusionReranker(fusion, searcher, mimic, graph))

@@ -20,6 +20,14 @@ class ServiceSettings(BaseSettings):
         None,
         description="DRIN checkpoint folder (mel-train-drin) for reranker=drin; None = no DRIN",
     )
+    drin_table_mb: float = Field(
+        1024.0,
+        ge=0,
+        description="memory for DRIN's folded entity table: the first layer's entity products "
+        "of the whole base KB, computed when the DRIN model loads, when they fit (4 bytes x "
+        "(entities x 768 + images x 1152) at the default widths); else, and for rows added "
+        "live, they are folded per request (same scores); 0 = never",
+    )
     fusion_model_path: str | None = Field(
         None,
         description="fusion model folder (mel-train-fusion) for reranker=fusion and calibrated "

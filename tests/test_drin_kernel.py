@@ -13,7 +13,7 @@ from models.drin_features import (
     DrinReranker,
     DrinRerankerConfig,
 )
-from models.drin_kernel import DrinKernel
+from models.drin_kernel import DrinKernel, EntityTable
 
 
 def _model(
@@ -216,12 +216,84 @@ def test_the_servers_drin_reranker_scores_as_the_graph(artifacts) -> None:
         )
         cand = Candidates.dense(rows, np.zeros(rows.shape, dtype=np.float32))
         batch = SimpleNamespace(encoded=SimpleNamespace(drin=m))
-        out = DrinGraphReranker(drin, searcher).rerank(batch, cand)  # type: ignore[arg-type]
         mask = torch.from_numpy(rows >= 0)
         with torch.inference_mode():
             ref = drin(m, searcher.drin_parts(rows), mask, final_edges=False).scores.numpy()
         valid = rows >= 0
-        assert np.isinf(out.scores[~valid]).all()
-        np.testing.assert_allclose(out.scores[valid], ref[valid], atol=1e-5, rtol=0)
+        # with the folded entity table (the tiny KB fits), and without one (budget 0)
+        for table_mb, has_table in ((64.0, True), (0.0, False)):
+            reranker = DrinGraphReranker(drin, searcher, table_mb)
+            assert (reranker.table is not None) == has_table
+            out = reranker.rerank(batch, cand)  # type: ignore[arg-type]
+            assert np.isinf(out.scores[~valid]).all()
+            np.testing.assert_allclose(out.scores[valid], ref[valid], atol=1e-5, rtol=0)
     finally:
         searcher.close()
+
+
+def _kb(n: int = 12, images: int = 5, dt: int = 6, dg: int = 5, dr: int = 4, seed: int = 0):
+    """A small KB as the store holds it: per-row text parts, per-image-record image parts
+    (record 0: no image), each row's record."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(n, dt, generator=g, dtype=torch.float64)
+    image = torch.randn(images, dg, generator=g, dtype=torch.float64)
+    region = F.normalize(torch.randn(images, dr, generator=g, dtype=torch.float64), dim=-1)
+    score = torch.rand(images, 1, generator=g, dtype=torch.float64)
+    score[0] = 0.0
+    record = torch.randint(0, images, (n,), generator=g)
+    return text, image, region, score, record
+
+
+def _candidates(kb, rows: torch.Tensor) -> tuple[DrinEntityParts, torch.Tensor]:
+    text, image, region, score, record = kb
+    r = rows.clamp_min(0)
+    groups = record[r]
+    return DrinEntityParts(text[r], image[groups], region[groups], score[groups]), groups
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_the_folded_entity_table_gives_the_graphs_scores(layers: int) -> None:
+    model = _model(layers)
+    kernel = DrinKernel(model)
+    kb = _kb()
+    text, image = kb[0], kb[1]
+    # folded in chunks of any size, as the server reads the store
+    table = kernel.entity_table(text.split(5), image.split(2))
+    assert table.text.shape == (12, 8) and table.image.shape == (5, 8)
+    assert table.aligned.shape == (5, 6)
+    rows = torch.tensor([[3, 0, 11, 7], [5, 5, 2, -1]])  # a padded list
+    mask = rows >= 0
+    e, groups = _candidates(kb, rows)
+    m, _ = _parts(2, 1, seed=12)
+    ref = model(m, e, mask, final_edges=False)
+    scores, edges = kernel(m, e, mask, groups, rows, table)
+    torch.testing.assert_close(scores[mask], ref.scores[mask], atol=1e-12, rtol=0)
+    assert torch.equal(torch.isinf(scores), ~mask)
+    torch.testing.assert_close(edges, ref.edges_initial, atol=1e-12, rtol=0)
+
+
+def test_the_table_is_read_only_when_it_covers_the_rows_and_the_weights() -> None:
+    model = _model(2)
+    kernel = DrinKernel(model)
+    kb = _kb()
+    table = kernel.entity_table([kb[0]], [kb[1]])
+    rows = torch.tensor([[1, 2, 3]])
+    e, groups = _candidates(kb, rows)
+    m, _ = _parts(1, 1, seed=13)
+    assert kernel._from_table(table, rows, groups) is not None
+    # a row the table does not hold (added live since): folded per request instead
+    short = EntityTable(table.text[:2], table.image, table.aligned, table.stamp)
+    assert kernel._from_table(short, rows, groups) is None
+    torch.testing.assert_close(
+        kernel(m, e, None, groups, rows, short)[0],
+        model(m, e, final_edges=False).scores,
+        atol=1e-12,
+        rtol=0,
+    )
+    # weights changed since the table was folded: it is stale and not read
+    with torch.no_grad():
+        model.drin.entity_image_proj.weight.mul_(-1.0)
+    scores = kernel(m, e, None, groups, rows, table)[0]
+    assert kernel._from_table(table, rows, groups) is None
+    torch.testing.assert_close(scores, model(m, e, final_edges=False).scores, atol=1e-12, rtol=0)
+    assert EntityTable.nbytes_for(1000, 10, 768, 384) == 4 * (1000 * 768 + 10 * 1152)
