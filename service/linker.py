@@ -147,6 +147,13 @@ class Linker:
         )
 
     @property
+    def drin_table_rows(self) -> int | None:
+        """Base rows in the DRIN reranker's folded entity table (None: no DRIN or no table)."""
+        drin = self.rerankers.get("drin")
+        table = getattr(drin, "table", None)
+        return None if table is None else int(table.text.shape[0])
+
+    @property
     def cache_version(self) -> str:
         """Identity of everything a cached encoding or result depends on."""
         return (

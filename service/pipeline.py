@@ -357,6 +357,7 @@ class LinkService:
                 intra_op_threads=linker.threads,
                 model_workers=self.state.batcher.workers,
                 kernel_runtime=linker.kernel.runtime,
+                drin_table_rows=linker.drin_table_rows,
             )
         if self.load_error:
             body["error"] = self.load_error

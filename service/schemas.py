@@ -184,6 +184,11 @@ class Readiness(BaseModel):
     )
     model_workers: int | None = Field(None, description="model threads running batches at once")
     kernel_runtime: str | None = Field(None, description="how the MIMIC kernel runs: torch | onnx")
+    drin_table_rows: int | None = Field(
+        None,
+        description="KB rows whose DRIN first-layer products were folded when the DRIN model "
+        "loaded (MEL_DRIN_TABLE_MB); null: no DRIN model, or folded per request",
+    )
     live: LiveStatus | None = Field(None, description="live KB updates applied since the build")
     pending: dict[str, PendingModel] = Field(
         {}, description="rerankers configured but still training (loaded once complete)"

@@ -271,6 +271,7 @@ def test_metrics_and_health(server: str) -> None:
     assert 'mel_errors_total{type="mention_too_long"}' in text or "mel_errors_total" in text
     ready = httpx.get(f"{server}/readyz").json()
     assert ready["ready"] and ready["entities"] == 16 and ready["redis"] == {"configured": False}
+    assert ready["drin_table_rows"] is None  # no DRIN model here
     schema = httpx.get(f"{server}/openapi.json").json()
     assert {"/v1/link", "/v1/link/form", "/v1/link/batch", "/v1/entities/{entity_id}"} <= set(
         schema["paths"]
@@ -527,6 +528,7 @@ def test_drin_round_trip_matches_direct_computation(
     base, folder = drin_server
     ready = httpx.get(f"{base}/readyz").json()
     assert ready["rerankers"] == ["mimic", "drin", "none"] and ready["drin_version"]
+    assert ready["drin_table_rows"] == ready["entities"] == 16  # the KB folded at load
     for image in (_png((30, 30, 220)), None):
         body: dict[str, Any] = {
             "mention": "Jo Cole",
