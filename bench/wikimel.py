@@ -1183,6 +1183,21 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
         f"{100 * z['H@3']:.2f} | {100 * z['H@5']:.2f} | {100 * z['H@10']:.2f} | "
         f"{100 * z['MRR']:.2f} | | | |"
     )
+    by = {r: f[r].get("test_by_sentence", {}) for r in ("fusion", "mimic", "none")}
+    if by["fusion"]:  # reports before the split have none
+        lines += [
+            "",
+            "By sentence: test mentions whose sentence holds other annotated mentions too (the "
+            "text must say which one is meant) against mentions alone in theirs, H@1:",
+            "",
+            "| mentions | n | fusion | MIMIC | retrieval only |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for part, label in (("shared", "sentence shared"), ("alone", "alone in the sentence")):
+            if part in by["fusion"]:
+                h = [100 * by[r][part]["H@1"] for r in ("fusion", "mimic", "none")]
+                n_part = by["fusion"][part]["mentions"]
+                lines.append(f"| {label} | {n_part:,} | {h[0]:.2f} | {h[1]:.2f} | {h[2]:.2f} |")
     lines += [
         "",
         f"Recall of the candidate lists on test: dense top {k} **{100 * t[f'recall@{k}_dense']:.2f}%**,"

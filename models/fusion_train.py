@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from models.fusion import (
     EntityPrior,
     FusionConfig,
     FusionModel,
+    MentionText,
     all_features,
     answer_features,
     candidate_features,
@@ -169,6 +171,13 @@ def ranking_metrics(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> d
     out["recall"] = float(has.mean())
     out["mentions"] = len(pos)
     return out
+
+
+def shared_sentence(mentions: Sequence[MentionText]) -> np.ndarray:
+    """(N,) bool: the mention's sentence holds other mentions of the same table too (a caption
+    naming several people: the text must say which one each mention is)."""
+    counts = Counter(m.sentence for m in mentions)
+    return np.array([counts[m.sentence] > 1 for m in mentions], dtype=bool)
 
 
 def fit_calibration(scores: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> Calibration:
@@ -530,8 +539,15 @@ def train_fusion(
         k, conf = top1(cal.probabilities(st, vt), vt)
         has_gold = np.array([g is not None for g in test.gold])
         ce = calibration_error(conf[has_gold], (k == pos)[has_gold])
+        shared = shared_sentence(test.mentions)
         report[name] = {
             "test": ranking_metrics(st, vt, pos),
+            # several annotated mentions in one sentence: which one is meant is the question
+            "test_by_sentence": {
+                part: ranking_metrics(st[sel], vt[sel], pos[sel])
+                for part, sel in (("shared", shared), ("alone", ~shared))
+                if sel.any()
+            },
             "dev_out_of_fold" if name == "fusion" else "dev": ranking_metrics(
                 sd, vd, _positions_in(vd, dev.gold_positions())
             ),

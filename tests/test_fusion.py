@@ -35,6 +35,7 @@ from models.fusion_train import (
     predict,
     ranking_metrics,
     refit,
+    shared_sentence,
 )
 
 
@@ -321,3 +322,14 @@ def test_cross_fit_folds_share_one_tree_count_and_refit_uses_it() -> None:
     assert one.current_iteration() == folded[0].current_iteration()
     s = predict(one, x, cols, dev.signals.valid)
     assert ranking_metrics(s, dev.signals.valid, dev.gold_positions())["H@1"] > 0.6
+
+
+def test_shared_sentence_marks_the_mentions_of_one_caption() -> None:
+    cap = "Reinfeldt with Bush at the White House."
+    ms = [
+        MentionText("Reinfeldt", cap, (0, 9)),
+        MentionText("Bush", cap, (15, 19)),
+        MentionText("Biden", "Biden's official Senate photo"),
+    ]
+    assert shared_sentence(ms).tolist() == [True, True, False]
+    assert shared_sentence([]).shape == (0,)
