@@ -214,6 +214,32 @@ def configure_threads(threads: int | None, reserve: int = THREAD_RESERVE) -> int
     return n
 
 
+def pin_numpy_blas(threads: int = 1) -> int:
+    """Give numpy's own BLAS ``threads`` threads, leaving every other BLAS (FAISS's bundled
+    one) as it is; returns how many libraries it set (0: numpy's BLAS not found).
+
+    For serving: numpy's only BLAS work on the request path is the one-query flat search
+    (index.ann.one_query_flat), a memory-bound matrix-vector product. With a pool of 2, that
+    pool's threads spin after each call and take a core from the torch op that follows: a
+    WikiMEL link at one mention took 8.1 ms with numpy's pool at 2 and 3.2 ms at 1
+    (bench/blas_threads.py). FAISS's BLAS keeps the intra-op count: its batched search is
+    where a second thread pays."""
+    import numpy as np
+    from threadpoolctl import ThreadpoolController
+
+    root = Path(np.__file__).resolve().parent.parent
+    mine = [
+        lc
+        for lc in ThreadpoolController().lib_controllers
+        if lc.user_api == "blas"
+        and Path(lc.filepath).resolve().is_relative_to(root)
+        and Path(lc.filepath).resolve().parent.name in ("numpy.libs", "numpy.dylibs", "numpy")
+    ]
+    for lc in mine:
+        lc.set_num_threads(threads)
+    return len(mine)
+
+
 __all__ = [
     "THREAD_RESERVE",
     "available_cores",
@@ -222,6 +248,7 @@ __all__ = [
     "configure_threads",
     "default_threads",
     "free_cores",
+    "pin_numpy_blas",
     "plan_workers",
     "resolve_threads",
 ]

@@ -37,7 +37,7 @@ from models.mimic import MimicFeatures
 from models.model import LinkingModel
 from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
 from models.onnx_kernel import load_kernel
-from models.threads import configure_threads
+from models.threads import configure_threads, pin_numpy_blas
 from service.primitives import (
     CandidateResult,
     EncodedMentions,
@@ -60,6 +60,7 @@ class Linker:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.threads = configure_threads(settings.intra_op_threads, settings.thread_reserve)
+        pin_numpy_blas(1)  # its pool's spinning threads cost a one-mention link more than it saves
         # FAISS's OpenMP searches too: several model workers each searching with every core
         # would oversubscribe them
         faiss.omp_set_num_threads(self.threads)

@@ -101,3 +101,25 @@ def test_a_set_count_wins_and_is_applied(monkeypatch: pytest.MonkeyPatch) -> Non
         assert threads.configure_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_numpy_blas_pinned_and_faiss_blas_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    import faiss  # noqa: F401  (its bundled BLAS, when it has one, must keep the count)
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    _machine(monkeypatch, {0, 1}, busy=0.0)
+    before = torch.get_num_threads()
+    with threadpool_limits(None):  # restores every pool on exit
+        try:
+            threads.configure_threads(2)
+            assert threads.pin_numpy_blas(1) == 1
+            blas = {
+                i["filepath"]: i["num_threads"]
+                for i in threadpool_info()
+                if i["user_api"] == "blas"
+            }
+            numpy_libs = [p for p in blas if "numpy" in p]
+            assert numpy_libs and all(blas[p] == 1 for p in numpy_libs)
+            assert all(n == 2 for p, n in blas.items() if p not in numpy_libs)
+        finally:
+            torch.set_num_threads(before)

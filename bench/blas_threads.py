@@ -1,0 +1,137 @@
+"""numpy's BLAS pool at the intra-op count against one thread, through the server's Linker.
+
+    python bench/blas_threads.py --work artifacts/bench-wikimel-names-only \\
+        --out bench/results/blas-threads.json
+
+``Linker.link`` (retrieval + rerank, after encoding) on encoded test mentions of a bench work
+folder (``bench/wikimel.py --work``: its MIMIC model, index and fusion model), one mention at a
+time and 32 at a time, MIMIC and fusion, with numpy's BLAS pool at the Linker's intra-op
+thread count (how it ran before ``models.threads.pin_numpy_blas``) and at 1 (how the Linker
+runs since), alternating side by side in one process, medians per mention. FAISS's own BLAS
+keeps the intra-op count on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+from threadpoolctl import ThreadpoolController
+
+from models.data.schema import load_dataset
+from service.linker import Linker
+from service.primitives import LinkParams, MentionBatch
+from service.settings import ServiceSettings
+from service.tables import dataset_inputs
+
+RERANKERS = ("mimic", "fusion")
+
+
+def numpy_blas(threads: int) -> None:
+    """Set numpy's BLAS pool alone (FAISS's bundled BLAS untouched)."""
+    import numpy as np
+
+    root = Path(np.__file__).resolve().parent.parent / "numpy.libs"
+    for lc in ThreadpoolController().lib_controllers:
+        if lc.user_api == "blas" and Path(lc.filepath).resolve().parent == root:
+            lc.set_num_threads(threads)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--work", type=Path, default=Path("artifacts/bench-wikimel-names-only"))
+    p.add_argument("--out", type=Path, default=Path("bench/results/blas-threads.json"))
+    p.add_argument("--mentions", type=int, default=320)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="the Linker's intra-op threads")
+    a = p.parse_args()
+    linker = Linker(
+        ServiceSettings(
+            model_path=str(a.work / "mimic" / "best"),
+            index_path=str(a.work / "index"),
+            fusion_model_path=str(a.work / "fusion"),
+            intra_op_threads=a.threads,
+            device="cpu",
+            use_faiss_gpu=False,
+        )
+    )
+    linker.warmup()
+    ds = load_dataset(a.work / "data")
+    items = dataset_inputs(ds, ds.split("test")[: a.mentions])
+    encoded = linker.encode(items)
+    sides = {"before": a.threads, "after": 1}
+    per: dict[tuple[str, int, str], list[float]] = {}
+    for _ in range(a.rounds):
+        for side, n in sides.items():
+            numpy_blas(n)
+            for b in (1, 32):
+                for start in range(0, len(items) - b + 1, b):
+                    idx = list(range(start, start + b))
+                    batch = MentionBatch(tuple(items[i] for i in idx), encoded.select(idx))
+                    for r in RERANKERS:
+                        params = [LinkParams(top_k=10, candidates_k=100, reranker=r)] * b
+                        t0 = time.perf_counter()
+                        linker.link(batch, params)
+                        per.setdefault((side, b, r), []).append((time.perf_counter() - t0) / b)
+    rows = [
+        {
+            "side": side,
+            "numpy_blas_threads": sides[side],
+            "batch": b,
+            "reranker": r,
+            "ms_per_mention": round(1000 * statistics.median(v), 3),
+            "calls": len(v),
+        }
+        for (side, b, r), v in sorted(per.items())
+    ]
+    res = {
+        "what": "Linker.link per mention, numpy's BLAS pool at the intra-op count vs 1",
+        "work": str(a.work),
+        "entities": len(linker.searcher),
+        "threads": a.threads,
+        "mentions": len(items),
+        "rounds": a.rounds,
+        "machine": _machine.machine_info(threads=a.threads),
+        "rows": rows,
+    }
+    print(_machine.write_results(a.out, res, render))
+    linker.close()
+    return 0
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    by = {(r["side"], r["batch"], r["reranker"]): r["ms_per_mention"] for r in res["rows"]}
+    n = res["threads"]
+    lines = [
+        "# numpy's BLAS pool: the intra-op count against one thread",
+        "",
+        f"{res['what']}: {res['work']} ({res['entities']:,} entities), {res['mentions']} test "
+        f"mentions, {n} intra-op threads, K = 100; median ms per mention over "
+        f"{res['rounds']} rounds, the sides alternating. Machine: {m['cpu']}, commit "
+        f"{m['commit']}, {m['date']}.",
+        "",
+        f"| batch | reranker | numpy BLAS {n} threads | numpy BLAS 1 thread | speed-up |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for b in (1, 32):
+        for r in RERANKERS:
+            before, after = by[("before", b, r)], by[("after", b, r)]
+            lines.append(f"| {b} | {r} | {before:.2f} | {after:.2f} | {before / after:.2f}x |")
+    for b in (1, 32):
+        add = {s: by[(s, b, "fusion")] - by[(s, b, "mimic")] for s in ("before", "after")}
+        lines.append(
+            f"\nFusion adds at B={b}: {add['before']:.2f} ms -> {add['after']:.2f} ms per mention."
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
