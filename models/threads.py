@@ -221,7 +221,7 @@ def pin_numpy_blas(threads: int = 1) -> int:
     For serving: numpy's only BLAS work on the request path is the one-query flat search
     (index.ann.one_query_flat), a memory-bound matrix-vector product. With a pool of 2, that
     pool's threads spin after each call and take a core from the torch op that follows: a
-    WikiMEL link at one mention took 8.1 ms with numpy's pool at 2 and 3.2 ms at 1
+    WikiMEL link at one mention took 9.90 ms with numpy's pool at 2 and 3.27 ms at 1
     (bench/blas_threads.py). FAISS's BLAS keeps the intra-op count: its batched search is
     where a second thread pays."""
     import numpy as np
