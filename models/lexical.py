@@ -114,7 +114,10 @@ class _Name:
     n_grams: int  # len(grams)
 
 
-@lru_cache(maxsize=1 << 16)  # candidate names recur across mentions; analysed once
+ANALYSED = 1 << 16  # names whose analysis is kept (LRU): a KB's names and its mentions
+
+
+@lru_cache(maxsize=ANALYSED)  # candidate names recur across mentions; analysed once
 def _analyse(s: str) -> _Name:
     n = norm_name(s)
     tokens = tuple(_WORD.findall(n))  # == name_tokens(s), without normalising twice
@@ -122,6 +125,16 @@ def _analyse(s: str) -> _Name:
     grams = frozenset(t[i : i + 3] for i in range(max(1, len(t) - 2))) if n else frozenset()
     token_set = frozenset(tokens)
     return _Name(n, tokens, token_set, grams, len(token_set), len(grams))
+
+
+def analyse_names(names: Iterable[str]) -> int:
+    """Analyse names ahead of the requests that will score them (the analysis LRU keeps the
+    last :data:`ANALYSED` names seen); returns how many were given."""
+    n = 0
+    for s in names:
+        _analyse(s)
+        n += 1
+    return n
 
 
 def _outside_tokens(mention: str, sentence: str, span: tuple[int, int] | None) -> set[str]:
@@ -216,7 +229,9 @@ def name_features(
 
 
 __all__ = [
+    "ANALYSED",
     "NAME_FEATURES",
+    "analyse_names",
     "char_ngrams",
     "containment",
     "name_features",

@@ -31,6 +31,7 @@ from models.fusion import (
     MentionText,
     candidate_features,
 )
+from models.lexical import analyse_names
 from models.model import LinkingModel
 from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 # folded at a time while it is built
 DRIN_TABLE_MB = 1024.0
 TABLE_CHUNK = 16384
+# KBs up to this many entities have their candidate names read and analysed at load
+# (CandidateInfoReader): half of what the analysis LRU (models.lexical.ANALYSED) keeps
+INFO_PRELOAD = 1 << 15
 
 
 class Explanation(Protocol):
@@ -265,11 +269,30 @@ class FeatureContributions:
 class CandidateInfoReader:
     """What the store says of a candidate (id, name and aliases, popularity) for the string
     features, with an LRU in front: the same entities come back request after request, and a
-    metadata read is a JSON parse."""
+    metadata read is a JSON parse.
 
-    def __init__(self, searcher: IndexSearcher, size: int = 200_000) -> None:
+    ``preload``: a base KB of at most that many entities is read whole when the reader is
+    made, and every name and alias analysed then (``models.lexical.analyse_names``), so no
+    request pays a first sight of a name (8 us each, most of the string features of a cold
+    list); a larger KB, and rows added live, go through the LRU as they come."""
+
+    def __init__(
+        self, searcher: IndexSearcher, size: int = 200_000, preload: int = INFO_PRELOAD
+    ) -> None:
         self.searcher = searcher
         self.one = lru_cache(maxsize=size)(self._read)
+        self.loaded: dict[int, CandidateInfo] = {}
+        n = searcher.manifest.entity_count
+        if 0 < n <= preload:
+            t0 = time.perf_counter()
+            self.loaded = {row: self._read(row) for row in range(n)}
+            names = analyse_names(s for info in self.loaded.values() for s in info.names)
+            logger.info(
+                "candidate names: %d entities, %d names analysed at load in %.2f s",
+                n,
+                names,
+                time.perf_counter() - t0,
+            )
 
     def _read(self, row: int) -> CandidateInfo:
         e = self.searcher.entity(row)
@@ -277,7 +300,10 @@ class CandidateInfoReader:
 
     def __call__(self, rows: np.ndarray) -> list[list[CandidateInfo | None]]:
         """Per list, per candidate (padding rows < 0 get None)."""
-        return [[self.one(int(r)) if r >= 0 else None for r in line] for line in rows]
+        loaded, one = self.loaded, self.one
+        return [
+            [(loaded.get(r) or one(r)) if r >= 0 else None for r in map(int, line)] for line in rows
+        ]
 
 
 def fusion_signals(

@@ -227,3 +227,30 @@ def test_fusion_needs_its_mimic_model(
     )
     with pytest.raises(ValueError, match="retrain it"):
         Linker(settings)
+
+
+def test_candidate_names_read_and_analysed_at_load(artifacts: tuple[Path, Path]) -> None:
+    from index.search import IndexSearcher
+    from models import lexical
+    from models.model import LinkingModel
+    from service.rerankers import CandidateInfoReader
+
+    model = LinkingModel.from_pretrained(artifacts[0])
+    searcher = IndexSearcher(artifacts[1], model.fingerprint())
+    try:
+        lexical._analyse.cache_clear()
+        eager = CandidateInfoReader(searcher)  # 16 entities: read and analysed now
+        assert sorted(eager.loaded) == list(range(16))
+        assert lexical._analyse.cache_info().currsize >= len(
+            {i.names[0] for i in eager.loaded.values()}
+        )
+        lazy = CandidateInfoReader(searcher, preload=0)
+        assert lazy.loaded == {}
+        rows = np.array([[3, 0, 15, -1], [7, 7, 2, 11]])
+        assert eager(rows) == lazy(rows)
+        assert eager(rows)[0][3] is None and eager(rows)[1][0].id == searcher.entity(7)["id"]
+        hits = lexical._analyse.cache_info().hits
+        lexical.name_features("Jo Bell", "Jo Bell spoke", None, [eager(rows)[0][0].names])
+        assert lexical._analyse.cache_info().hits > hits  # the name was analysed at load
+    finally:
+        searcher.close()
