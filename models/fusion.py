@@ -160,14 +160,19 @@ class EntityPrior:
         key = norm_name(surface)
         counts = self.surface.get(key, Counter())
         total = sum(counts.values()) - (1 if exclude is not None and exclude in counts else 0)
-        out = np.zeros((len(ids), 2), dtype=np.float32)
-        for k, eid in enumerate(ids):
-            if eid is None:
-                continue
-            own = 1 if eid == exclude else 0
-            out[k, 0] = math.log1p(max(0, self.entity.get(eid, 0) - own))
-            out[k, 1] = max(0, counts.get(eid, 0) - own) / (total + 1.0)
-        return out
+        entity, denom = self.entity, total + 1.0
+        # one list of Python floats per column, then one array: element-wise assignment into
+        # a numpy array was most of this function's time
+        rows = [
+            (
+                math.log1p(max(0, entity.get(eid, 0) - (eid == exclude))),
+                max(0, counts.get(eid, 0) - (eid == exclude)) / denom,
+            )
+            if eid is not None
+            else (0.0, 0.0)
+            for eid in ids
+        ]
+        return np.array(rows, dtype=np.float32).reshape(len(ids), 2)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -244,7 +249,10 @@ def candidate_features(
         cols[name] = strings[..., j]
     cols["prior_entity"], cols["prior_surface"] = priors[..., 0], priors[..., 1]
     cols["popularity"] = pop
-    x = np.stack([cols[f].astype(np.float32) for f in all_features()], axis=-1)
+    names = all_features()
+    x = np.empty((B, K, len(names)), dtype=np.float32)
+    for j, f in enumerate(names):  # written in place: no per-column copy and stack
+        x[..., j] = cols[f]
     x[~valid] = np.nan
     return x
 
