@@ -249,9 +249,9 @@ def candidate_features(
         cols[name] = strings[..., j]
     cols["prior_entity"], cols["prior_surface"] = priors[..., 0], priors[..., 1]
     cols["popularity"] = pop
-    names = all_features()
-    x = np.empty((B, K, len(names)), dtype=np.float32)
-    for j, f in enumerate(names):  # written in place: no per-column copy and stack
+    order = all_features()
+    x = np.empty((B, K, len(order)), dtype=np.float32)
+    for j, f in enumerate(order):  # written in place: no per-column copy and stack
         x[..., j] = cols[f]
     x[~valid] = np.nan
     return x
