@@ -17,19 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
-import _machine  # bench/_machine.py (bench/ is on sys.path when a script runs)
+import _links  # bench/_links.py (bench/ is on sys.path when a script runs)
+import _machine  # bench/_machine.py
 
 from models import lexical
-from models.data.schema import load_dataset
-from service.linker import Linker
-from service.primitives import LinkParams, MentionBatch
 from service.rerankers import CandidateInfoReader, FusionReranker
-from service.settings import ServiceSettings
-from service.tables import dataset_inputs
 
 SIDES = ("first_sight", "at_load")
 
@@ -38,33 +32,17 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--work", type=Path, default=Path("artifacts/bench-wikimel-names-only"))
-    p.add_argument("--out", type=Path, default=Path("bench/results/fusion-names.json"))
-    p.add_argument("--mentions", type=int, default=320)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="the Linker's intra-op threads")
+    _links.add_work_args(p, "bench/results/fusion-names.json")
     a = p.parse_args()
-    linker = Linker(
-        ServiceSettings(
-            model_path=str(a.work / "mimic" / "best"),
-            index_path=str(a.work / "index"),
-            fusion_model_path=str(a.work / "fusion"),
-            intra_op_threads=a.threads,
-            device="cpu",
-            use_faiss_gpu=False,
-        )
-    )
-    linker.warmup()
+    linker = _links.work_linker(a.work, a.threads)
     fusion = linker.rerankers["fusion"]
     assert isinstance(fusion, FusionReranker)
     preloaded = fusion.info
     if not preloaded.loaded:
         raise SystemExit(f"{a.work}: the KB is over the preload size; nothing to compare")
     names = [s for info in preloaded.loaded.values() for s in info.names]
-    ds = load_dataset(a.work / "data")
-    items = dataset_inputs(ds, ds.split("test")[: a.mentions])
-    encoded = linker.encode(items)
-    per: dict[tuple[str, int, str], list[float]] = {}
+    items, encoded = _links.encoded_test(linker, a.work, a.mentions)
+    per: _links.Times = {}
     for _ in range(a.rounds):
         for side in SIDES:
             lexical._analyse.cache_clear()
@@ -73,36 +51,15 @@ def main() -> int:
                 lexical.analyse_names(names)
             else:
                 fusion.info = CandidateInfoReader(linker.searcher, preload=0)
-            for b in (1, 32):
-                for start in range(0, len(items) - b + 1, b):
-                    idx = list(range(start, start + b))
-                    batch = MentionBatch(tuple(items[i] for i in idx), encoded.select(idx))
-                    for r in ("mimic", "fusion"):
-                        params = [LinkParams(top_k=10, candidates_k=100, reranker=r)] * b
-                        t0 = time.perf_counter()
-                        linker.link(batch, params)
-                        per.setdefault((side, b, r), []).append((time.perf_counter() - t0) / b)
-    rows = [
-        {
-            "side": side,
-            "batch": b,
-            "reranker": r,
-            "ms_per_mention": round(1000 * statistics.median(v), 3),
-            "calls": len(v),
-        }
-        for (side, b, r), v in sorted(per.items())
-    ]
-    res = {
-        "what": "Linker.link per mention: fusion's candidate names on first sight vs at load",
-        "work": str(a.work),
-        "entities": len(linker.searcher),
-        "names": len(names),
-        "threads": a.threads,
-        "mentions": len(items),
-        "rounds": a.rounds,
-        "machine": _machine.machine_info(threads=a.threads),
-        "rows": rows,
-    }
+            _links.time_links(linker, items, encoded, side, ("mimic", "fusion"), per)
+    res = _links.results(
+        "Linker.link per mention: fusion's candidate names on first sight vs at load",
+        a,
+        linker,
+        len(items),
+        per,
+        names=len(names),
+    )
     print(_machine.write_results(a.out, res, render))
     linker.close()
     return 0
