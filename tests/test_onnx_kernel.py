@@ -105,6 +105,29 @@ def test_export_is_cached_and_keyed_by_the_weights(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == []
 
 
+def test_export_check_refuses_a_wrong_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check against the kernel in float64 passes fp32 rounding (above) but not a graph
+    that computes something else: here one score off by 1e-4 of its value."""
+    import models.onnx_kernel as ok
+
+    forward = ok._KernelGraph.forward
+
+    def off(self: ok._KernelGraph, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s, *units = forward(self, *inputs)
+        return (s * (1 + 1e-4), *units)
+
+    monkeypatch.setattr(ok._KernelGraph, "forward", off)
+    with pytest.raises(ok.OnnxRuntimeError, match="float64"):
+        ensure_kernel_export(_matcher(seed=3), tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing cached
+    # the default runtime serves the torch kernel then; asked for by name, onnx raises
+    assert isinstance(load_kernel(_matcher(seed=3), None, tmp_path, 1, CPU), TorchKernel)
+    with pytest.raises(ok.OnnxRuntimeError):
+        load_kernel(_matcher(seed=3), "onnx", tmp_path, 1, CPU)
+
+
 def test_units_are_the_matchers(tmp_path: Path) -> None:
     cfg = MimicConfig(
         dt=32,
