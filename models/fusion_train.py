@@ -19,13 +19,16 @@
    (every mention whose gold left becomes NIL). A verifier (LightGBM binary on the best
    candidate's score, margin, probability and own features, and with ``--verifier-inputs 2``
    the list's none / second-best probabilities and the surface's training links) learns the
-   probability that the answer is right, the *answer confidence*, on dev's out-of-fold lists
-   plus more NIL examples than the split gives: every dev list once more without its own
-   gold (weight ``--nil-augment``) and the train split's lists, as the protocol leaves them
-   and without their own gold (weight ``--nil-train``); the weights with the best dev
-   accuracy win. The threshold on the answer confidence
-   that maximises dev accuracy (NIL counted as a class) is saved; test NIL precision / recall
-   / F1 and accuracy are reported, next to a threshold on the softmax confidence alone.
+   probability that the mention's entity is among the candidates (``--nil-target in_list``;
+   ``answer``: that the best candidate is right, as models before v3 did) on dev's
+   out-of-fold lists plus more NIL examples than the split gives: every dev list once more
+   without its own gold (weight ``--nil-augment``) and the train split's lists, as the
+   protocol leaves them and without their own gold (weight ``--nil-train``); the weights
+   with the best dev accuracy win. The threshold on that probability that maximises dev
+   accuracy (NIL counted as a class) is saved; test NIL precision / recall / F1 and accuracy
+   are reported, next to a threshold on the softmax confidence alone. The *answer
+   confidence* the server returns is P(in the list) x P(the best | in the list), the latter
+   the calibrated probabilities renormalised over the candidates.
 5. ``--ablation``: the ranker retrained without each feature group, test H@1 / MRR.
 """
 
@@ -47,6 +50,8 @@ import numpy as np
 
 from models.fusion import (
     VERIFIER_INPUTS,
+    VERIFIER_TARGET,
+    VERIFIER_TARGETS,
     AnswerContext,
     Calibration,
     CandidateTable,
@@ -58,6 +63,7 @@ from models.fusion import (
     answer_features,
     candidate_features,
     feature_groups,
+    verdict,
 )
 
 logger = logging.getLogger(__name__)
@@ -481,6 +487,7 @@ def train_fusion(
     nil_augment: Sequence[float] = NIL_AUGMENT,
     verifier_inputs: int = VERIFIER_INPUTS,
     nil_train: Sequence[float] = NIL_TRAIN,
+    nil_target: str = VERIFIER_TARGET,
 ) -> dict[str, Any]:
     """Fit on dev, cross-fitted in ``folds`` (the folds share one tree count, chosen on
     their held-out NDCG@1; their out-of-fold scores calibrate the served model and choose
@@ -596,10 +603,13 @@ def train_fusion(
         held = np.flatnonzero(tn.gold_positions() >= 0)
         fto, *_ = verifier_rows(tn.without_own_gold(), oof=False, training=True, gold=train.gold)
         rows = np.concatenate([ftr, fto[held]])
-        right_t = np.concatenate([(ktr == ptr) & (ktr >= 0), np.zeros(len(held), dtype=bool)])
+        hit_t = (ktr == ptr) & (ktr >= 0) if nil_target == "answer" else ptr >= 0
+        right_t = np.concatenate([hit_t, np.zeros(len(held), dtype=bool)])
         train_sets.append((rows, right_t, np.full(len(rows), -1, dtype=np.int64)))
         nil["train_lists"] = len(rows)
-    right_d = (kd == pd_) & (kd >= 0)
+    # what the verifier learns: the best candidate is right ("answer"), or the gold is in the
+    # list at all ("in_list": a gold ranked second is no evidence of NIL)
+    right_d = (kd == pd_) & (kd >= 0) if nil_target == "answer" else pd_ >= 0
     choices = []  # (dev accuracy, augment weight, train weight, model, out-of-fold dev)
     for wa in nil_augment:
         for wt in nil_train if train_sets else (0.0,):
@@ -611,6 +621,7 @@ def train_fusion(
     nil["weights_tried"] = [{"augment": c[1], "train": c[2], "dev_accuracy": c[0]} for c in choices]
     nil["augment_weight"], nil["train_weight"] = wa, wt
     nil["verifier_inputs"] = verifier_inputs
+    nil["verifier_target"] = nil_target
     threshold = choose_threshold(q_dev, kd, pd_)
     ft, kt, pt, ct = lists["test"]
     q_test = np.where(kt >= 0, verifier_model.predict(ft), 0.0)
@@ -629,7 +640,7 @@ def train_fusion(
         test.signals.valid,
         ctx_full if verifier_inputs >= 2 else None,
     )
-    q_full = np.where(k_full >= 0, verifier_model.predict(f_full), 0.0)
+    q_full = verdict(verifier_model.predict(f_full), p_full, k_full, nil_target).answer
     right = k_full == test.gold_positions()
     has_gold = np.array([g is not None for g in test.gold])
     nil["answer_confidence_ece_full_kb"] = calibration_error(q_full[has_gold], right[has_gold])[
@@ -647,6 +658,7 @@ def train_fusion(
         calibration=calibration,
         nil_threshold=threshold,
         verifier_inputs=verifier_inputs,
+        verifier_target=nil_target,
         zero_shot=str(meta.get("zero_shot", "surface")),  # what the tables' name_cos read
         meta={"trees": trees, "folds": folds, "fit_on": "dev", "seed": seed, "tables": str(tables)},
     )
@@ -724,6 +736,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and features; 2 = also the none / second-best probabilities and the surface's "
         "training links (how many, and the share to entities in the list)",
     )
+    p.add_argument(
+        "--nil-target",
+        choices=VERIFIER_TARGETS,
+        default=VERIFIER_TARGET,
+        help="what the NIL verifier estimates: in_list = P(the mention's entity is among the "
+        "candidates), NIL when under the threshold; answer = P(the best candidate is right) "
+        "(models before v3)",
+    )
     p.add_argument("--no-train-fit", action="store_true", help="skip the fit-on-train comparison")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -741,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         nil_augment=a.nil_augment,
         verifier_inputs=a.verifier_inputs,
         nil_train=a.nil_train,
+        nil_target=a.nil_target,
     )
     text = json.dumps(report, indent=1)
     if a.report:

@@ -379,25 +379,31 @@ class Linker:
                     explain=explain.of(j, int(k)) if explain is not None else None,
                 )
             )
-        answer = None
+        answer = in_kb = None
         if out.answer_confidence is not None and cands:
             answer = float(out.answer_confidence[j])
+        if out.in_list is not None and cands:
+            in_kb = float(out.in_list[j])
         return LinkResult(
             candidates=tuple(cands),
-            nil=self._nil(cands, answer),
+            nil=self._nil(cands, answer, in_kb),
             reranker=p.reranker,
             answer_confidence=answer,
+            in_kb_probability=in_kb,
         )
 
-    def _nil(self, cands: list[CandidateResult], answer: float | None) -> bool:
-        """No candidate, or the answer's confidence under the NIL threshold (a probability:
-        fusion's verified answer confidence, else the best candidate's confidence; a
+    def _nil(self, cands: list[CandidateResult], answer: float | None, in_kb: float | None) -> bool:
+        """No candidate, or a probability under the NIL threshold: fusion's probability that
+        the entity is among the candidates (a verifier trained for it), else its verified
+        answer confidence (older fusion models), else the best candidate's confidence (a
         reranker without calibrated confidences compares its raw score)."""
         thr = self.nil_threshold
         if not cands:
             return True
         if thr is None:
             return False
+        if in_kb is not None:
+            return in_kb < thr
         if answer is not None:
             return answer < thr
         best = cands[0].confidence if cands[0].confidence is not None else cands[0].score

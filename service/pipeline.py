@@ -92,6 +92,7 @@ def to_response(linker: Linker, linked: LinkedMention) -> LinkResponse:
         ],
         nil=r.nil,
         answer_confidence=r.answer_confidence,
+        in_kb_probability=r.in_kb_probability,
         reranker=r.reranker,
         model_version=linker.fingerprint,
         index_version=linker.searcher.version,

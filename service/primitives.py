@@ -136,6 +136,7 @@ class LinkResult:
     nil: bool
     reranker: str
     answer_confidence: float | None = None  # P(the first candidate is right), NIL-aware
+    in_kb_probability: float | None = None  # P(the entity is among the candidates)
 
 
 @dataclass(frozen=True)

@@ -98,11 +98,13 @@ class EdgeWeights:
 class RerankOutput:
     """scores: ``(B, K)`` float, higher is better; explanation: None when there is none;
     answer_confidence: ``(B,)`` probability that each list's best candidate is right (a
-    reranker with a NIL verifier: fusion), else None."""
+    reranker with a NIL verifier: fusion), else None; in_list: ``(B,)`` probability that the
+    mention's entity is among the candidates (a verifier that estimates it), else None."""
 
     scores: np.ndarray
     explanation: Explanation | None = None
     answer_confidence: np.ndarray | None = None
+    in_list: np.ndarray | None = None
 
 
 class Reranker(Protocol):
@@ -372,14 +374,19 @@ class FusionReranker:
         texts = [MentionText(it.mention, it.sentence, it.span) for it in batch.inputs]
         x = candidate_features(texts, sig, self.fusion.prior)
         scores = self.fusion.score(x)
-        answer = None
+        verdict = None
         cal = self.fusion.calibration(self.name)
         if cal is not None and self.fusion.verifier is not None:
             valid = candidates.rows >= 0
-            answer = self.fusion.answer_confidence(
+            verdict = self.fusion.verify(
                 scores, cal.probabilities(scores, valid), x, valid, texts, sig.info
             )
-        return RerankOutput(scores, FeatureContributions(x, self.fusion), answer)
+        return RerankOutput(
+            scores,
+            FeatureContributions(x, self.fusion),
+            verdict.answer if verdict is not None else None,
+            verdict.in_list if verdict is not None else None,
+        )
 
 
 def load_rerankers(

@@ -116,14 +116,22 @@ class LinkResponse(BaseModel):
     candidates: list[Candidate]
     nil: bool = Field(
         ...,
-        description="true when there is no candidate or the best one's confidence is under "
-        "the NIL threshold (MEL_NIL_THRESHOLD, or the fusion model's dev-chosen one)",
+        description="true when there is no candidate, or a probability is under the NIL "
+        "threshold (MEL_NIL_THRESHOLD, or the fusion model's dev-chosen one): "
+        "in_kb_probability when given, else answer_confidence, else the best candidate's "
+        "confidence",
     )
     answer_confidence: float | None = Field(
         None,
         description="probability that the first candidate is the right entity, allowing for "
         "entities the KB does not hold (fusion's NIL verifier, trained on dev with entities "
-        "removed); nil = answer_confidence < the NIL threshold. Null for other rerankers",
+        "removed). Null for other rerankers",
+    )
+    in_kb_probability: float | None = Field(
+        None,
+        description="probability that the mention's entity is among the candidates, i.e. "
+        "that the KB holds it and retrieval found it (fusion models trained since v3); "
+        "nil = in_kb_probability < the NIL threshold. Null for other rerankers",
     )
     reranker: str
     model_version: str

@@ -23,6 +23,7 @@ from models.fusion import (
     answer_features,
     candidate_features,
     feature_groups,
+    verdict,
 )
 from models.fusion_train import (
     calibration_error,
@@ -190,6 +191,30 @@ def test_a_v1_config_keeps_its_verifier_inputs() -> None:
     doc = FusionConfig(features=("mimic",), mimic_fingerprint="m").to_dict()
     doc.pop("verifier_inputs")  # a model saved before v2
     assert FusionConfig.from_dict(doc).verifier_inputs == 1
+
+
+def test_a_config_before_v3_keeps_its_answer_verifier() -> None:
+    doc = FusionConfig(features=("mimic",), mimic_fingerprint="m").to_dict()
+    doc.pop("verifier_target")  # a model saved before v3
+    assert FusionConfig.from_dict(doc).verifier_target == "answer"
+
+
+def test_verdict_of_an_in_list_verifier() -> None:
+    """In-list: the answer confidence is P(in the list) x the best's share of the candidates'
+    calibrated probability; an "answer" verifier's output is the answer confidence itself."""
+    q = np.array([0.8, 0.5, 0.9], dtype=np.float32)
+    probs = np.array([[0.2, 0.6, 0.0], [0.3, 0.1, 0.1], [0.0, 0.0, 0.0]])
+    best = np.array([1, 0, -1])  # the third list is empty
+    v = verdict(q, probs, best, "in_list")
+    assert v.in_list is not None and v.in_list.tolist() == pytest.approx([0.8, 0.5, 0.0])
+    assert v.answer.tolist() == pytest.approx([0.8 * 0.6 / 0.8, 0.5 * 0.3 / 0.5, 0.0])
+    assert v.nil_score is v.in_list
+    assert (v.answer <= v.in_list + 1e-7).all()  # right answer => entity in the list
+    a = verdict(q, probs, best, "answer")
+    assert a.in_list is None and a.answer.tolist() == pytest.approx([0.8, 0.5, 0.0])
+    assert a.nil_score is a.answer
+    with pytest.raises(ValueError, match="verifier target"):
+        verdict(q, probs, best, "nil")
 
 
 def _table(n: int, k: int, seed: int) -> CandidateTable:

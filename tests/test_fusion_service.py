@@ -115,6 +115,7 @@ def test_training_report_and_model(fusion_dir: tuple[Path, Path, dict[str, Any]]
     assert fusion.config.nil_threshold is not None and fusion.verifier is not None
     assert fusion.config.zero_shot == "mention_pass" and fusion.config.verifier_inputs == 2
     assert report["nil"]["verifier_inputs"] == 2
+    assert fusion.config.verifier_target == report["nil"]["verifier_target"] == "in_list"
     assert set(report["nil"]) >= {"dev", "test", "softmax_only", "answer_confidence_ece_full_kb"}
 
 
@@ -195,10 +196,11 @@ def test_fusion_is_served_with_confidence_and_contributions(fusion_server: str) 
     confs = [c["confidence"] for c in out["candidates"]]
     assert all(0 <= c <= 1 for c in confs) and sum(confs) <= 1 + 1e-6
     assert confs == sorted(confs, reverse=True)  # ranked by score, calibration is monotone
-    # the verified answer confidence, and nil decided on it
-    assert 0 <= out["answer_confidence"] <= 1
+    # the verifier's probability that the entity is in the list, nil decided on it, and the
+    # answer confidence (never above it: a right answer needs the entity in the list)
+    assert 0 <= out["answer_confidence"] <= out["in_kb_probability"] + 1e-6 <= 1 + 1e-6
     ready_thr = FusionModel.from_pretrained(fusion_dir_model(fusion_server)).config.nil_threshold
-    assert out["nil"] is (out["answer_confidence"] < ready_thr)
+    assert out["nil"] is (out["in_kb_probability"] < ready_thr)
     ex = out["candidates"][0]["explain"]
     assert set(ex) == {"bias", "contributions", "values"}
     total = ex["bias"] + sum(ex["contributions"].values())
