@@ -1206,11 +1206,17 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
     ]
     nil = f["nil"]
     n = nil["test"]
+    in_list = nil.get("verifier_target") == "in_list"
+    nil_by = (
+        "the probability that the entity is among the candidates (`in_kb_probability`)"
+        if in_list
+        else "the answer confidence"
+    )
     lines += [
         f"NIL protocol: the gold entities of a seeded {100 * nil['share']:.0f}% of the dev and "
         f"test mentions leave the KB ({nil['removed_entities']:,} entities); every mention whose "
         f"gold left is NIL ({n['nil_mentions']:,} of {n['mentions']:,} test mentions). "
-        "NIL = the answer confidence (the NIL verifier, fitted on dev's out-of-fold lists) "
+        f"NIL = {nil_by} (the NIL verifier, fitted on dev's out-of-fold lists) "
         f"under the threshold chosen on dev ({n['threshold']:.3f}); for comparison, a "
         "threshold on the softmax confidence of the top-1 alone.",
         "",
@@ -1218,7 +1224,10 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     for label, m in (
-        ("fusion, answer confidence (the server's `nil`)", n),
+        (
+            f"fusion, {'in_kb_probability' if in_list else 'answer confidence'} (the server's `nil`)",
+            n,
+        ),
         ("fusion, softmax confidence only", nil.get("softmax_only", {}).get("test")),
     ):
         if m:

@@ -101,8 +101,9 @@ class ServiceSettings(BaseSettings):
     candidates_k_max: int = Field(1000, description="largest candidates_k accepted")
     nil_threshold: float | None = Field(
         None,
-        description="best candidate's confidence (a probability) below this -> nil=true; "
-        "None: the fusion model's dev-chosen threshold, or never NIL without one "
+        description="a probability below this -> nil=true: fusion's in_kb_probability "
+        "(its answer_confidence for fusion models before v3), else the best candidate's "
+        "confidence; None: the fusion model's dev-chosen threshold, or never NIL without one "
         "(a reranker without confidences compares its raw score)",
     )
     max_mention_chars: int = Field(300, description="longest mention surface accepted")
