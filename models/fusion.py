@@ -400,7 +400,7 @@ class FusionConfig:
     drin_fingerprint: str | None = None
     lexical_k: int = 20  # lexical candidates merged into the dense top-k
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # by reranker
-    nil_threshold: float | None = None  # on answer confidence, chosen on dev (NIL protocol)
+    nil_threshold: float | None = None  # on Verdict.nil_score, chosen on dev (NIL protocol)
     verifier_inputs: int = 1  # which answer_features the verifier reads (VERIFIER_INPUTS)
     verifier_target: str = "answer"  # what the verifier estimates (VERIFIER_TARGETS)
     zero_shot: str = "surface"  # the mention vector of name_cos (ZERO_SHOT_SOURCES)
