@@ -391,6 +391,16 @@ def verdict(q: np.ndarray, probs: np.ndarray, best: np.ndarray, target: str) -> 
 
 
 # ---------------------------------------------------------------------------------- model
+class _LightGBM:
+    """A booster behind the one-argument ``predict`` :class:`CompiledTrees` has."""
+
+    def __init__(self, booster: Any) -> None:
+        self.booster = booster
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.booster.predict(x, num_threads=1), dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class FusionConfig:
     """What a fusion model was trained on; checked against what the server loads."""
@@ -444,6 +454,32 @@ class FusionModel:
         self.verifier = verifier  # trained under NIL; what it estimates: config.verifier_target
         names = list(all_features())
         self.columns = np.array([names.index(f) for f in config.features])
+        # what predicts: the boosters themselves, or their compiled form (use_tree_runtime)
+        self.tree_runtime = "lightgbm"
+        self._rankers: list[Any] = [_LightGBM(b) for b in self.boosters]
+        self._verifier: Any | None = _LightGBM(verifier) if verifier is not None else None
+
+    def use_tree_runtime(
+        self, runtime: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+    ) -> str:
+        """Run the trees in ``runtime`` (``models.compiled_trees.TREE_RUNTIMES``; None: compiled
+        when lleaves is installed), compiled objects cached in ``cache_dir``. Scores equal
+        LightGBM's to float64 rounding either way; returns the runtime chosen."""
+        from models.compiled_trees import CompiledTrees, resolve_tree_runtime
+
+        runtime = resolve_tree_runtime(runtime)
+        if runtime == "compiled":
+            self._rankers = [CompiledTrees(b.model_to_string(), cache_dir) for b in self.boosters]
+            self._verifier = (
+                CompiledTrees(self.verifier.model_to_string(), cache_dir)
+                if self.verifier is not None
+                else None
+            )
+        else:
+            self._rankers = [_LightGBM(b) for b in self.boosters]
+            self._verifier = _LightGBM(self.verifier) if self.verifier is not None else None
+        self.tree_runtime = runtime
+        return runtime
 
     def calibration(self, reranker: str) -> Calibration | None:
         c = self.config.calibration.get(reranker)
@@ -457,7 +493,10 @@ class FusionModel:
         """(B, K, F_all) features -> (B, K) scores (NaN rows, i.e. padding, score -inf)."""
         B, K, F = x.shape
         flat = self.select(x.reshape(B * K, F))
-        out = np.mean([b.predict(flat, num_threads=1) for b in self.boosters], axis=0)
+        if len(self._rankers) == 1:
+            out = self._rankers[0].predict(flat)
+        else:
+            out = np.mean([r.predict(flat) for r in self._rankers], axis=0)
         out = np.asarray(out, dtype=np.float32).reshape(B, K)
         return np.where(np.isnan(x[..., 0]), -np.inf, out)
 
@@ -481,7 +520,8 @@ class FusionModel:
                 raise ValueError("this fusion model's verifier reads the mentions and lists")
             context = AnswerContext.of(self.prior, mentions, info)
         feats, k = answer_features(scores, probs, self.select_lists(x), valid, context)
-        q = np.asarray(self.verifier.predict(feats, num_threads=1), dtype=np.float32)
+        assert self._verifier is not None
+        q = np.asarray(self._verifier.predict(feats), dtype=np.float32)
         return verdict(q, probs, k, self.config.verifier_target)
 
     def select_lists(self, x: np.ndarray) -> np.ndarray:

@@ -100,6 +100,10 @@ class Linker:
         if settings.fusion_model_path:
             self.fusion = FusionModel.from_pretrained(settings.fusion_model_path)
             check_fusion(self.fusion, self.fingerprint, self.drin_fingerprint)
+            self.fusion.use_tree_runtime(
+                settings.fusion_trees,
+                default_cache_dir(settings.model_path, settings.onnx_cache),
+            )
             if not self.searcher.has_lexical:
                 raise ValueError(
                     f"the fusion model merges lexical candidates but the index "

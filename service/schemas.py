@@ -192,6 +192,9 @@ class Readiness(BaseModel):
     )
     model_workers: int | None = Field(None, description="model threads running batches at once")
     kernel_runtime: str | None = Field(None, description="how the MIMIC kernel runs: torch | onnx")
+    fusion_trees: str | None = Field(
+        None, description="how the fusion trees run: lightgbm | compiled; null: no fusion model"
+    )
     drin_table_rows: int | None = Field(
         None,
         description="KB rows whose DRIN first-layer products were folded when the DRIN model "

@@ -61,14 +61,22 @@ class ServiceSettings(BaseSettings):
         "onnxruntime graph, exported on first start into onnx_cache; equal within float "
         "rounding, measured faster); None: onnx on the CPU, torch on a GPU",
     )
+    fusion_trees: str | None = Field(
+        None,
+        description="how the fusion model's trees run: lightgbm (Booster.predict) or compiled "
+        "(lleaves: native code made on first start and cached in onnx_cache; equal to "
+        "float64 rounding, measured 6x faster); None: compiled when lleaves is installed",
+    )
     onnx_cache: str | None = Field(
         None,
-        description="folder for the ONNX exports of the encoder and the MIMIC kernel (made on "
-        "first start, never downloaded); None: the onnx/ folder inside model_path",
+        description="folder for what the server compiles on first start (never downloaded): "
+        "the ONNX exports of the encoder and the MIMIC kernel, the compiled fusion trees; "
+        "None: the onnx/ folder inside model_path",
     )
     intra_op_threads: int | None = Field(
         None,
-        description="torch and onnxruntime intra-op threads of each model worker; None: the "
+        description="torch, onnxruntime and FAISS threads of each model worker (numpy's BLAS "
+        "always runs 1: see the one-query flat search); None: the "
         "cores free at start (CPU affinity, capped by a cgroup quota, minus the cores other "
         "processes keep busy, minus thread_reserve) divided by model_workers, 1 when neither "
         "is set; on a GPU the free cores",
@@ -101,8 +109,8 @@ class ServiceSettings(BaseSettings):
     candidates_k_max: int = Field(1000, description="largest candidates_k accepted")
     nil_threshold: float | None = Field(
         None,
-        description="a probability below this -> nil=true: fusion's in_kb_probability "
-        "(its answer_confidence for fusion models before v3), else the best candidate's "
+        description="a probability below this -> nil=true: fusion's `in_kb_probability` "
+        "(its `answer_confidence` for fusion models before v3), else the best candidate's "
         "confidence; None: the fusion model's dev-chosen threshold, or never NIL without one "
         "(a reranker without confidences compares its raw score)",
     )
@@ -186,6 +194,14 @@ class ServiceSettings(BaseSettings):
         runtimes = ("torch", "onnx", "onnx-int8")
         if v is not None and v not in runtimes:
             raise ValueError(f"encoder_runtime must be one of {runtimes}, got {v!r}")
+        return v
+
+    @field_validator("fusion_trees")
+    @classmethod
+    def _fusion_trees(cls, v: str | None) -> str | None:
+        runtimes = ("lightgbm", "compiled")  # models.compiled_trees.TREE_RUNTIMES
+        if v is not None and v not in runtimes:
+            raise ValueError(f"fusion_trees must be one of {runtimes}, got {v!r}")
         return v
 
     @field_validator("kernel_runtime")
