@@ -43,7 +43,13 @@ from typing import Any
 import numpy as np
 
 from index.store import ENTITIES_FILE, Manifest
-from models.lexical import norm_name
+from models.lexical import (
+    gram_keys,
+    norm_name,
+    pack_trigrams,
+    padded_code_points,
+    sorted_distinct,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,36 +62,12 @@ META_FILE = "meta.json"
 DENSE_ACCUMULATE = 32
 _ARRAYS = ("grams", "idf", "indptr", "postings", "weights", "entry_row")
 _BLOCK = 65_536  # names turned into (gram, entry) pairs at a time
-_BITS = 21  # a Unicode code point fits in 21 bits; three of them in a non-negative int64
-
-
-def _padded(norms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Code points of ``" n "`` for each normalised name, concatenated, and each one's start."""
-    text = "".join(f" {n} " for n in norms)
-    cp = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
-    lengths = np.fromiter((len(n) + 2 for n in norms), dtype=np.int64, count=len(norms))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(norms) else lengths
-    return cp, starts
-
-
-def _pack(cp: np.ndarray) -> np.ndarray:
-    return (cp[:-2] << (2 * _BITS)) | (cp[1:-1] << _BITS) | cp[2:]
-
-
-def gram_keys(name: str) -> np.ndarray:
-    """Sorted distinct int64 keys of a name's character trigrams: one key per element of
-    ``set(models.lexical.char_ngrams(name))`` (none for a name that normalises to nothing)."""
-    n = norm_name(name)
-    if not n:
-        return np.zeros(0, dtype=np.int64)
-    cp, _ = _padded([n])
-    return np.unique(_pack(cp))
 
 
 def _block_pairs(norms: Sequence[str], first_entry: int) -> tuple[np.ndarray, np.ndarray]:
     """(gram key, entry) pairs of a block of non-empty normalised names, one per distinct gram."""
-    cp, starts = _padded(norms)
-    keys = _pack(cp)
+    cp, starts = padded_code_points(norms)
+    keys = pack_trigrams(cp)
     # gram j starts at character j; it belongs to the name it starts in if it ends inside it
     owner = np.repeat(np.arange(len(norms), dtype=np.int64), np.diff(np.r_[starts, len(cp)]))
     j = np.arange(len(keys))
@@ -215,15 +197,21 @@ class Postings:
             # one slot per entry beats sorting the gathered postings (a small KB, or a query
             # of frequent grams); the same sums in the same order, so the same scores
             acc = np.bincount(entries, weights=contrib, minlength=n_entries)
-            uniq = np.flatnonzero(acc)  # every gathered contribution is > 0
+            # the entries gathered, sorted: a sort of the postings, not a scan of every slot
+            # (the scan was most of a one-query search once the flat search had evicted it)
+            uniq = sorted_distinct(entries)
             per_entry = acc[uniq]
         else:
             uniq, inv = np.unique(entries, return_inverse=True)
             per_entry = np.bincount(inv, weights=contrib)
         # entries are numbered in row order: a row's entries are adjacent in ``uniq``
         rows = np.asarray(self.entry_row[uniq])
-        first = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        rows, score = rows[first], np.maximum.reduceat(per_entry, first)
+        same = rows[1:] == rows[:-1]  # a row's entries are adjacent
+        if not same.any():  # one name per row among these (no aliases)
+            score = per_entry
+        else:
+            first = np.flatnonzero(np.concatenate(([True], ~same)))
+            rows, score = rows[first], np.maximum.reduceat(per_entry, first)
         if len(rows) > k:
             top = np.argpartition(-score, k - 1)[:k]
             rows, score = rows[top], score[top]

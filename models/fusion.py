@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from models.lexical import NAME_FEATURES, name_features, norm_name
+from models.lexical import NAME_FEATURES, NameTable, name_features, norm_name
 
 FUSION_FORMAT = "mel-fusion"
 FUSION_VERSION = 3  # 2: verifier_inputs and zero_shot; 3: verifier_target (older code refuses)
@@ -167,7 +167,15 @@ class EntityPrior:
         key = norm_name(surface)
         counts = self.surface.get(key, Counter())
         total = sum(counts.values()) - (1 if exclude is not None and exclude in counts else 0)
-        entity, denom = self.entity, total + 1.0
+        denom = total + 1.0
+        if exclude is None:  # serving: no link to leave out, one dict read per candidate
+            logs = self._log_counts()
+            first = [logs.get(eid, 0.0) if eid is not None else 0.0 for eid in ids]
+            second = [counts.get(eid, 0) / denom if eid is not None else 0.0 for eid in ids]
+            out = np.empty((len(ids), 2), dtype=np.float32)
+            out[:, 0], out[:, 1] = first, second
+            return out
+        entity = self.entity
         # one list of Python floats per column, then one array: element-wise assignment into
         # a numpy array was most of this function's time
         rows = [
@@ -180,6 +188,15 @@ class EntityPrior:
             for eid in ids
         ]
         return np.array(rows, dtype=np.float32).reshape(len(ids), 2)
+
+    def _log_counts(self) -> dict[str, float]:
+        """log(1 + count) of every linked entity, computed once (the counts do not change
+        after :meth:`fit` / :meth:`from_json`; a changed ``entity`` is noticed by its size)."""
+        cached = self.__dict__.get("_logs")
+        if cached is None or cached[0] != len(self.entity):
+            cached = (len(self.entity), {e: math.log1p(n) for e, n in self.entity.items()})
+            self.__dict__["_logs"] = cached
+        return cached[1]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,10 +218,23 @@ def _rank_and_gap(x: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndar
     masked = np.where(valid, x, -np.inf)
     order = np.argsort(-masked, axis=1, kind="stable")
     rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(1, x.shape[1] + 1)[None, :], axis=1)
+    rank[np.arange(x.shape[0])[:, None], order] = np.arange(1, x.shape[1] + 1)
     best = masked.max(axis=1, keepdims=True)
     gap = np.where(valid, x - np.where(np.isfinite(best), best, 0.0), 0.0)
     return rank.astype(np.float32), gap.astype(np.float32)
+
+
+_FEATURES: tuple[str, ...] | None = None
+_COLUMN: dict[str, int] = {}
+
+
+def _columns() -> dict[str, int]:
+    """Each feature's column in :func:`all_features` order (computed once)."""
+    global _FEATURES
+    if _FEATURES is None:
+        _FEATURES = all_features()
+        _COLUMN.update({f: j for j, f in enumerate(_FEATURES)})
+    return _COLUMN
 
 
 def candidate_features(
@@ -212,54 +242,70 @@ def candidate_features(
     sig: CandidateSignals,
     prior: EntityPrior,
     exclude: Sequence[str | None] | None = None,
+    table: NameTable | None = None,
 ) -> np.ndarray:
     """(B, K, F) float32 in :func:`all_features` order (NaN where a value is unknown: DRIN
     without a DRIN model, popularity the KB does not give). ``exclude``: per mention, its own
-    gold when it is a training mention (leave-one-out priors)."""
+    gold when it is a training mention (leave-one-out priors). ``table``: the KB's names
+    analysed into arrays (:class:`models.lexical.NameTable`, rows = ``sig.rows``), for the
+    string features of a list whose rows it all holds: the same values, faster."""
     B, K = sig.rows.shape
+    col = _columns()
     valid = sig.valid
-    cols: dict[str, np.ndarray] = {}
-    cols["dense"] = sig.dense
-    cols["dense_rank"], cols["dense_gap"] = _rank_and_gap(sig.dense, valid)
-    cols["from_dense"] = sig.from_dense.astype(np.float32)
-    cols["lexical"] = sig.lexical
-    cols["from_lexical"] = sig.from_lexical.astype(np.float32)
+    x = np.empty((B, K, len(col)), dtype=np.float32)  # written column by column, in place
+    x[..., col["dense"]] = sig.dense
+    x[..., col["from_dense"]] = sig.from_dense
+    x[..., col["lexical"]] = sig.lexical
+    x[..., col["from_lexical"]] = sig.from_lexical
     for j, name in enumerate(("mimic", "mimic_tglu", "mimic_vdlu", "mimic_cmfu")):
-        cols[name] = sig.mimic[..., j]
-    cols["mimic_rank"], cols["mimic_gap"] = _rank_and_gap(sig.mimic[..., 0], valid)
+        x[..., col[name]] = sig.mimic[..., j]
+    x[..., col["name_cos"]] = sig.name_cos
+    # the ranks and gaps of every scored signal in one sort over the stacked lists
+    scored = [("dense", sig.dense), ("mimic", sig.mimic[..., 0]), ("name_cos", sig.name_cos)]
     if sig.drin is not None:
-        cols["drin"] = sig.drin
-        cols["drin_rank"], cols["drin_gap"] = _rank_and_gap(sig.drin, valid)
+        x[..., col["drin"]] = sig.drin
+        scored.append(("drin", sig.drin))
     else:
         for name in SCORE_FEATURES["drin"]:
-            cols[name] = np.full((B, K), np.nan, dtype=np.float32)
-    cols["name_cos"] = sig.name_cos
-    cols["name_cos_rank"], cols["name_cos_gap"] = _rank_and_gap(sig.name_cos, valid)
-    strings = np.zeros((B, K, len(NAME_FEATURES)), dtype=np.float32)
-    priors = np.zeros((B, K, 2), dtype=np.float32)
-    pop = np.full((B, K), np.nan, dtype=np.float32)
+            x[..., col[name]] = np.nan
+    stacked = np.concatenate([v for _, v in scored], axis=0)
+    rank, gap = _rank_and_gap(stacked, np.tile(valid, (len(scored), 1)))
+    for i, (name, _) in enumerate(scored):
+        x[..., col[f"{name}_rank"]] = rank[i * B : (i + 1) * B]
+        x[..., col[f"{name}_gap"]] = gap[i * B : (i + 1) * B]
+    string_cols = np.array([col[f] for f in NAME_FEATURES])
+    x[..., string_cols] = 0.0
+    x[..., col["prior_entity"]] = 0.0
+    x[..., col["prior_surface"]] = 0.0
+    x[..., col["popularity"]] = np.nan
+    prior_cols = np.array([col["prior_entity"], col["prior_surface"]])
     for b, m in enumerate(mentions):
         info = sig.info[b]
-        ks = [k for k in range(K) if valid[b, k] and info[k] is not None]
+        ks = [k for k, (v, c) in enumerate(zip(valid[b].tolist(), info, strict=True)) if v and c]
         if not ks:
             continue
-        names = [list(info[k].names) for k in ks]  # type: ignore[union-attr]
-        strings[b, ks] = name_features(m.mention, m.sentence, m.span, names)
-        ids = [info[k].id for k in ks]  # type: ignore[union-attr]
+        cands: list[CandidateInfo] = [info[k] for k in ks]  # type: ignore[misc]
+        names = [c.names for c in cands]
+        xb = x[b]
+        if table is not None and int(sig.rows[b, ks].max()) < len(table):
+            feats = table.features(m.mention, m.sentence, m.span, sig.rows[b, ks])
+        else:
+            feats = name_features(m.mention, m.sentence, m.span, names)
         own = exclude[b] if exclude is not None else None
-        priors[b, ks] = prior.features(m.mention, ids, own)
-        for k in ks:
-            p = info[k].popularity  # type: ignore[union-attr]
-            if p is not None:
-                pop[b, k] = math.log1p(max(0.0, p))
-    for j, name in enumerate(NAME_FEATURES):
-        cols[name] = strings[..., j]
-    cols["prior_entity"], cols["prior_surface"] = priors[..., 0], priors[..., 1]
-    cols["popularity"] = pop
-    order = all_features()
-    x = np.empty((B, K, len(order)), dtype=np.float32)
-    for j, f in enumerate(order):  # written in place: no per-column copy and stack
-        x[..., j] = cols[f]
+        pri = prior.features(m.mention, [c.id for c in cands], own)
+        if len(ks) == K:  # the usual full list: plain slices
+            xb[:, string_cols] = feats
+            xb[:, prior_cols] = pri
+        else:
+            kk = np.array(ks)
+            xb[np.ix_(kk, string_cols)] = feats
+            xb[np.ix_(kk, prior_cols)] = pri
+        pops = [c.popularity for c in cands]
+        if any(p is not None for p in pops):
+            pc = col["popularity"]
+            for k, p in zip(ks, pops, strict=True):
+                if p is not None:
+                    xb[k, pc] = math.log1p(max(0.0, p))
     x[~valid] = np.nan
     return x
 

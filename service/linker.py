@@ -293,12 +293,12 @@ class Linker:
         from_lexical = np.zeros((B, K + k), dtype=bool)
         rows[:, :K] = dense.rows
         for b in range(B):
-            pos = {int(r): j for j, r in enumerate(dense.rows[b]) if r >= 0}
+            pos = {r: j for j, r in enumerate(dense.rows[b].tolist()) if r >= 0}
             n = K
-            for r, sc in zip(hits.rows[b], hits.scores[b], strict=True):
+            for r, sc in zip(hits.rows[b].tolist(), hits.scores[b].tolist(), strict=True):
                 if r < 0:
                     continue
-                j = pos.get(int(r))
+                j = pos.get(r)
                 if j is None:
                     j, n = n, n + 1
                     rows[b, j] = r

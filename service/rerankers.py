@@ -31,7 +31,7 @@ from models.fusion import (
     MentionText,
     candidate_features,
 )
-from models.lexical import analyse_names
+from models.lexical import NameTable
 from models.model import LinkingModel
 from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
@@ -274,9 +274,10 @@ class CandidateInfoReader:
     metadata read is a JSON parse.
 
     ``preload``: a base KB of at most that many entities is read whole when the reader is
-    made, and every name and alias analysed then (``models.lexical.analyse_names``), so no
-    request pays a first sight of a name (8 us each, most of the string features of a cold
-    list); a larger KB, and rows added live, go through the LRU as they come."""
+    made, and every name and alias analysed then into a :class:`models.lexical.NameTable`
+    (``table``), so no request pays a first sight of a name (8 us each) and the string
+    features of a list are array operations; a larger KB, and rows added live, go through the
+    LRU and the per-name string features as they come."""
 
     def __init__(
         self, searcher: IndexSearcher, size: int = 200_000, preload: int = INFO_PRELOAD
@@ -284,15 +285,16 @@ class CandidateInfoReader:
         self.searcher = searcher
         self.one = lru_cache(maxsize=size)(self._read)
         self.loaded: dict[int, CandidateInfo] = {}
+        self.table: NameTable | None = None  # the preloaded rows' names, analysed into arrays
         n = searcher.manifest.entity_count
         if 0 < n <= preload:
             t0 = time.perf_counter()
             self.loaded = {row: self._read(row) for row in range(n)}
-            names = analyse_names(s for info in self.loaded.values() for s in info.names)
+            self.table = NameTable.build([self.loaded[row].names for row in range(n)])
             logger.info(
                 "candidate names: %d entities, %d names analysed at load in %.2f s",
                 n,
-                names,
+                len(self.table.norm_strings),
                 time.perf_counter() - t0,
             )
 
@@ -372,7 +374,7 @@ class FusionReranker:
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
         sig = fusion_signals(batch, candidates, self.searcher, self.mimic, self.drin, self.info)
         texts = [MentionText(it.mention, it.sentence, it.span) for it in batch.inputs]
-        x = candidate_features(texts, sig, self.fusion.prior)
+        x = candidate_features(texts, sig, self.fusion.prior, table=self.info.table)
         scores = self.fusion.score(x)
         verdict = None
         cal = self.fusion.calibration(self.name)

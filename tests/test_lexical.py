@@ -25,11 +25,13 @@ from index.store import MANIFEST_FILE, Manifest
 from models.data.schema import Entity, RecordReport, iter_entities, parse_entity, write_jsonl
 from models.lexical import (
     NAME_FEATURES,
+    NameTable,
     char_ngrams,
     containment,
     name_features,
     name_tokens,
     norm_name,
+    sorted_distinct,
     trigram_cosine,
 )
 from models.model import LinkingModel
@@ -168,6 +170,103 @@ def test_name_features_equal_the_pairwise_computation() -> None:
                 assert f[k, COL[feat]] == pytest.approx(value, abs=1e-6), (feat, k)
         holds = [any(set(mt) <= set(name_tokens(v)) for v in vs) for vs in names]
         assert (f[:, COL["ambiguity"]] == sum(holds)).all()
+
+
+def _random_kb(rng: random.Random, rows: int) -> tuple[list[list[str]], list[str]]:
+    """Names drawn from a small vocabulary so that lists share tokens, with aliases, repeated
+    tokens, qualifiers, accents, names that have no word token and rows without a name."""
+    vocab = ["Joe", "Biden", "Jill", "Bush", "George", "W.", "Élan", "elan", "de", "la", "Q"]
+
+    def name() -> str:
+        r = rng.random()
+        if r < 0.04:
+            return "!!!"  # no word token
+        if r < 0.06:
+            return ""
+        words = [rng.choice(vocab) for _ in range(rng.randint(1, 4))]
+        tail = " (band)" if rng.random() < 0.1 else ""
+        return " ".join(words) + tail
+
+    kb = [[name() for _ in range(rng.choice([1, 1, 1, 2, 3]))] for _ in range(rows)]
+    kb[3] = []  # a row with no names at all
+    mentions = [name() for _ in range(60)] + ["Zork Biden", "", "Joe Joe", "George W. Bush"]
+    return kb, mentions
+
+
+def test_the_names_table_equals_the_per_name_features() -> None:
+    rng = random.Random(1)
+    kb, mentions = _random_kb(rng, 300)
+    table = NameTable.build(kb)
+    single = [names[:1] or ["x"] for names in kb]
+    table1 = NameTable.build(single)
+    assert len(table) == 300
+    for i, mention in enumerate(mentions):
+        rows = np.array(rng.sample(range(300), rng.randint(1, 120)))
+        if i % 7 == 0:
+            rows = np.array([3, 3, 5])  # the nameless row, a repeated row
+        words = [rng.choice(["Joe", "Jill", "met", "Bush", "in", "la"]) for _ in range(6)]
+        sentence = f"{' '.join(words[:3])} {mention} {' '.join(words[3:])}."
+        span = None
+        if i % 3 == 0 and mention:
+            start = sentence.index(mention)
+            span = (start, start + len(mention))
+        want = name_features(mention, sentence, span, [kb[r] for r in rows])
+        got = table.features(mention, sentence, span, rows)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.array_equal(got, want), (mention, sentence)
+        # one name per row (no aliases): the table's short path
+        want1 = name_features(mention, sentence, span, [single[r] for r in rows])
+        assert np.array_equal(table1.features(mention, sentence, span, rows), want1)
+
+
+def test_candidate_features_read_the_table_only_for_rows_it_holds() -> None:
+    from models.fusion import (
+        CandidateInfo,
+        CandidateSignals,
+        EntityPrior,
+        MentionText,
+        candidate_features,
+    )
+
+    rng = random.Random(2)
+    kb, _ = _random_kb(rng, 50)
+    table = NameTable.build(kb[:40])  # rows 40.. were added after: not in the table
+    nprng = np.random.default_rng(0)
+    B, K = 3, 12
+    rows = np.array([nprng.choice(40, K, replace=False), np.arange(35, 47), np.arange(K)])
+    rows[2, 10:] = -1  # padding
+    info = [
+        [CandidateInfo(f"Q{r}", tuple(kb[r]), None) if r >= 0 else None for r in line]
+        for line in rows.tolist()
+    ]
+    sig = CandidateSignals(
+        rows=rows,
+        dense=nprng.normal(size=(B, K)).astype(np.float32),
+        from_dense=np.ones((B, K), bool),
+        from_lexical=np.zeros((B, K), bool),
+        lexical=np.zeros((B, K), np.float32),
+        mimic=nprng.normal(size=(B, K, 4)).astype(np.float32),
+        drin=None,
+        name_cos=nprng.uniform(size=(B, K)).astype(np.float32),
+        info=info,
+    )
+    men = [MentionText("Joe Biden", "Joe Biden met Jill."), MentionText("Bush", "Bush (band)")]
+    men.append(MentionText("la Q", "la Q de Élan", (0, 4)))
+    prior = EntityPrior.fit([("Biden", "Q1"), ("Joe Biden", "Q2")])
+    want = candidate_features(men, sig, prior)
+    got = candidate_features(men, sig, prior, table=table)
+    assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_sorted_distinct_is_unique() -> None:
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 5, 63, 64, 65, 3000):
+        a = rng.integers(0, 50 if n < 100 else 2000, n)
+        assert np.array_equal(sorted_distinct(a), np.unique(a))
+        assert sorted_distinct(a).dtype == a.dtype
+    keys = gram_keys("Joe Biden")
+    with pytest.raises(ValueError):
+        keys[0] = 1  # cached: read-only
 
 
 # ------------------------------------------------------------------------ canonical format
