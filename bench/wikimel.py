@@ -770,6 +770,7 @@ def stage_fusion_latency(a: argparse.Namespace, reps: int = 160) -> dict[str, An
     from models.fusion import CandidateTable, FusionModel, candidate_features
     from service.linker import Linker
     from service.primitives import LinkParams, MentionBatch
+    from service.rerankers import FusionReranker
     from service.settings import ServiceSettings
     from service.tables import dataset_inputs
 
@@ -824,16 +825,43 @@ def stage_fusion_latency(a: argparse.Namespace, reps: int = 160) -> dict[str, An
     out["zero_shot_source"] = linker.fusion.config.zero_shot if linker.fusion else None
     out["zero_shot_vector_ms"] = {k: round(1000 * float(np.median(v)), 3) for k, v in zero.items()}
     out["encoder_runtime"] = linker.encoder_runtime
-    linker.close()
+    # the features and trees of the test lists, the served way (the linker's names table
+    # and tree runtime) against the per-name string features and LightGBM, alternating
+    served = linker.fusion
+    assert served is not None
+    reranker = linker.rerankers["fusion"]
+    assert isinstance(reranker, FusionReranker)
+    names = reranker.info.table
+    lgbm = FusionModel.from_pretrained(a.work / "fusion")
+    out["tree_runtime"] = served.tree_runtime
+    out["names_table"] = names is not None
     table = CandidateTable.load(a.work / "fusion-tables" / "test")
-    fusion = FusionModel.from_pretrained(a.work / "fusion")
-    times = []
+    parts: dict[str, list[float]] = {
+        "features_per_name": [],
+        "features_table": [],
+        "trees_lightgbm": [],
+        "trees_served": [],
+        "features_and_trees": [],
+    }
     for i in range(min(reps, len(table))):
         sub, ms = table.signals.take([i]), [table.mentions[i]]
         t0 = time.perf_counter()
-        fusion.score(candidate_features(ms, sub, fusion.prior))
-        times.append(time.perf_counter() - t0)
-    out["features_and_trees_ms"] = round(1000 * float(np.median(times)), 3)
+        x = candidate_features(ms, sub, served.prior)
+        t1 = time.perf_counter()
+        candidate_features(ms, sub, served.prior, table=names)
+        t2 = time.perf_counter()
+        lgbm.score(x)
+        t3 = time.perf_counter()
+        served.score(x)
+        t4 = time.perf_counter()
+        served.score(candidate_features(ms, sub, served.prior, table=names))
+        t5 = time.perf_counter()
+        for name, t in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            parts[name].append(t)
+    linker.close()
+    med_ms = {k: round(1000 * float(np.median(v)), 3) for k, v in parts.items()}
+    out["features_and_trees_ms"] = med_ms.pop("features_and_trees")
+    out["parts_ms"] = med_ms
     return out
 
 
@@ -1316,11 +1344,26 @@ def _render_fusion(res: dict[str, Any]) -> list[str]:
             f"({b32['mimic_ms_per_mention']:.2f} -> {b32['fusion_ms_per_mention']:.2f} ms); "
             f"of it, features + trees {lat['features_and_trees_ms']:.2f} ms. Fusion training "
             f"took {f['seconds']['total']:.0f} s (features {f['seconds']['features']:.0f} s).",
+            *_parts_line(lat),
             *_zero_shot_line(lat),
             "",
             f"![reliability diagram of fusion on test]({f.get('reliability_png', '')})",
         ]
     return lines
+
+
+def _parts_line(lat: dict[str, Any]) -> list[str]:
+    p = lat.get("parts_ms")
+    if not p:
+        return []
+    return [
+        "",
+        f"Side by side on the same test lists (alternating, one list at a time): the candidate "
+        f"features with the KB's names table **{p['features_table']:.3f} ms** against "
+        f"{p['features_per_name']:.3f} ms name by name; the trees {lat.get('tree_runtime')} "
+        f"**{p['trees_served']:.3f} ms** against LightGBM's predict {p['trees_lightgbm']:.3f} "
+        f"ms (the served path: names table {'on' if lat.get('names_table') else 'off'}).",
+    ]
 
 
 def _zero_shot_line(lat: dict[str, Any]) -> list[str]:
