@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,35 @@ def worktree(commit: str, tmp: Path) -> Path:
     return out
 
 
+def alternate(
+    base: str,
+    head: str | None,
+    rounds: int,
+    run: Callable[[Path, Path], dict[str, Any]],
+    prefix: str = "mel-ab-",
+) -> dict[str, list[dict[str, Any]]]:
+    """``run(source tree, JSON path)`` ``rounds`` times per side, the order alternating
+    (base, head, head, base, ...): the base checked out into a temporary worktree, the head
+    too when given (else this working tree); the worktrees are removed after."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as t:
+        tmp = Path(t)
+        sides = {"base": worktree(base, tmp), "head": worktree(head, tmp) if head else ROOT}
+        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
+        try:
+            for r in range(rounds):
+                for side in ["base", "head"] if r % 2 == 0 else ["head", "base"]:
+                    print(f"round {r + 1}/{rounds}: {side}", flush=True)
+                    runs[side].append(run(sides[side], tmp / f"{side}-{r}.json"))
+        finally:
+            for path in sides.values():
+                if path != ROOT:
+                    subprocess.run(
+                        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                        check=False,
+                    )
+    return runs
+
+
 def run_side(src: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(src)}
     cmd = [sys.executable, str(HERE / "load_bench.py"), "--results", str(out)]
@@ -78,23 +108,9 @@ def main() -> int:
         "load_args", nargs="*", help="passed to load_bench.py after --, e.g. -- --single 60"
     )
     a = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mel-ab-") as t:
-        tmp = Path(t)
-        sides = {"base": worktree(a.base, tmp), "head": worktree(a.head, tmp) if a.head else ROOT}
-        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
-        try:
-            for r in range(a.rounds):
-                order = ["base", "head"] if r % 2 == 0 else ["head", "base"]
-                for side in order:
-                    print(f"round {r + 1}/{a.rounds}: {side}", flush=True)
-                    runs[side].append(run_side(sides[side], a, tmp / f"{side}-{r}.json"))
-        finally:
-            for path in sides.values():
-                if path != ROOT:
-                    subprocess.run(
-                        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
-                        check=False,
-                    )
+    runs = alternate(
+        a.base, a.head, a.rounds, lambda src, out: run_side(src, a, out), prefix="mel-ab-"
+    )
     rows = []
     for label, path, higher in FIGURES:
         med = {}

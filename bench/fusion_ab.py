@@ -20,12 +20,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import _machine  # bench/_machine.py
-from ab_service import worktree  # bench/ab_service.py
+from ab_service import alternate, dig  # bench/ab_service.py
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -51,14 +50,6 @@ torch.set_num_threads(int(sys.argv[4]))
 a = argparse.Namespace(work=Path(sys.argv[2]))
 Path(sys.argv[3]).write_text(json.dumps(wikimel.stage_fusion_latency(a, int(sys.argv[5]))))
 """
-
-
-def dig(d: Any, path: tuple[str, ...]) -> float | None:
-    for k in path:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return float(d) if isinstance(d, int | float) else None
 
 
 def run_side(src: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -114,22 +105,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (the protocol's)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "fusion-ab.json")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="mel-fusion-ab-") as t:
-        tmp = Path(t)
-        sides = {"base": worktree(a.base, tmp), "head": worktree(a.head, tmp) if a.head else ROOT}
-        runs: dict[str, list[dict[str, Any]]] = {"base": [], "head": []}
-        try:
-            for r in range(a.rounds):
-                for side in ["base", "head"] if r % 2 == 0 else ["head", "base"]:
-                    print(f"round {r + 1}/{a.rounds}: {side}", flush=True)
-                    runs[side].append(run_side(sides[side], a, tmp / f"{side}-{r}.json"))
-        finally:
-            for path in sides.values():
-                if path != ROOT:
-                    subprocess.run(
-                        ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
-                        check=False,
-                    )
+    runs = alternate(
+        a.base, a.head, a.rounds, lambda src, out: run_side(src, a, out), prefix="mel-fusion-ab-"
+    )
     rows = []
     for label, path in FIGURES:
         row: dict[str, Any] = {"figure": label}
