@@ -61,10 +61,10 @@ def alternate(
     base: str,
     head: str | None,
     rounds: int,
-    run: Callable[[Path, Path], dict[str, Any]],
+    run: Callable[[str, Path, Path], dict[str, Any]],
     prefix: str = "mel-ab-",
 ) -> dict[str, list[dict[str, Any]]]:
-    """``run(source tree, JSON path)`` ``rounds`` times per side, the order alternating
+    """``run(side, source tree, JSON path)`` ``rounds`` times per side, the order alternating
     (base, head, head, base, ...): the base checked out into a temporary worktree, the head
     too when given (else this working tree); the worktrees are removed after."""
     with tempfile.TemporaryDirectory(prefix=prefix) as t:
@@ -75,7 +75,7 @@ def alternate(
             for r in range(rounds):
                 for side in ["base", "head"] if r % 2 == 0 else ["head", "base"]:
                     print(f"round {r + 1}/{rounds}: {side}", flush=True)
-                    runs[side].append(run(sides[side], tmp / f"{side}-{r}.json"))
+                    runs[side].append(run(side, sides[side], tmp / f"{side}-{r}.json"))
         finally:
             for path in sides.values():
                 if path != ROOT:
@@ -86,10 +86,12 @@ def alternate(
     return runs
 
 
-def run_side(src: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_side(side: str, src: Path, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(src)}
+    model = (a.base_model if side == "base" else None) or a.model
+    index = (a.base_index if side == "base" else None) or a.index
     cmd = [sys.executable, str(HERE / "load_bench.py"), "--results", str(out)]
-    cmd += ["--model", a.model, "--data", a.data, "--index", a.index, *a.load_args]
+    cmd += ["--model", model, "--data", a.data, "--index", index, *a.load_args]
     subprocess.run(cmd, env=env, check=True)
     result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -103,14 +105,18 @@ def main() -> int:
     p.add_argument("--model", default="artifacts/demo-model/best")
     p.add_argument("--data", default="artifacts/demo-world")
     p.add_argument("--index", default="artifacts/bench/demo-index-flat")
+    p.add_argument(
+        "--base-model",
+        help="the base side's checkpoint (default --model): a base whose model format "
+        "predates this code's, trained by its own code",
+    )
+    p.add_argument("--base-index", help="the base side's index folder, built by its own code")
     p.add_argument("--results", default="bench/results/service-ab.json")
     p.add_argument(
         "load_args", nargs="*", help="passed to load_bench.py after --, e.g. -- --single 60"
     )
     a = p.parse_args()
-    runs = alternate(
-        a.base, a.head, a.rounds, lambda src, out: run_side(src, a, out), prefix="mel-ab-"
-    )
+    runs = alternate(a.base, a.head, a.rounds, lambda side, src, out: run_side(side, src, a, out))
     rows = []
     for label, path, higher in FIGURES:
         med = {}
@@ -126,6 +132,8 @@ def main() -> int:
         "base": a.base,
         "head": a.head or "working tree",
         "rounds": a.rounds,
+        "models": {"base": a.base_model or a.model, "head": a.model},
+        "indexes": {"base": a.base_index or a.index, "head": a.index},
         "load_args": a.load_args,
         "figures": rows,
     }
@@ -134,6 +142,9 @@ def main() -> int:
         f"# Service A/B: {doc['head']} vs {a.base}",
         "",
         f"`python bench/ab_service.py --base {a.base} --rounds {a.rounds}"
+        + f" --model {a.model} --index {a.index}"
+        + (f" --base-model {a.base_model}" if a.base_model else "")
+        + (f" --base-index {a.base_index}" if a.base_index else "")
         + (f" -- {' '.join(a.load_args)}" if a.load_args else "")
         + "`: each side's median over rounds (order alternated); ratio = head / base.",
         "",

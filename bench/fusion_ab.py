@@ -106,7 +106,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "fusion-ab.json")
     a = p.parse_args()
     runs = alternate(
-        a.base, a.head, a.rounds, lambda src, out: run_side(src, a, out), prefix="mel-fusion-ab-"
+        a.base,
+        a.head,
+        a.rounds,
+        lambda _side, src, out: run_side(src, a, out),
+        prefix="mel-fusion-ab-",
     )
     rows = []
     for label, path in FIGURES:
