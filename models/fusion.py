@@ -281,7 +281,8 @@ def candidate_features(
     prior_cols = np.array([col["prior_entity"], col["prior_surface"]])
     for b, m in enumerate(mentions):
         info = sig.info[b]
-        ks = [k for k, (v, c) in enumerate(zip(valid[b].tolist(), info, strict=True)) if v and c]
+        listed = zip(valid[b].tolist(), info, strict=True)
+        ks = [k for k, (v, c) in enumerate(listed) if v and c is not None]
         if not ks:
             continue
         cands: list[CandidateInfo] = [info[k] for k in ks]  # type: ignore[misc]
