@@ -199,6 +199,7 @@ def test_fusion_is_served_with_confidence_and_contributions(fusion_server: str) 
     # the verifier's probability that the entity is in the list, nil decided on it, and the
     # answer confidence (never above it: a right answer needs the entity in the list)
     assert 0 <= out["answer_confidence"] <= out["in_kb_probability"] + 1e-6 <= 1 + 1e-6
+    assert ready["fusion_trees"] == "compiled"  # lleaves is a dependency
     ready_thr = FusionModel.from_pretrained(fusion_dir_model(fusion_server)).config.nil_threshold
     assert out["nil"] is (out["in_kb_probability"] < ready_thr)
     ex = out["candidates"][0]["explain"]
@@ -208,6 +209,42 @@ def test_fusion_is_served_with_confidence_and_contributions(fusion_server: str) 
     # the other rerankers get calibrated confidences too
     m = httpx.post(f"{fusion_server}/v1/link", json={**body, "reranker": "mimic"}, timeout=30)
     assert all(c["confidence"] is not None for c in m.json()["candidates"])
+
+
+def test_the_served_fast_paths_score_as_the_plain_ones(
+    artifacts: tuple[Path, Path], fusion_dir: tuple[Path, Path, dict[str, Any]]
+) -> None:
+    # the server scores with the KB's names table and the compiled trees; without either
+    # (per-name string features, LightGBM's predict) the scores are the same
+    from service.primitives import LinkParams, MentionBatch
+    from service.rerankers import FusionReranker
+
+    linker = Linker(_settings(artifacts, fusion_model_path=str(fusion_dir[1])))
+    try:
+        fusion = linker.rerankers["fusion"]
+        assert isinstance(fusion, FusionReranker)
+        assert fusion.info.table is not None and len(fusion.info.table) == 16
+        assert linker.fusion is not None and linker.fusion.tree_runtime == "compiled"
+        items = (
+            MentionInput("Jo Ames", "Jo Ames the painter spoke."),
+            MentionInput("Bell", "Bell met Jo Ames in Paris."),
+        )
+        batch = MentionBatch(items, linker.encode(items))
+        params = [LinkParams(top_k=8, candidates_k=8, reranker="fusion")] * 2
+
+        def scores() -> list[list[tuple[str, float]]]:
+            out, _ = linker.link(batch, params)
+            return [[(c.entity_id, c.score) for c in r.candidates] for r in out]
+
+        fast = scores()
+        fusion.info.table = None
+        linker.fusion.use_tree_runtime("lightgbm")
+        plain = scores()
+        assert [[e for e, _ in r] for r in fast] == [[e for e, _ in r] for r in plain]
+        for f, p in zip(fast, plain, strict=True):
+            np.testing.assert_allclose([s for _, s in f], [s for _, s in p], rtol=0, atol=1e-6)
+    finally:
+        linker.close()
 
 
 def test_fusion_needs_its_mimic_model(
