@@ -1,12 +1,12 @@
 """LightGBM models compiled to machine code for the request path (lleaves, on LLVM).
 
 LightGBM's ``Booster.predict`` walks its trees node by node through generic C++ and a Python
-wrapper: on one fusion list (~120 candidates x ~100 trees) that was 0.42 ms of the 3.1 ms
-fusion adds per mention. lleaves (MIT, https://github.com/siboehm/lleaves) turns a LightGBM
+wrapper: on one WikiMEL fusion list (~120 candidates x 252 trees) that was 0.55 ms of the
+2.75 ms fusion added per mention. lleaves (MIT, https://github.com/siboehm/lleaves) turns a LightGBM
 ``model.txt`` into one native function per forest with llvmlite: the same thresholds in
 float64, the same missing-value rules and the same objective transform, so the outputs equal
-LightGBM's to float64 rounding (``tests/test_compiled_trees.py``), measured 6.6x faster on
-that list (``bench/results/wikimel.md``).
+LightGBM's to float64 rounding (``tests/test_compiled_trees.py``): 0.116 against 0.551 ms on
+those lists, side by side (``bench/results/fusion-ab.md``, ``bench/results/wikimel.md``).
 
 Compiling takes ~1-2 s per forest, so the object code is cached: ``<cache>/trees-<key>.o``,
 the key hashing the model text, the LLVM target (triple, CPU, features), the llvmlite and
