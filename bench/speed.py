@@ -41,6 +41,7 @@ import copy
 import json
 import logging
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -74,13 +75,22 @@ logger = logging.getLogger("speed")
 OUT = Path("bench/results/speed.json")
 
 
-def timed_alternating(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
-    """Seconds of each function per rep, the functions taking turns within every rep."""
+def timed_alternating(
+    fns: dict[str, Callable[[], Any]], reps: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of each function per rep, the functions taking turns within every rep in an
+    order shuffled per rep (seeded), so no function always runs after the same one: what ran
+    just before changes a small call's time (the onnx kernel at 1 x 100 took ~1.2 ms right
+    after the torch kernel and ~0.9 ms right after itself, a fixed order's bias)."""
     for fn in fns.values():  # warm-up: lazy init, allocator, caches
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    rng = random.Random(seed)
+    order = list(fns)
     for _ in range(reps):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)

@@ -163,6 +163,13 @@ def _example(
 
 def _feeds(mentions: MimicFeatures, records: MimicEntityRecord, one_image: bool) -> dict:
     def arr(t: Tensor) -> np.ndarray:
+        if (
+            t.dtype is torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and not t.requires_grad
+        ):
+            return t.numpy()  # the served case: a view, no dispatch (11 fields: ~20 us saved)
         return np.ascontiguousarray(t.detach().to(torch.float32).cpu().numpy())
 
     feeds = {f"m_{n}": arr(getattr(mentions, n)) for n in _MENTION}
