@@ -38,6 +38,7 @@ from models.model import LinkingModel
 from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
 from models.onnx_kernel import load_kernel
 from models.threads import configure_threads, pin_numpy_blas
+from models.towers import TowerRunner
 from service.primitives import (
     CandidateResult,
     EncodedMentions,
@@ -64,6 +65,17 @@ class Linker:
         # FAISS's OpenMP searches too: several model workers each searching with every core
         # would oversubscribe them
         faiss.omp_set_num_threads(self.threads)
+        # a batch's image tower beside its text tower when a core of the planned budget is
+        # free (models/towers.py); the budget is every worker's threads
+        workers = settings.model_workers or 1
+        budget = TowerRunner(workers * self.threads, self.threads)
+        self.towers: TowerRunner | None = (
+            budget
+            if settings.towers_beside and self.device.type == "cpu" and budget.enabled
+            else None
+        )
+        if self.towers is None:
+            budget.close()
         t0 = time.perf_counter()
         self.model = LinkingModel.from_pretrained(settings.model_path).to(self.device).eval()
         self.fingerprint = self.model.fingerprint()
@@ -139,7 +151,7 @@ class Linker:
         )
         logger.info(
             "linker ready in %.1fs: model %s, index %s (%d entities, %s) on %s, encoder "
-            "runtime %s, kernel %s, %d threads",
+            "runtime %s, kernel %s, %d threads, image tower %s",
             time.perf_counter() - t0,
             self.fingerprint,
             self.index_version,
@@ -149,6 +161,7 @@ class Linker:
             self.encoder_runtime,
             self.kernel.runtime,
             self.threads,
+            "beside the text tower when a core is free" if self.towers else "after the text tower",
         )
 
     @property
@@ -179,8 +192,16 @@ class Linker:
     @torch.inference_mode()
     def encode(self, items: Sequence[MentionInput]) -> EncodedMentions:
         enc = self.model.encoder
-        text = enc.text_features([it.text() for it in items])
-        image = enc.image_features([it.model_image() for it in items])
+        texts = [it.text() for it in items]
+        images = [it.model_image() for it in items]
+        if self.towers is not None:
+            text, image = self.towers.run(
+                lambda: enc.text_features(texts),
+                lambda: enc.image_features(images),
+                beside=any(im is not None for im in images),
+            )
+        else:
+            text, image = enc.text_features(texts), enc.image_features(images)
         mimic = enc.project(text, image)
         surface = None
         if self.fusion is not None:  # the mention's vector of the zero-shot name cosine
@@ -455,6 +476,8 @@ class Linker:
 
     def close(self) -> None:
         self.searcher.close()
+        if self.towers is not None:
+            self.towers.close()
 
 
 __all__ = ["Linker"]

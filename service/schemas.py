@@ -192,6 +192,12 @@ class Readiness(BaseModel):
     )
     model_workers: int | None = Field(None, description="model threads running batches at once")
     kernel_runtime: str | None = Field(None, description="how the MIMIC kernel runs: torch | onnx")
+    towers_beside: bool | None = Field(
+        None,
+        description="whether a batch's image tower may run beside its text tower on a free "
+        "core (MEL_TOWERS_BESIDE and the core budget: model_workers x intra_op_threads >= 2 "
+        "x intra_op_threads)",
+    )
     fusion_trees: str | None = Field(
         None, description="how the fusion trees run: lightgbm | compiled; null: no fusion model"
     )

@@ -272,6 +272,8 @@ def test_metrics_and_health(server: str) -> None:
     ready = httpx.get(f"{server}/readyz").json()
     assert ready["ready"] and ready["entities"] == 16 and ready["redis"] == {"configured": False}
     assert ready["drin_table_rows"] is None  # no DRIN model here
+    # the image tower may go beside the text tower when the plan has a second worker's core
+    assert ready["towers_beside"] is (ready["model_workers"] >= 2)
     schema = httpx.get(f"{server}/openapi.json").json()
     assert {"/v1/link", "/v1/link/form", "/v1/link/batch", "/v1/entities/{entity_id}"} <= set(
         schema["paths"]
@@ -804,6 +806,31 @@ def test_nil_flips_at_the_threshold(artifacts: tuple[Path, Path]) -> None:
         linker.nil_threshold = thr  # what MEL_NIL_THRESHOLD sets (no fusion model here)
         assert linker.link(feats, [LinkParams(top_k=1)])[0][0].nil is nil, thr
     linker.close()
+
+
+def test_towers_beside_encode_the_same_features(artifacts: tuple[Path, Path]) -> None:
+    """Images encoded on a helper thread beside the texts (a free core: 2 workers x 1 thread)
+    give bit-identical features to the towers in turn (MEL_TOWERS_BESIDE=false)."""
+    from service.primitives import MentionInput
+
+    img = Image.new("RGB", (48, 40), (200, 30, 90))
+    items = [
+        MentionInput("Jo Bell", "Jo Bell the pilot", img, "jo"),
+        MentionInput("Jo Ames", "Jo Ames, without a picture"),
+    ]
+    plan = {"model_workers": 2, "intra_op_threads": 1}
+    beside = Linker(_settings(artifacts, **plan))
+    in_turn = Linker(_settings(artifacts, **plan, towers_beside=False))
+    one_core = Linker(_settings(artifacts, model_workers=1, intra_op_threads=1))
+    assert beside.towers is not None and in_turn.towers is None and one_core.towers is None
+    a, b = beside.encode(items), in_turn.encode(items)
+    for f in ("text_cls", "text_tokens", "image_cls", "image_tokens"):
+        assert torch.equal(getattr(a.mimic, f), getattr(b.mimic, f)), f
+    assert beside.towers.beside == 1
+    beside.encode(items[1:])  # no image to encode: nothing lent
+    assert (beside.towers.beside, beside.towers.in_turn) == (1, 1)
+    for linker in (beside, in_turn, one_core):
+        linker.close()
 
 
 def test_encoding_cache_blob_round_trip(
