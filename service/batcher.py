@@ -55,7 +55,7 @@ class ShuttingDown(Exception):
 class ModelWork(Protocol):
     """What the batcher needs of the linker (a protocol, so tests can hand it a fake)."""
 
-    def encode(self, items: list[MentionInput]) -> EncodedMentions: ...
+    def encode(self, items: list[MentionInput], beside: bool = True) -> EncodedMentions: ...
 
     def pack(self, feats: EncodedMentions) -> list[bytes]: ...
 
@@ -200,15 +200,18 @@ class MicroBatcher:
                 await cond.wait_for(lambda: self._running < self.workers and not self._exclusive)
                 parts = self._split(batch, self.workers - self._running)
                 self._running += len(parts)
+                # a worker left idle lends its core to these parts' image towers
+                # (models/towers.py); parts that take every worker encode theirs in turn
+                spare = self._running < self.workers
                 self._filling = []
             self.metrics.queue_depth.set(self.queue.qsize())
             for part in parts:
                 self.metrics.batch_size.observe(len(part))
-                task = asyncio.create_task(self._batch(part), name="mel-batch")
+                task = asyncio.create_task(self._batch(part, spare), name="mel-batch")
                 self._batches.add(task)
                 task.add_done_callback(self._batches.discard)
 
-    async def _batch(self, batch: list[LinkJob]) -> None:
+    async def _batch(self, batch: list[LinkJob], spare: bool = False) -> None:
         """One batch on a model thread: cached encodings, model work, answers, cache fill."""
         loop = asyncio.get_running_loop()
         try:
@@ -219,7 +222,7 @@ class MicroBatcher:
             for b in blobs:
                 self.metrics.cache.labels(kind="encoding", outcome="hit" if b else "miss").inc()
             results, new_blobs, times = await loop.run_in_executor(
-                self.executor, self._work, batch, blobs
+                self.executor, self._work, batch, blobs, spare
             )
             for job, res in zip(batch, results, strict=True):
                 job.complete(res, times)
@@ -238,9 +241,10 @@ class MicroBatcher:
                 cond.notify_all()
 
     def _work(
-        self, batch: list[LinkJob], blobs: list[bytes | None]
+        self, batch: list[LinkJob], blobs: list[bytes | None], spare: bool = False
     ) -> tuple[list[LinkResult], list[tuple[int, bytes]], BatchTimes]:
-        """A model thread: encode cache misses, merge with hits, retrieve, rerank."""
+        """A model thread: encode cache misses, merge with hits, retrieve, rerank. ``spare``:
+        a worker was idle when this batch started (its core may encode the images)."""
         t0 = time.perf_counter()
         miss = [i for i, b in enumerate(blobs) if b is None]
         hits = [(i, b) for i, b in enumerate(blobs) if b is not None]
@@ -248,7 +252,7 @@ class MicroBatcher:
         order: list[int] = []
         new_blobs: list[tuple[int, bytes]] = []
         if miss:
-            f = self.linker.encode([batch[i].item for i in miss])
+            f = self.linker.encode([batch[i].item for i in miss], beside=spare)
             new_blobs = list(zip(miss, self.linker.pack(f), strict=True))
             groups.append(f)
             order += miss

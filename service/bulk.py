@@ -325,6 +325,9 @@ class BulkLinker:
         if not 1 <= opts.candidates_k <= s.candidates_k_max:
             raise BulkLinkError(f"--candidates-k must be in [1, {s.candidates_k_max}]")
         self.linker = linker
+        # one linking thread leaves the other planned cores to its image towers; with several,
+        # every core is kept busy and each batch encodes its towers in turn (models/towers.py)
+        self.towers_beside = opts.workers <= 1
         # the same rule as the server: never rerank fewer candidates than are returned
         self.params = LinkParams(
             top_k=opts.top_k,
@@ -340,7 +343,7 @@ class BulkLinker:
         if ok:
             inputs = tuple(it.mention for it in ok if it.mention is not None)
             t0 = time.perf_counter()
-            encoded: EncodedMentions = self.linker.encode(inputs)
+            encoded: EncodedMentions = self.linker.encode(inputs, beside=self.towers_beside)
             t1 = time.perf_counter()
             results, lt = self.linker.link(
                 MentionBatch(inputs, encoded), [self.params] * len(inputs)

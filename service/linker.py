@@ -190,7 +190,10 @@ class Linker:
 
     # ------------------------------------------------------------------ encoding
     @torch.inference_mode()
-    def encode(self, items: Sequence[MentionInput]) -> EncodedMentions:
+    def encode(self, items: Sequence[MentionInput], beside: bool = True) -> EncodedMentions:
+        """The items' features. ``beside``: the image tower may run beside the text tower when
+        the tower budget has a free core (False: the caller knows every core is taken, e.g.
+        the batcher starting a batch on every worker at once)."""
         enc = self.model.encoder
         texts = [it.text() for it in items]
         images = [it.model_image() for it in items]
@@ -198,7 +201,7 @@ class Linker:
             text, image = self.towers.run(
                 lambda: enc.text_features(texts),
                 lambda: enc.image_features(images),
-                beside=any(im is not None for im in images),
+                beside=beside and any(im is not None for im in images),
             )
         else:
             text, image = enc.text_features(texts), enc.image_features(images)

@@ -35,12 +35,14 @@ class FakeLinker:
     def __init__(self, delay_s: float = 0.0, fail: bool = False) -> None:
         self.delay_s, self.fail = delay_s, fail
         self.encoded: list[list[str]] = []
+        self.beside: list[bool] = []
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def encode(self, items: list[MentionInput]) -> EncodedMentions:
+    def encode(self, items: list[MentionInput], beside: bool = True) -> EncodedMentions:
         self.encoded.append([it.mention for it in items])
+        self.beside.append(beside)
         return _feats([float(len(it.mention)) for it in items])
 
     def pack(self, feats: EncodedMentions) -> list[bytes]:
@@ -234,6 +236,8 @@ def test_two_workers_split_a_batch_and_run_side_by_side() -> None:
         await b.stop()
         assert [o.result.candidates[0].entity_id for o in out] == [f"E{n}" for n in range(1, 17)]
         assert sorted(linker.batches) == [8, 8] and linker.peak == 2
+        # every worker took a part: no core to lend to an image tower
+        assert linker.beside == [False, False]
 
     asyncio.run(run())
 
@@ -249,6 +253,8 @@ def test_one_worker_never_splits_and_small_batches_stay_whole() -> None:
             )
             await b.stop()
             assert sorted(linker.batches) == parts, (workers, n)
+            # a worker left idle lends its core (models/towers.py); all busy: none to lend
+            assert linker.beside == [len(parts) < workers] * len(parts), (workers, n)
 
     asyncio.run(run())
 

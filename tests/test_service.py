@@ -950,10 +950,10 @@ class _ThreadsLinker(Linker):
 
         backbone.image_transform = recorded
 
-    def encode(self, items: Any) -> Any:
+    def encode(self, items: Any, beside: bool = True) -> Any:
         for it in items:
             self.seen.append(("encode", threading.get_ident(), it.pixels is not None))
-        return super().encode(items)
+        return super().encode(items, beside)
 
 
 def test_images_are_resized_off_the_model_thread(artifacts: tuple[Path, Path]) -> None:
