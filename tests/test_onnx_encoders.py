@@ -259,6 +259,22 @@ def test_the_index_records_the_runtime_and_the_server_must_match(
         j = int(np.flatnonzero(got.rows[i] == r)[0])
         assert abs(got.retrieval[i, j] - float(keys[0, i] @ torch.from_numpy(q[i]))) < 1e-4
     linker.close()
+    # the onnx towers side by side on two threads (models/towers.py): the same features
+    from PIL import Image
+
+    from service.primitives import MentionInput
+
+    items = [MentionInput("Jo", "Jo at sea", Image.new("RGB", (40, 30), (9, 120, 200)), "jo")]
+    plan = dict(base, use_faiss_gpu=False, onnx_cache=str(cache), model_workers=2)
+    pair = [
+        Linker(ServiceSettings(**plan, intra_op_threads=1, towers_beside=on))
+        for on in (True, False)
+    ]
+    assert pair[0].towers is not None and pair[1].towers is None
+    a, b = (lk.encode(items).mimic for lk in pair)
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("text_tokens", "image_tokens"))
+    for lk in pair:
+        lk.close()
 
 
 def test_a_manifest_without_the_field_was_built_by_torch(onnx_index: tuple[Path, Path]) -> None:
