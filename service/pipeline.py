@@ -154,6 +154,7 @@ class LinkService:
         self.cache: Cache | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._swap_lock = asyncio.Lock()  # one swap or live update at a time
+        self._replan = False  # whether each generation re-takes the default worker plan
 
     @property
     def linker(self) -> Linker | None:
@@ -213,8 +214,15 @@ class LinkService:
 
     async def _load(self) -> None:
         try:
-            # workers and threads fixed once, from the cores free at start: every later
-            # generation (a hot swap's) runs with the same plan
+            # the default plan (neither count set) is taken from the cores free now, and again
+            # at each hot swap (see swap); counts that were set are kept
+            from models.device import resolve_device
+
+            self._replan = (
+                self.settings.model_workers is None
+                and self.settings.intra_op_threads is None
+                and resolve_device(self.settings.device).type == "cpu"
+            )
             self.settings = await asyncio.to_thread(self.settings.with_worker_plan)
             s = self.settings
             logger.info(
@@ -280,6 +288,22 @@ class LinkService:
         async with self._swap_lock:
             old = self.require_state()
             new_settings = old.settings.model_copy(update=changes)
+            if self._replan:
+                # the default plan again, from the cores free now: a core that a neighbour
+                # held at start (make demo's own background training) serves the generation
+                # that its finished model brings (on a CPU only the worker count changes: every
+                # worker keeps one thread)
+                new_settings = await asyncio.to_thread(
+                    new_settings.model_copy(
+                        update={"model_workers": None, "intra_op_threads": None}
+                    ).with_worker_plan
+                )
+                if new_settings.model_workers != old.settings.model_workers:
+                    logger.info(
+                        "model workers: %s -> %s (cores free now)",
+                        old.settings.model_workers,
+                        new_settings.model_workers,
+                    )
             t0 = time.perf_counter()
             try:
                 new = await self._build(new_settings)

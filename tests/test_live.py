@@ -321,15 +321,25 @@ def test_swap_under_load_fails_no_request(
 
 
 def test_a_reranker_still_training_is_picked_up_when_ready(
-    artifacts: tuple[Path, Path], tmp_path: Path
+    artifacts: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """... and the generation it brings re-takes the default worker plan: the core that its
+    training held at start (make demo's background stages) is free again."""
+    import models.threads
+
+    free = {"cores": 1}
+    monkeypatch.setattr(models.threads, "default_threads", lambda reserve=0: free["cores"])
     target = tmp_path / "drin" / "best"
     (tmp_path / "drin").mkdir()
     (tmp_path / "drin" / "status.json").write_text(json.dumps({"state": "training", "epoch": 2}))
-    settings = _settings(artifacts, drin_model_path=str(target), reload_poll_s=0.2)
+    # neither count set (the suite's MEL_INTRA_OP_THREADS=1 overridden): the default plan
+    settings = _settings(
+        artifacts, drin_model_path=str(target), reload_poll_s=0.2, intra_op_threads=None
+    )
     with serve(settings) as (base, _):
         ready = httpx.get(f"{base}/readyz").json()
         assert ready["rerankers"] == ["mimic", "none"]
+        assert (ready["model_workers"], ready["towers_beside"]) == (1, False)
         assert ready["pending"]["drin"]["state"] == "training"
         assert ready["pending"]["drin"]["epoch"] == 2
         r = httpx.post(
@@ -341,11 +351,15 @@ def test_a_reranker_still_training_is_picked_up_when_ready(
         drin.save_pretrained(
             target, meta={"backbone_weights": model.encoder.backbone.weights_fingerprint()}
         )
+        free["cores"] = 2  # the trainer has exited
         deadline = time.monotonic() + 30
         while "drin" not in httpx.get(f"{base}/readyz").json()["rerankers"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert httpx.get(f"{base}/readyz").json()["pending"] == {}
+        ready = httpx.get(f"{base}/readyz").json()
+        assert ready["pending"] == {}
+        assert (ready["model_workers"], ready["intra_op_threads"]) == (2, 1)
+        assert ready["towers_beside"] is True
         r = httpx.post(
             f"{base}/v1/link", json={"mention": "Jo", "sentence": "", "reranker": "drin"}
         )
