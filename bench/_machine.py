@@ -59,3 +59,13 @@ def machine_info(libraries: Sequence[str] = ("torch", "faiss"), **extra: Any) ->
         "commit": commit,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
+
+
+def line(m: dict[str, Any], libraries: Sequence[str]) -> str:
+    """The markdown line for a ``machine_info`` record: CPU, cores, the libraries' versions,
+    commit, date, and the load average when the bench recorded one."""
+    libs = ", ".join(f"{lib} {m.get(lib, '?')}" for lib in libraries)
+    load = f"; load average {m['loadavg']} (a shared machine)" if "loadavg" in m else ""
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores; {libs}; commit {m['commit']}; {m['date']}{load}."
+    )

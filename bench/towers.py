@@ -122,18 +122,10 @@ def render(res: dict[str, Any]) -> str:
         "on an idle server); with every worker busy the towers run in turn, as before. The "
         "service-level effect is measured in `service-ab-towers.md`.",
         "",
-        _machine_line(res["machine"]),
+        _machine.line(res["machine"], ("torch", "onnxruntime")),
         "",
     ]
     return "\n".join(lines)
-
-
-def _machine_line(m: dict[str, Any]) -> str:
-    return (
-        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, onnxruntime "
-        f"{m['onnxruntime']}; commit {m['commit']}; {m['date']}; load average "
-        f"{m.get('loadavg', '?')} (a shared machine)."
-    )
 
 
 def main() -> int:
