@@ -4,9 +4,9 @@ Encoding a mention batch runs two independent encoders, MiniLM over the texts an
 EfficientNet-Lite0 over the images, each single-threaded by default (one model worker per free
 core, models/threads.py). One after the other, a one-mention request waits for both (text
 ~10 ms + image ~10 ms here) while, at low load, the other worker's core sits idle. Run side by
-side on two threads, the same batch encodes 1.8x faster on 2 cores (bench/results/towers.md),
-with bit-identical features: each tower is the same computation on the same inputs, only on
-another thread.
+side on two threads, the same batch encodes 1.6-1.8x faster on 2 cores
+(bench/results/towers.md), with bit-identical features: each tower is the same computation on
+the same inputs, only on another thread.
 
 :class:`TowerRunner` lends the image tower a core only when one is free: every encode claims
 its ``threads`` (the intra-op threads of each tower) from a budget of ``cores`` (model workers x

@@ -92,7 +92,7 @@ class ServiceSettings(BaseSettings):
         True,
         description="encode a batch's images on a helper thread beside its texts when a "
         "core of the model_workers x intra_op_threads budget is free (low load: the other "
-        "workers idle), else in turn; identical features, 1.8x faster encoding of a lone "
+        "workers idle), else in turn; identical features, 1.6-1.8x faster encoding of a lone "
         "request on 2 cores (bench/results/towers.md); CPU only",
     )
     thread_reserve: int = Field(
