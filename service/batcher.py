@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent mentions are grouped and encoded together.
 
 Requests put :class:`~service.primitives.LinkJob` s on a bounded queue (full ->
-:class:`QueueFull`, answered 429). A collector takes up to ``max_batch_size`` jobs, waiting at
-most ``max_wait_ms`` for a batch to fill, once a model worker is free; the batch looks up
+:class:`QueueFull`, answered 429). A collector takes up to ``max_batch_size`` jobs once a model worker is free, waiting
+at most ``max_wait_ms`` for a batch to fill while another batch runs (an idle server starts a
+lone mention at once); the batch looks up
 cached mention encodings and runs the model work (encode the misses, retrieve, rerank) on one
 of ``workers`` model threads, never on the event loop. With several workers the collector
 forms the next batch while the others run, and a batch that arrives while more than one
@@ -166,7 +167,13 @@ class MicroBatcher:
         # counted as in flight from the moment they leave the queue: stop() must not take a
         # batch still filling up for an idle worker (its jobs would never be answered)
         self.in_flight += 1
-        deadline = time.perf_counter() + self.max_wait
+        # submits already scheduled in this loop tick (a batch call's items) join this batch
+        await asyncio.sleep(0)
+        # wait for company only while another batch runs: on an idle server nobody else is
+        # coming soon, and the encoders cost about as much per mention alone as in a batch
+        # (bench/results/speed.md), so the wait would be latency bought for nothing
+        wait = self.max_wait if self._running else 0.0
+        deadline = time.perf_counter() + wait
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self.queue.get_nowait())
