@@ -112,7 +112,8 @@ class ClipImageTransform:
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 # A decoded image, or its pixels already through the backbone's transform, (3, S, S): the
-# server runs the transform on its decode threads so the model's thread does not.
+# server runs the transform on its decode threads so the model's thread does not (unless the
+# image tower runs beside the text tower, models/towers.py: then the tower runs it).
 ModelImage = Image.Image | torch.Tensor
 
 

@@ -67,7 +67,8 @@ class Prepared:
 @dataclass(frozen=True)
 class Decoded:
     """A request's image decoded (None without one), its pixels through the serving encoder's
-    transform, and the seconds both took on the worker thread."""
+    transform (None: the image tower runs the transform itself), and the seconds both took on
+    the worker thread."""
 
     image: Image.Image | None
     pixels: torch.Tensor | None
@@ -512,15 +513,19 @@ class LinkService:
         return hit.model_copy(update={"timings": Timings(total_ms=total, cached=True)})
 
     async def _decode(self, state: Serving, p: Prepared) -> Decoded:
-        """``p``'s image decoded and through ``state``'s encoder transform, on a worker thread
-        (the resize is not the model thread's work), with the seconds it took."""
+        """``p``'s image decoded, on a worker thread, with the seconds it took; and through
+        ``state``'s encoder transform there too, unless the image tower can run beside the
+        text tower (models/towers.py): then the transform (the resize, most of this work)
+        goes with the image tower, which on an idle server runs in the text tower's shadow
+        instead of before it, and under load costs the model's thread what it cost here."""
         if p.image is None:
             return Decoded(None, None, 0.0)
         raw, encoder = p.image, state.linker.model.encoder
+        transform = state.linker.towers is None
 
-        def work() -> tuple[Image.Image, torch.Tensor]:
+        def work() -> tuple[Image.Image, torch.Tensor | None]:
             img, _ = open_image(raw, self.limits)
-            return img, encoder.pixels(img)
+            return img, encoder.pixels(img) if transform else None
 
         td = time.perf_counter()
         img, pixels = await asyncio.to_thread(work)

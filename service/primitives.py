@@ -28,8 +28,9 @@ class MentionInput:
     """One decoded mention. ``image_sha`` identifies the image bytes (cache keys).
 
     ``pixels``: ``image`` through the encoder's transform (``MimicEncoder.pixels``), when the
-    caller ran it on its own thread (the server's decode threads); the model's thread then
-    skips the resize. It belongs to one encoder: drop it before handing the item to another.
+    caller ran it on its own thread (the server's decode threads when the image tower runs
+    after the text tower; ``mel-link``'s reader); the model then skips the resize. It belongs
+    to one encoder: drop it before handing the item to another.
     """
 
     mention: str

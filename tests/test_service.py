@@ -940,43 +940,56 @@ class _ThreadsLinker(Linker):
 
     def __init__(self, settings: ServiceSettings) -> None:
         super().__init__(settings)
-        self.seen: list[tuple[str, int, bool]] = []
+        self.seen: list[tuple[str, str, bool]] = []
         backbone = self.model.encoder.backbone
         transform = backbone.image_transform
 
         def recorded(img: Image.Image) -> torch.Tensor:
-            self.seen.append(("transform", threading.get_ident(), True))
+            self.seen.append(("transform", threading.current_thread().name, True))
             return transform(img)
 
         backbone.image_transform = recorded
 
     def encode(self, items: Any, beside: bool = True) -> Any:
         for it in items:
-            self.seen.append(("encode", threading.get_ident(), it.pixels is not None))
+            self.seen.append(("encode", threading.current_thread().name, it.pixels is not None))
         return super().encode(items, beside)
 
 
-def test_images_are_resized_off_the_model_thread(artifacts: tuple[Path, Path]) -> None:
-    # the transform (LANCZOS resize, normalisation) runs on the decode threads, single calls
-    # and batch calls alike; the model thread gets the pixels and transforms nothing
+@pytest.mark.parametrize("beside", [False, True])
+def test_where_images_are_resized(artifacts: tuple[Path, Path], beside: bool) -> None:
+    """The transform (LANCZOS resize, normalisation) never holds up the model thread before
+    its text tower: with the image tower beside the text tower (models/towers.py) it runs
+    with the image tower, on the helper thread, in the text tower's shadow; without, on the
+    decode threads, and the model thread gets the pixels. Single and batch calls alike."""
     holder: list[_ThreadsLinker] = []
 
     def factory(settings: ServiceSettings) -> _ThreadsLinker:
         holder.append(_ThreadsLinker(settings))
         return holder[-1]
 
-    with serve(_settings(artifacts, warmup=False), factory) as (base, _):
+    settings = _settings(
+        artifacts, warmup=False, towers_beside=beside, model_workers=2, intra_op_threads=1
+    )
+    with serve(settings, factory) as (base, _):
         one = {"mention": "Jo Bell", "sentence": "Jo Bell the pilot", "image": _b64(_png())}
         assert httpx.post(f"{base}/v1/link", json=one, timeout=30).status_code == 200
         items = [{**one, "image": _b64(_png((i, 2 * i, 90)))} for i in range(3)]
         r = httpx.post(f"{base}/v1/link/batch", json={"items": items}, timeout=30)
         assert r.status_code == 200 and all("result" in x for x in r.json()["results"])
-    seen = holder[0].seen
-    transforms = {t for kind, t, _ in seen if kind == "transform"}
-    encodes = [(t, px) for kind, t, px in seen if kind == "encode"]
-    assert len([s for s in seen if s[0] == "transform"]) == 4 and len(encodes) == 4
-    assert all(px for _, px in encodes)
-    assert not transforms & {t for t, _ in encodes}
+    linker = holder[0]
+    assert (linker.towers is not None) is beside
+    seen = linker.seen
+    transforms = [name for kind, name, _ in seen if kind == "transform"]
+    encodes = [(name, px) for kind, name, px in seen if kind == "encode"]
+    assert len(transforms) == 4 and len(encodes) == 4
+    assert all(name.startswith("mel-model") for name, _ in encodes)
+    if beside:  # idle server: every batch had a spare core for its image tower
+        assert all(name.startswith("mel-tower") for name in transforms), transforms
+        assert not any(px for _, px in encodes)
+    else:
+        assert not any(name.startswith(("mel-model", "mel-tower")) for name in transforms)
+        assert all(px for _, px in encodes)
 
 
 def test_pixels_from_another_thread_encode_like_the_image(artifacts: tuple[Path, Path]) -> None:
