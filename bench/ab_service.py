@@ -92,6 +92,8 @@ def run_side(side: str, src: Path, a: argparse.Namespace, out: Path) -> dict[str
     index = (a.base_index if side == "base" else None) or a.index
     cmd = [sys.executable, str(HERE / "load_bench.py"), "--results", str(out)]
     cmd += ["--model", model, "--data", a.data, "--index", index, *a.load_args]
+    for pair in a.base_env if side == "base" else a.head_env:
+        cmd += ["--server-env", pair]
     subprocess.run(cmd, env=env, check=True)
     result: dict[str, Any] = json.loads(out.read_text())
     return result
@@ -111,6 +113,15 @@ def main() -> int:
         "predates this code's, trained by its own code",
     )
     p.add_argument("--base-index", help="the base side's index folder, built by its own code")
+    p.add_argument(
+        "--base-env",
+        action="append",
+        default=[],
+        metavar="MEL_NAME=VALUE",
+        help="a server setting for the base side only (repeatable); with --base HEAD on a "
+        "clean tree this compares settings on one commit",
+    )
+    p.add_argument("--head-env", action="append", default=[], metavar="MEL_NAME=VALUE")
     p.add_argument("--results", default="bench/results/service-ab.json")
     p.add_argument(
         "load_args", nargs="*", help="passed to load_bench.py after --, e.g. -- --single 60"
@@ -118,7 +129,23 @@ def main() -> int:
     a = p.parse_args()
     runs = alternate(a.base, a.head, a.rounds, lambda side, src, out: run_side(side, src, a, out))
     rows = []
-    for label, path, higher in FIGURES:
+    levels = sorted(
+        {
+            int(k[len("single_c") :])
+            for r in runs["base"] + runs["head"]
+            for k in r
+            if k.startswith("single_c")
+        }
+        - {1, 16}
+    )
+    figures = list(FIGURES)
+    for level in levels:  # load_bench --levels
+        figures += [
+            (f"c{level} p50 ms", (f"single_c{level}", "p50_ms"), False),
+            (f"c{level} p99 ms", (f"single_c{level}", "p99_ms"), False),
+            (f"c{level} req/s", (f"single_c{level}", "req_per_s"), True),
+        ]
+    for label, path, higher in figures:
         med = {}
         for side in ("base", "head"):
             vals = [v for v in (dig(x, path) for x in runs[side]) if v is not None]
@@ -135,6 +162,7 @@ def main() -> int:
         "models": {"base": a.base_model or a.model, "head": a.model},
         "indexes": {"base": a.base_index or a.index, "head": a.index},
         "load_args": a.load_args,
+        "env": {"base": a.base_env, "head": a.head_env},
         "figures": rows,
     }
     Path(a.results).write_text(json.dumps(doc, indent=1))
@@ -145,6 +173,8 @@ def main() -> int:
         + f" --model {a.model} --index {a.index}"
         + (f" --base-model {a.base_model}" if a.base_model else "")
         + (f" --base-index {a.base_index}" if a.base_index else "")
+        + "".join(f" --base-env {e}" for e in a.base_env)
+        + "".join(f" --head-env {e}" for e in a.head_env)
         + (f" -- {' '.join(a.load_args)}" if a.load_args else "")
         + "`: each side's median over rounds (order alternated); ratio = head / base.",
         "",

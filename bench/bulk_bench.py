@@ -5,7 +5,7 @@
 
 The mentions: the demo world's test split (1,200, 946 with an image) ``--repeat`` times over
 (default 4: 4,800, ids made unique), cut into ``--blocks`` blocks (default 2 of 2,400). One server (``python -m service.cli``, a separate process, 127.0.0.1, default batching
-MEL_MAX_BATCH_SIZE=32 / MEL_MAX_WAIT_MS=5, ``MEL_CACHE_TTL_S=0`` so nothing is answered from
+MEL_MAX_BATCH_SIZE=32 / MEL_MAX_WAIT_MS=5 when it ran, 0 now, ``MEL_CACHE_TTL_S=0`` so nothing is answered from
 the cache) stays up for the whole run. Block by block, alternating which goes first (the
 machine is shared, so both see the same minutes of load):
 

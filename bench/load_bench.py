@@ -106,6 +106,7 @@ def start_server(a: argparse.Namespace, port: int, log: Path) -> subprocess.Pope
     env.update({"MEL_DEVICE": "cpu", "MEL_LRU_SIZE": "10000"})
     if a.server_threads:
         env["MEL_INTRA_OP_THREADS"] = str(a.server_threads)
+    env.update(server_env(a.server_env))
     mel_serve = Path(sys.executable).parent / "mel-serve"
     cmd = [str(mel_serve), "--model", a.model, "--index", a.index, "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--log-level", "warning"]
@@ -117,12 +118,28 @@ def start_server(a: argparse.Namespace, port: int, log: Path) -> subprocess.Pope
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def server_settings() -> dict[str, Any]:
-    """The batching settings the server runs with (defaults: its MEL_* env is cleared)."""
+def server_env(pairs: list[str]) -> dict[str, str]:
+    """``--server-env KEY=VALUE`` pairs (MEL_* settings for the server) as a dict."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("MEL_"):
+            raise SystemExit(f"--server-env wants MEL_NAME=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def server_settings(overrides: dict[str, str]) -> dict[str, Any]:
+    """The batching settings the server runs with: the defaults (its MEL_* env is cleared)
+    but for ``overrides`` (``--server-env``)."""
     from service.settings import ServiceSettings
 
     f = ServiceSettings.model_fields
-    return {k: f[k].default for k in ("max_batch_size", "max_wait_ms", "queue_size")}
+    out = {k: f[k].default for k in ("max_batch_size", "max_wait_ms", "queue_size")}
+    for k in out:
+        if f"MEL_{k.upper()}" in overrides:
+            out[k] = type(out[k])(overrides[f"MEL_{k.upper()}"])
+    return out
 
 
 def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout: float) -> float:
@@ -314,6 +331,11 @@ async def drive(a: argparse.Namespace, base: str, items: Items) -> dict[str, Any
             client, items.take(a.concurrent), 16, a.phase_timeout
         )
         logger.info("concurrency 16: %s", out["single_c16"])
+        for level in a.levels:
+            out[f"single_c{level}"] = await single_calls(
+                client, items.take(a.level_requests), level, a.phase_timeout
+            )
+            logger.info("concurrency %d: %s", level, out[f"single_c{level}"])
         out["batch"] = await batch_vs_sequential(
             client, items, a.batch_items, a.batch_rounds, a.phase_timeout
         )
@@ -334,7 +356,7 @@ def _reranker_label(name: str) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    m, c1, c16 = res["machine"], res["single_c1"], res["single_c16"]
+    m = res["machine"]
     b, c, met = res["batch"], res["cache"], res["metrics"]
     lines = [
         f"Server: `mel-serve` on 127.0.0.1 (1 uvicorn worker, in-process LRU cache, "
@@ -344,7 +366,13 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['settings'].get('ran_model_workers', '?')} model worker(s) x "
         f"{res['settings'].get('ran_intra_op_threads', '?')} thread(s), models/threads.py), "
         "Flat index of the demo world "
-        f"({res['index_entities']:,} entities); client: httpx (async) in a second process on "
+        f"({res['index_entities']:,} entities)"
+        + "".join(
+            f", {k}={v}"
+            for k, v in res["settings"].get("server_env", {}).items()
+            if k not in ("MEL_MAX_WAIT_MS", "MEL_MAX_BATCH_SIZE")
+        )
+        + "; client: httpx (async) in a second process on "
         f"the same machine. Every request: a distinct demo test mention with its image "
         f"(base64), top_k 10, 100 candidates reranked by "
         f"{_reranker_label(res['settings'].get('reranker', 'mimic'))}, unless it is a cache hit.",
@@ -352,7 +380,9 @@ def markdown(res: dict[str, Any]) -> str:
         "| measurement | n | p50 ms | p95 ms | p99 ms | throughput |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for label, s in (("`/v1/link`, concurrency 1", c1), ("`/v1/link`, concurrency 16", c16)):
+    levels = sorted(int(k[len("single_c") :]) for k in res if k.startswith("single_c"))
+    for level in levels:
+        s, label = res[f"single_c{level}"], f"`/v1/link`, concurrency {level}"
         lines.append(
             f"| {label} (mean model batch {s['server_batch_size_mean']:.1f}) | {s['n']} | "
             f"{s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | "
@@ -421,6 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-timeout", type=float, default=180.0, help="seconds per phase")
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--server-threads", type=int, help="the server's MEL_INTRA_OP_THREADS")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="MEL_NAME=VALUE",
+        help="a setting for the server (repeatable), e.g. MEL_MAX_WAIT_MS=0",
+    )
+    p.add_argument(
+        "--levels",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[],
+        help="more concurrency levels after 1 and 16, e.g. 2,4,8",
+    )
+    p.add_argument("--level-requests", type=int, default=120, help="requests per extra level")
     p.add_argument("--drin", help="a DRIN model folder for mel-serve --drin")
     p.add_argument(
         "--fusion",
@@ -452,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "machine": machine_info(),
         "settings": {
-            **server_settings(),
+            **server_settings(server_env(a.server_env)),
+            "server_env": server_env(a.server_env),
             "cache": "in-process LRU",
             "device": "cpu",
             "intra_op_threads": a.server_threads,

@@ -1,14 +1,16 @@
 """Dynamic micro-batching: concurrent mentions are grouped and encoded together.
 
 Requests put :class:`~service.primitives.LinkJob` s on a bounded queue (full ->
-:class:`QueueFull`, answered 429). A collector takes up to ``max_batch_size`` jobs once a model worker is free, waiting
-at most ``max_wait_ms`` for a batch to fill while another batch runs (an idle server starts a
-lone mention at once); the batch looks up
-cached mention encodings and runs the model work (encode the misses, retrieve, rerank) on one
-of ``workers`` model threads, never on the event loop. With several workers the collector
-forms the next batch while the others run, and a batch that arrives while more than one
-worker is idle (a ``/v1/link/batch`` call) is split between them. Each job's future gets its
-typed result. :meth:`MicroBatcher.call` runs a function on a model thread with no batch
+:class:`QueueFull`, answered 429). A collector takes up to ``max_batch_size`` jobs once a
+model worker is free: what is queued then (by default; under load, whatever arrived while the
+workers were busy), or what arrives within ``max_wait_ms`` when that is set (the encoders
+cost about as much per mention alone as in a batch here, so waiting for company costs
+latency and, at 2-8 requests in flight, throughput: bench/results/service-ab-wait.md).
+The batch looks up cached mention encodings and runs the model work (encode the misses,
+retrieve, rerank) on one of ``workers`` model threads, never on the event loop. With several
+workers the collector forms the next batch while the others run, and a batch that arrives
+while more than one worker is idle (a ``/v1/link/batch`` call) is split between them. Each
+job's future gets its typed result. :meth:`MicroBatcher.call` runs a function on a model thread with no batch
 running (live KB updates). ``stop()`` lets queued and in-flight jobs finish (graceful
 shutdown).
 """
@@ -167,13 +169,7 @@ class MicroBatcher:
         # counted as in flight from the moment they leave the queue: stop() must not take a
         # batch still filling up for an idle worker (its jobs would never be answered)
         self.in_flight += 1
-        # submits already scheduled in this loop tick (a batch call's items) join this batch
-        await asyncio.sleep(0)
-        # wait for company only while another batch runs: on an idle server nobody else is
-        # coming soon, and the encoders cost about as much per mention alone as in a batch
-        # (bench/results/speed.md), so the wait would be latency bought for nothing
-        wait = self.max_wait if self._running else 0.0
-        deadline = time.perf_counter() + wait
+        deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self.queue.get_nowait())

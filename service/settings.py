@@ -152,9 +152,10 @@ class ServiceSettings(BaseSettings):
     # ---- engine
     max_batch_size: int = Field(32, description="mentions encoded together (micro-batching)")
     max_wait_ms: float = Field(
-        5.0,
-        description="how long a batch waits to fill up while another batch runs (on an idle "
-        "server a mention starts at once)",
+        0.0,
+        ge=0.0,
+        description="how long a batch waits to fill up once a model worker is free (0: it "
+        "takes what is queued; under load batches form from what queued meanwhile)",
     )
     queue_size: int = Field(256, description="queued mentions before 429 Too Many Requests")
     request_timeout_s: float = Field(30.0, description="per-request deadline (504 after)")

@@ -179,48 +179,47 @@ def test_stop_answers_a_batch_that_is_still_filling() -> None:
     let it finish (a hot swap retires a batcher under load), not cancel it unanswered."""
 
     async def run() -> None:
-        linker = FakeLinker()
-        linker.gate.clear()  # the first batch holds a model thread until released
-        b = _batcher(linker, max_batch_size=8, max_wait_ms=300.0, workers=2)
+        b = _batcher(FakeLinker(), max_batch_size=8, max_wait_ms=300.0)
         await b.start()
-        first = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
-        await asyncio.sleep(0.02)  # running (an idle server starts it at once)
-        job = asyncio.ensure_future(b.submit(MentionInput("bb", "s"), LinkParams()))
-        await asyncio.sleep(0.05)  # collected; with a batch running it waits for company
-        assert b.queue.empty() and b._filling
-        linker.gate.set()
+        job = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
+        await asyncio.sleep(0.05)  # collected; the batch waits for more
+        assert b.queue.empty()
         await b.stop(timeout_s=10)
-        assert first.done() and job.done()
-        assert job.result().result.candidates[0].entity_id == "E2"
+        assert job.done() and job.result().result.candidates[0].entity_id == "E1"
 
     asyncio.run(run())
 
 
-def test_a_lone_mention_starts_at_once_and_waits_for_company_only_under_load() -> None:
-    """MEL_MAX_WAIT_MS buys batches only while the model threads are busy: on an idle server
-    a mention is encoded at once (waiting would add latency for nobody), while another batch
-    runs the next one waits up to max_wait for more mentions to join it."""
+def test_without_a_wait_a_lone_mention_starts_at_once_and_a_batch_call_stays_whole() -> None:
+    """MEL_MAX_WAIT_MS=0 (the default): a batch takes what is queued when a worker is free.
+    A lone mention is not held back, yet mentions submitted in one loop tick (a batch call's
+    items) still reach the model as one batch, and mentions that queue while the worker is
+    busy make the next batch."""
 
     async def run() -> None:
+        from service.settings import ServiceSettings
+
+        assert ServiceSettings.model_fields["max_wait_ms"].default == 0.0
+        with pytest.raises(ValueError, match="greater than or equal to 0"):
+            ServiceSettings(max_wait_ms=-1)
         linker = FakeLinker()
-        b = _batcher(linker, max_batch_size=3, max_wait_ms=2000.0, workers=2)
+        b = _batcher(linker, max_batch_size=16, max_wait_ms=0.0)
         await b.start()
-        t0 = time.perf_counter()
         lone = await b.submit(MentionInput("a", "s"), LinkParams())
-        assert time.perf_counter() - t0 < 1.0  # not held for the 2 s wait
-        assert lone.queue_ms < 1000
-        linker.gate.clear()  # now keep a batch on a model thread
-        busy = asyncio.ensure_future(b.submit(MentionInput("bb", "s"), LinkParams()))
+        assert lone.times.batch_size == 1
+        words = ["b" * n for n in range(1, 11)]
+        await asyncio.gather(*(b.submit(MentionInput(w, "s"), LinkParams()) for w in words))
+        linker.gate.clear()  # the next batch holds the worker while three more queue
+        busy = asyncio.ensure_future(b.submit(MentionInput("c", "s"), LinkParams()))
         await asyncio.sleep(0.02)
         late = []
-        for k in (3, 4, 5):  # arriving one by one while that batch runs
-            late.append(asyncio.ensure_future(b.submit(MentionInput("c" * k, "s"), LinkParams())))
-            await asyncio.sleep(0.02)
+        for k in (3, 4, 5):  # one by one, while the worker is busy
+            late.append(asyncio.ensure_future(b.submit(MentionInput("d" * k, "s"), LinkParams())))
+            await asyncio.sleep(0.01)
         linker.gate.set()
         await asyncio.gather(busy, *late)
         await b.stop()
-        # the late three waited for each other (a full batch); the gate releases in any order
-        assert sorted(linker.batches) == [1, 1, 3]
+        assert linker.batches == [1, 10, 1, 3]
 
     asyncio.run(run())
 

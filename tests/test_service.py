@@ -85,7 +85,6 @@ def _settings(artifacts: tuple[Path, Path], **kw: Any) -> ServiceSettings:
         index_path=str(artifacts[1]),
         device="cpu",
         use_faiss_gpu=False,
-        max_wait_ms=2.0,
         **kw,
     )
 
