@@ -6,6 +6,7 @@ model worker is free: what is queued then (by default; under load, whatever arri
 workers were busy), or what arrives within ``max_wait_ms`` when that is set (the encoders
 cost about as much per mention alone as in a batch here, so waiting for company costs
 latency and, at 2-8 requests in flight, throughput: bench/results/service-ab-wait.md).
+While another worker is busy it takes only its share of the queue (:meth:`_share`).
 The batch looks up cached mention encodings and runs the model work (encode the misses,
 retrieve, rerank) on one of ``workers`` model threads, never on the event loop. With several
 workers the collector forms the next batch while the others run, and a batch that arrives
@@ -169,8 +170,9 @@ class MicroBatcher:
         # counted as in flight from the moment they leave the queue: stop() must not take a
         # batch still filling up for an idle worker (its jobs would never be answered)
         self.in_flight += 1
+        limit = self._share(1 + self.queue.qsize())
         deadline = time.perf_counter() + self.max_wait
-        while len(batch) < self.max_batch_size:
+        while len(batch) < limit:
             try:
                 batch.append(self.queue.get_nowait())
                 self.in_flight += 1
@@ -186,6 +188,17 @@ class MicroBatcher:
             except TimeoutError:
                 break
         return batch
+
+    def _share(self, available: int) -> int:
+        """How many of the ``available`` queued jobs the batch being formed takes. Every
+        worker idle: up to ``max_batch_size`` (split between them, :meth:`_split`). Others
+        busy: this worker's share, ``available / workers`` (at least :data:`MIN_PART`); the
+        rest stays queued for the next worker to come free instead of waiting behind this
+        batch, since a CPU encoder costs about as much per mention in a batch of 16 as in
+        two of 8 (bench/results/service-ab-share.md)."""
+        if self._running == 0:
+            return self.max_batch_size
+        return min(self.max_batch_size, max(MIN_PART, -(-available // self.workers)))
 
     def _split(self, batch: list[LinkJob], idle: int) -> list[list[LinkJob]]:
         """``batch`` in near-equal parts, one per idle worker, none under :data:`MIN_PART`."""

@@ -293,6 +293,35 @@ def test_one_worker_never_splits_and_small_batches_stay_whole() -> None:
     asyncio.run(run())
 
 
+def test_a_worker_takes_its_share_of_the_queue_while_another_is_busy() -> None:
+    """With one worker busy, a free worker takes ceil(queued / workers) of the queued
+    mentions (at least MIN_PART), not all of them: the rest goes to the next worker to come
+    free instead of waiting behind one long batch (concurrency 16's tail latency)."""
+
+    async def run() -> None:
+        linker = OverlapLinker(delay_s=0.0)
+        linker.gate.clear()  # batches hold their workers until released
+        b = _batcher(linker, max_batch_size=32, max_wait_ms=0.0, workers=2)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(MentionInput("a", "s"), LinkParams()))
+        await asyncio.sleep(0.02)  # on one worker, blocked
+        queued = [
+            asyncio.ensure_future(b.submit(MentionInput("b" * k, "s"), LinkParams()))
+            for k in range(1, 13)
+        ]
+        await asyncio.sleep(0.05)  # the other worker took its share; the rest waits
+        assert b.queue.qsize() == 6 and linker.peak == 2
+        linker.gate.set()
+        out = await asyncio.gather(first, *queued)
+        await b.stop()
+        assert [o.result.candidates[0].entity_id for o in out[1:]] == [
+            f"E{k}" for k in range(1, 13)
+        ]
+        assert sorted(linker.batches[:2]) == [1, 6] and sum(linker.batches[2:]) == 6
+
+    asyncio.run(run())
+
+
 def test_a_call_waits_for_running_batches_and_holds_new_ones_back() -> None:
     """Live KB updates run alone on the model threads, however many workers there are."""
 
