@@ -11,9 +11,9 @@ The batch looks up cached mention encodings and runs the model work (encode the 
 retrieve, rerank) on one of ``workers`` model threads, never on the event loop. With several
 workers the collector forms the next batch while the others run, and a batch that arrives
 while more than one worker is idle (a ``/v1/link/batch`` call) is split between them. Each
-job's future gets its typed result. :meth:`MicroBatcher.call` runs a function on a model thread with no batch
-running (live KB updates). ``stop()`` lets queued and in-flight jobs finish (graceful
-shutdown).
+job's future gets its typed result. :meth:`MicroBatcher.call` runs a function on a model
+thread with no batch running (live KB updates). ``stop()`` lets queued and in-flight jobs
+finish (graceful shutdown).
 """
 
 from __future__ import annotations
