@@ -31,7 +31,9 @@ intra-op threads); medians of ``--reps``.
 ``store``     bytes per entity of the store layouts (version 1: every field float16 per
               entity; version 2: image fields once per image record, q8 fields), from the
               demo index the job builds, and the rerank with its store reads (v1 folder +
-              score_precomputed, today's server, vs v2 folder + score_candidates).
+              score_precomputed, today's server, vs v2 folder + score_candidates); and
+              the onnx kernel over the float32 read vs over the records as stored (the
+              codes gathered and decoded inside its graph, the server's path).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from models.features import dataset_features
 from models.mimic import MimicEntityRecord, MimicFeatures, MimicMatcher
 from models.model import LinkingModel
 from models.onnx_encoders import ENCODER_RUNTIMES, use_runtime
-from models.onnx_kernel import OnnxKernel, ensure_kernel_export
+from models.onnx_kernel import OnnxKernel, ensure_kernel_export, load_kernel
 from models.preprocess import entity_text, image_batch, load_image_or_none
 from models.rerank_kernel import score_candidates
 from models.scoring import project_rows
@@ -495,6 +497,12 @@ def part_store(a: argparse.Namespace, threads: int) -> dict[str, Any]:
     _downgrade_v1(index, v1_dir)
     fp = model.fingerprint()
     s2, s1 = IndexSearcher(index, fp), IndexSearcher(v1_dir, fp)
+    # the server's CPU kernel over the float32 read, and over the records as stored (decoded
+    # inside its graph: models.onnx_kernel, OnnxKernel.score_stored)
+    onnx = load_kernel(
+        model.matcher, "onnx", work / "onnx", threads, torch.device("cpu"), s2.record_codecs
+    )
+    assert isinstance(onnx, OnnxKernel)
     g = torch.Generator().manual_seed(1)
     cfg = model.config
     reads = []
@@ -523,18 +531,44 @@ def part_store(a: argparse.Namespace, threads: int) -> dict[str, Any]:
         def read_v2(rows: np.ndarray = rows) -> Any:
             return s2.records(rows)
 
+        def gather_v2(rows: np.ndarray = rows) -> Any:
+            return s2.stored_records(rows)
+
+        def onnx_read(men: MimicFeatures = men, rows: np.ndarray = rows) -> Any:
+            return onnx(men, s2.records(rows), None)
+
+        def onnx_stored(men: MimicFeatures = men, rows: np.ndarray = rows) -> Any:
+            stored = s2.stored_records(rows)
+            assert stored is not None
+            return onnx.score_stored(men, stored, None)
+
         t = timed_alternating(
             {
                 "v1 + score_precomputed": today,
                 "v2 + kernel": new,
                 "read v1": read_v1,
                 "read v2": read_v2,
+                "gather v2 as stored": gather_v2,
+                "v2 read + onnx kernel": onnx_read,
+                "v2 as stored + onnx kernel": onnx_stored,
             },
             a.reps,
         )
         ms = {k_: 1e3 * med(v) for k_, v in t.items()}
+        stored = s2.stored_records(rows)
+        assert stored is not None
+        same = onnx.score_stored(men, stored, None).score.equal(
+            onnx(men, s2.records(rows), None).score
+        )
         reads.append(
-            {"B": b, "K": k, "ms": ms, "speedup": ms["v1 + score_precomputed"] / ms["v2 + kernel"]}
+            {
+                "B": b,
+                "K": k,
+                "ms": ms,
+                "speedup": ms["v1 + score_precomputed"] / ms["v2 + kernel"],
+                "stored_speedup": ms["v2 read + onnx kernel"] / ms["v2 as stored + onnx kernel"],
+                "stored_scores_bit_identical": bool(same),
+            }
         )
     s1.close()
     s2.close()
@@ -725,6 +759,25 @@ def render(res: dict[str, Any]) -> str:
                 f"{ms['v1 + score_precomputed']:.2f} | {ms['v2 + kernel']:.2f} | "
                 f"{r['speedup']:.1f}x |"
             )
+        if all("stored_speedup" in r for r in s["rerank_with_reads"]):
+            out += [
+                "",
+                "The server's CPU kernel (the onnxruntime graph) over the float32 read, against "
+                "over the records as stored: the q8 and float16 codes gathered, decoded inside "
+                "the graph (`OnnxKernel.score_stored`); the same alternating reps.",
+                "",
+                "| B x K | read v2 (decoded) ms | gather as stored ms | read + onnx kernel ms | "
+                "as stored + onnx kernel ms | speed-up | scores bit-identical |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for r in s["rerank_with_reads"]:
+                ms = r["ms"]
+                out.append(
+                    f"| {r['B']} x {r['K']} | {ms['read v2']:.2f} | "
+                    f"{ms['gather v2 as stored']:.2f} | {ms['v2 read + onnx kernel']:.2f} | "
+                    f"{ms['v2 as stored + onnx kernel']:.2f} | {r['stored_speedup']:.2f}x | "
+                    f"{'yes' if r['stored_scores_bit_identical'] else 'no'} |"
+                )
         out += ["", _machine_line(s["machine"]), ""]
     return "\n".join(out) + "\n"
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -57,6 +57,9 @@ from index.store import (
     id_hash,
     write_id_table,
 )
+
+if TYPE_CHECKING:
+    from models.onnx_kernel import StoredRecords
 
 logger = logging.getLogger(__name__)
 
@@ -430,6 +433,13 @@ class LiveSearcher(IndexSearcher):
             arr[live] = self._live[f][flat[live] - self.base_n]
             out.append(torch.from_numpy(arr).reshape(*rows.shape, *shape))
         return out
+
+    def stored_records(self, rows: np.ndarray) -> StoredRecords | None:
+        """The base's stored records, or None once a live row is among ``rows``: live rows
+        are kept as float16 per entity, not coded as the base."""
+        if (rows >= self.base_n).any():
+            return None
+        return super().stored_records(rows)
 
     def image_rows(self, rows: np.ndarray) -> np.ndarray | None:
         """The base's image-record rows (shared image fields), or None once a live row is

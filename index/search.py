@@ -8,11 +8,12 @@ channel: mention strings against entity names and aliases (:mod:`index.lexical`)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -20,10 +21,20 @@ import torch
 
 from index.ann import AnnSpec, search, set_search_params, to_search_device
 from index.lexical import LexicalIndex, has_lexical
-from index.store import FAISS_FILE, RETRIEVAL_FILE, EntityStore, Manifest, raw_memmap
+from index.store import (
+    FAISS_FILE,
+    RETRIEVAL_FILE,
+    EntityStore,
+    Manifest,
+    codec_of,
+    raw_memmap,
+)
 from models.drin_features import STORE_FIELDS as DRIN_FIELDS
 from models.drin_features import DrinEntityParts
 from models.mimic import MimicEntityRecord
+
+if TYPE_CHECKING:
+    from models.onnx_kernel import StoredRecords
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,27 @@ class IndexSearcher:
     def records(self, rows: np.ndarray) -> MimicEntityRecord:
         """(B, K, ...) float32 MIMIC records of the given rows (rows < 0 read row 0)."""
         return MimicEntityRecord(*self._fields(rows, MimicEntityRecord.field_names()))
+
+    @functools.cached_property
+    def record_codecs(self) -> dict[str, str]:
+        """How the store codes each MIMIC record field (``f16`` or ``q8``)."""
+        return {f: codec_of(self.manifest, f) for f in MimicEntityRecord.field_names()}
+
+    def stored_records(self, rows: np.ndarray) -> StoredRecords | None:
+        """(B, K, ...) MIMIC records of the given rows as the store holds them, not decoded
+        (rows < 0 read row 0): per field, the values and the ``q8`` scales (None for
+        float16), coded as :attr:`record_codecs` says. A kernel that decodes them itself
+        (``OnnxKernel.score_stored``) reads a quarter of the bytes of :meth:`records` and
+        skips numpy's decode. None where some rows are not stored so (live rows)."""
+        flat = np.where(rows < 0, 0, rows).reshape(-1)
+        out = {}
+        for f in MimicEntityRecord.field_names():
+            value, scale = self.store.stored_rows(f, flat)
+            out[f] = (
+                value.reshape(*rows.shape, *value.shape[1:]),
+                None if scale is None else scale.reshape(*rows.shape, *scale.shape[1:]),
+            )
+        return out
 
     @property
     def has_drin(self) -> bool:

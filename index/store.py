@@ -182,6 +182,13 @@ class StoredField:
             self.values = raw_memmap(folder / files[0], np.int8, (n, *self.shape))
             self.scales = raw_memmap(folder / files[1], "<f2", (n, *self.shape[:-1]))
 
+    def take_stored(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows ``idx`` as stored: the values (float16, or int8 for ``q8``) and the ``q8``
+        scales (float16, one per last-axis row; None for float16). :meth:`take` decodes
+        them: ``values.astype(float32) * scales.astype(float32)[..., None]``."""
+        v = np.asarray(self.values[idx])
+        return v, (None if self.scales is None else np.asarray(self.scales[idx]))
+
     def take(self, idx: np.ndarray) -> np.ndarray:
         """float32 rows ``idx`` (decoded)."""
         v = np.asarray(self.values[idx])
@@ -259,13 +266,22 @@ class EntityStore:
     def close(self) -> None:
         self._meta.close()
 
-    def rows(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
-        """float32 rows of one store field, by entity row (fancy-indexed from the memory map,
-        through the image table for the fields stored once per image)."""
+    def _index(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         idx = np.asarray(rows, dtype=np.int64)
         if self.image_rows is not None and name in self.manifest.image_fields:
             idx = np.asarray(self.image_rows[idx], dtype=np.int64)
-        return self.fields[name].take(idx)
+        return idx
+
+    def rows(self, name: str, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """float32 rows of one store field, by entity row (fancy-indexed from the memory map,
+        through the image table for the fields stored once per image)."""
+        return self.fields[name].take(self._index(name, rows))
+
+    def stored_rows(
+        self, name: str, rows: np.ndarray | Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`rows` as stored, not decoded (:meth:`StoredField.take_stored`)."""
+        return self.fields[name].take_stored(self._index(name, rows))
 
     def entity(self, row: int) -> dict[str, Any]:
         """Metadata of one row: {"id", "name", "attributes", "images"}."""

@@ -128,6 +128,7 @@ class Linker:
             default_cache_dir(settings.model_path, settings.onnx_cache),
             self.threads,
             self.device,
+            codecs=self.searcher.record_codecs,
         )
         self.rerankers: dict[str, Reranker] = load_rerankers(
             self.model, self.searcher, self.drin, self.fusion, self.kernel, settings.drin_table_mb

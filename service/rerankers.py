@@ -145,13 +145,24 @@ class MimicReranker:
 
     @torch.inference_mode()
     def rerank(self, batch: MentionBatch, candidates: Candidates) -> RerankOutput:
-        records = self.searcher.records(candidates.rows).map(lambda t: t.to(self.device))
-        image_rows = self.searcher.image_rows(candidates.rows)  # None: a version 1 store
+        rows = candidates.rows
+        image_rows = self.searcher.image_rows(rows)  # None: a version 1 store
         # image record 0 is the no-image one: their VDLU once per mention
         no_image = (
             torch.from_numpy(image_rows == 0).to(self.device) if image_rows is not None else None
         )
-        s = self.kernel(batch.encoded.mimic, records, no_image)
+        # a kernel that decodes the store's codes itself gets them as stored (a gather of a
+        # quarter of the bytes, no numpy decode); live rows, or another kernel, float32 records
+        stored = (
+            self.searcher.stored_records(rows)
+            if self.kernel.codecs is not None and self.kernel.codecs == self.searcher.record_codecs
+            else None
+        )
+        if stored is not None:
+            s = self.kernel.score_stored(batch.encoded.mimic, stored, no_image)
+        else:
+            records = self.searcher.records(rows).map(lambda t: t.to(self.device))
+            s = self.kernel(batch.encoded.mimic, records, no_image)
 
         def np_(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy()

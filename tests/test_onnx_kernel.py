@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import models.onnx_kernel as ok
 from models.mimic import MimicConfig, MimicEntityRecord, MimicFeatures, MimicMatcher
 from models.onnx_kernel import (
     OnnxKernel,
@@ -156,3 +158,71 @@ def test_load_kernel_runtime_choice(tmp_path: Path) -> None:
         load_kernel(m, "tensorrt", tmp_path, 1, CPU)
     with pytest.raises(ValueError, match="CPU"):
         load_kernel(m, "onnx", tmp_path, 1, torch.device("cuda"))
+
+
+CODECS = {
+    "text_cls": "f16",
+    "tglu_cls": "f16",
+    "tglu_query": "q8",
+    "e2m_query": "f16",
+    "m2e_key": "q8",
+    "m2e_pooled": "f16",
+    "cmfu": "f16",
+}
+
+
+@pytest.fixture(scope="module")
+def stored_kernel(tmp_path_factory: pytest.TempPathFactory) -> tuple[MimicMatcher, OnnxKernel]:
+    m = _matcher(seed=11)
+    folder = tmp_path_factory.mktemp("stored")
+    kernel = load_kernel(m, "onnx", folder, 1, CPU, codecs=CODECS)
+    assert isinstance(kernel, OnnxKernel) and kernel.codecs == CODECS
+    return m, kernel
+
+
+@pytest.mark.parametrize(("b", "k", "share"), [(1, 100, 0.3), (4, 9, 1.0), (3, 6, 0.0)])
+def test_stored_records_score_as_their_float32_decode(
+    stored_kernel: tuple[MimicMatcher, OnnxKernel], b: int, k: int, share: float
+) -> None:
+    """The graph over records as the store codes them decodes them inside (float16 cast, q8
+    values times their row's scale) into the very float32 records the numpy read gives:
+    the same scores as the float32 graph over that read, bit for bit."""
+    m, kernel = stored_kernel
+    gen = torch.Generator().manual_seed(b * 100 + k)
+    men = _feats(b, gen=gen, length=40)
+    ent = _feats(b, k, gen=gen, length=40)
+    no_image = torch.rand(b, k, generator=gen) < share
+    ent = without_images(ent, _feats(1, gen=gen, length=40), no_image)
+    rec = m.precompute_entities(ent)
+    stored = {n: ok._code(getattr(rec, n), CODECS[n]) for n in MimicEntityRecord.field_names()}
+    assert stored["tglu_query"][0].dtype == np.int8 and stored["text_cls"][1] is None
+    decoded = ok._decoded(stored)  # what IndexSearcher.records gives for these codes
+    got = kernel.score_stored(men, stored, no_image)
+    want = kernel(men, decoded, no_image)
+    for f in FIELDS:
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    with torch.inference_mode():
+        ref = m.score_precomputed(men, decoded)
+        torch_stored = TorchKernel(m).score_stored(men, stored, no_image)
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=1e-5, msg=f)
+        torch.testing.assert_close(getattr(torch_stored, f), getattr(ref, f), rtol=0, atol=1e-5)
+
+
+def test_stored_graph_is_its_own_export(tmp_path: Path) -> None:
+    m = _matcher(seed=4)
+    plain = ensure_kernel_export(m, tmp_path)
+    assert export_key(m) == export_key(m, None)  # the float32 graph's key is unchanged
+    stored = ensure_kernel_export(m, tmp_path, CODECS)
+    other = ensure_kernel_export(m, tmp_path, {**CODECS, "tglu_query": "f16"})
+    assert len({plain, stored, other}) == 3
+    assert ensure_kernel_export(m, tmp_path, dict(CODECS)) == stored  # reused
+    with pytest.raises(ValueError, match="codec"):
+        ensure_kernel_export(m, tmp_path, {**CODECS, "cmfu": "f32"})
+    with pytest.raises(ValueError, match="codec"):
+        ensure_kernel_export(m, tmp_path, {n: c for n, c in CODECS.items() if n != "cmfu"})
+    assert load_kernel(m, "onnx", tmp_path, 1, CPU).codecs is None  # no codecs: float32 only
+    with pytest.raises(ValueError, match="stored-records graph"):
+        load_kernel(m, "onnx", tmp_path, 1, CPU).score_stored(
+            _feats(1, gen=torch.Generator()), {}, None
+        )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from index.build import BuildConfig, add, build
 from index.encode import IMAGE_FIELDS
-from index.search import IndexSearcher
+from index.search import Candidates, IndexSearcher
 from index.store import (
     IMAGE_DIR,
     IMAGE_ROW_FILE,
@@ -27,9 +28,13 @@ from index.store import (
     row_bytes,
 )
 from models.encoders import ClipBackbone
+from models.mimic import MimicEntityRecord
 from models.model import LinkingModel
+from models.onnx_kernel import load_kernel
 from models.preprocess import entity_text
 from models.rerank_kernel import score_candidates
+from service.primitives import EncodedMentions, MentionBatch
+from service.rerankers import MimicReranker
 
 
 def _kb(root: Path, start: int, n: int) -> Path:
@@ -199,3 +204,64 @@ def test_q8_codec_round_trip(tmp_path: Path) -> None:
     bound = scale.astype(np.float32)[..., None] / 2 + 1e-7  # half a step of each row's scale
     assert (err <= bound).all() and not back[2, 1].any()
     assert row_bytes((3, 16), "q8") == 3 * 16 + 2 * 3 and row_bytes((3, 16), "f16") == 96
+
+
+def test_the_onnx_kernel_scores_the_stored_records_as_the_float32_read(
+    world: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The MIMIC reranker hands the onnx kernel the store's codes (q8 and float16, gathered,
+    not decoded); the scores are the float32 read's, bit for bit, on version 2 and version
+    1 folders (version 1: every field float16)."""
+    kb, model_dir = world
+    v2 = tmp_path / "v2"
+    build(_cfg(kb, model_dir, v2))
+    v1 = tmp_path / "v1"
+    _downgrade_to_v1(v2, v1)
+    model = LinkingModel.from_pretrained(model_dir)
+    men = model.encoder.encode(
+        [entity_text("Name 1", "Attr 1."), entity_text("Name 4", "Attr 4.")], [None, None]
+    )
+    batch = MentionBatch((), EncodedMentions(men))  # the reranker reads only the encodings
+    rows = np.array([[0, 3, 13, 7], [5, 2, 0, 6]])
+    cand = Candidates.dense(rows, np.zeros(rows.shape, dtype=np.float32))
+    for folder in (v2, v1):
+        s = IndexSearcher(folder, model.fingerprint())
+        codecs = s.record_codecs
+        assert codecs["tglu_query"] == ("q8" if folder == v2 else "f16")
+        stored = s.stored_records(rows)
+        assert stored is not None
+        value, scale = stored["tglu_query"]
+        assert value.dtype == (np.int8 if folder == v2 else np.float16)
+        assert (scale is not None) == (folder == v2) and value.shape[:2] == rows.shape
+        records = s.records(rows)
+        for f in MimicEntityRecord.field_names():
+            t, (v, sc) = (
+                getattr(records, f),
+                stored[f],
+            )  # StoredField.take's decode of the gathered codes
+            dec = v.astype(np.float32) * (1 if sc is None else sc.astype(np.float32)[..., None])
+            np.testing.assert_array_equal(dec, t.numpy(), err_msg=f)
+        cache = tmp_path / "onnx"
+        with_codes = load_kernel(model.matcher, "onnx", cache, 1, torch.device("cpu"), codecs)
+        plain = load_kernel(model.matcher, "onnx", cache, 1, torch.device("cpu"))
+        calls: list[int] = []
+
+        def counted(*a: Any, calls: list[int] = calls, run: Any = with_codes.score_stored) -> Any:
+            calls.append(1)
+            return run(*a)
+
+        with_codes.score_stored = counted  # type: ignore[method-assign]
+        a = MimicReranker(model, s, with_codes).rerank(batch, cand)
+        assert calls == [1]  # the stored records went to the graph that decodes them
+        b = MimicReranker(model, s, plain).rerank(batch, cand)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        with torch.inference_mode():
+            want = model.matcher.score_precomputed(men, s.records(rows)).score.numpy()
+        np.testing.assert_allclose(a.scores, want, rtol=0, atol=1e-5)
+        # a kernel exported for other codecs than the store's gets float32 records
+        other = {f: "f16" for f in codecs} if folder == v2 else {**codecs, "tglu_query": "q8"}
+        mismatched = load_kernel(model.matcher, "onnx", cache, 1, torch.device("cpu"), other)
+        mismatched.score_stored = lambda *a: pytest.fail("codecs differ: float32 records")  # type: ignore[method-assign]
+        c = MimicReranker(model, s, mismatched).rerank(batch, cand)
+        np.testing.assert_array_equal(c.scores, b.scores)
+        s.close()
