@@ -131,7 +131,8 @@ class MimicReranker:
     """``mimic``: MIMIC's three units over the candidates' precomputed store records, through
     the batched serving kernel: ``models.rerank_kernel`` in torch, or its onnxruntime graph
     (``models.onnx_kernel``); both the scores of ``MimicMatcher.score_precomputed`` within
-    float rounding."""
+    float rounding. A kernel exported for the index's codecs gets the records as stored
+    (gathered, not decoded: ``IndexSearcher.stored_records``) and decodes them itself."""
 
     name: ClassVar[str] = "mimic"
     uses_lexical: ClassVar[bool] = False
