@@ -531,6 +531,16 @@ def part_store(a: argparse.Namespace, threads: int) -> dict[str, Any]:
         def read_v2(rows: np.ndarray = rows) -> Any:
             return s2.records(rows)
 
+        def read_numpy_f16(rows: np.ndarray = rows) -> Any:
+            # the read before half_to_float: numpy's float16 -> float32 conversion
+            flat = rows.reshape(-1)
+            fields = MimicEntityRecord.field_names()
+            return [s1.store.stored_rows(f, flat)[0].astype(np.float32) for f in fields]
+
+        def read_v1_fields(rows: np.ndarray = rows) -> Any:
+            flat = rows.reshape(-1)
+            return [s1.store.rows(f, flat) for f in MimicEntityRecord.field_names()]
+
         def gather_v2(rows: np.ndarray = rows) -> Any:
             return s2.stored_records(rows)
 
@@ -549,6 +559,8 @@ def part_store(a: argparse.Namespace, threads: int) -> dict[str, Any]:
                 "read v1": read_v1,
                 "read v2": read_v2,
                 "gather v2 as stored": gather_v2,
+                "v1 fields, numpy float16 decode": read_numpy_f16,
+                "v1 fields, torch float16 decode": read_v1_fields,
                 "v2 read + onnx kernel": onnx_read,
                 "v2 as stored + onnx kernel": onnx_stored,
             },
@@ -568,6 +580,8 @@ def part_store(a: argparse.Namespace, threads: int) -> dict[str, Any]:
                 "speedup": ms["v1 + score_precomputed"] / ms["v2 + kernel"],
                 "stored_speedup": ms["v2 read + onnx kernel"] / ms["v2 as stored + onnx kernel"],
                 "stored_scores_bit_identical": bool(same),
+                "f16_decode_speedup": ms["v1 fields, numpy float16 decode"]
+                / ms["v1 fields, torch float16 decode"],
             }
         )
     s1.close()
@@ -777,6 +791,23 @@ def render(res: dict[str, Any]) -> str:
                     f"{ms['gather v2 as stored']:.2f} | {ms['v2 read + onnx kernel']:.2f} | "
                     f"{ms['v2 as stored + onnx kernel']:.2f} | {r['stored_speedup']:.2f}x | "
                     f"{'yes' if r['stored_scores_bit_identical'] else 'no'} |"
+                )
+        if all("f16_decode_speedup" in r for r in s["rerank_with_reads"]):
+            out += [
+                "",
+                "The float32 read of float16 fields (the v1 folder's MIMIC records: every field "
+                "float16), converted by numpy against by torch (`index.store.half_to_float`, "
+                "the read since then; exact):",
+                "",
+                "| B x K | numpy ms | torch ms | speed-up |",
+                "| --- | --- | --- | --- |",
+            ]
+            for r in s["rerank_with_reads"]:
+                ms = r["ms"]
+                out.append(
+                    f"| {r['B']} x {r['K']} | {ms['v1 fields, numpy float16 decode']:.3f} | "
+                    f"{ms['v1 fields, torch float16 decode']:.3f} | "
+                    f"{r['f16_decode_speedup']:.1f}x |"
                 )
         out += ["", _machine_line(s["machine"]), ""]
     return "\n".join(out) + "\n"

@@ -168,6 +168,14 @@ def encode_rows(values: np.ndarray, codec: str) -> list[np.ndarray]:
     return [np.clip(np.rint(q), -127, 127).astype(np.int8), scale]
 
 
+def half_to_float(values: np.ndarray) -> np.ndarray:
+    """float16 -> float32, exactly (every float16 is a float32), through torch: numpy's
+    conversion is scalar, ~10x slower (0.056 against 0.006 ms for 100 rows of 384 here)."""
+    import torch  # loaded by every reader of a store; imported here to keep this module light
+
+    return torch.from_numpy(np.ascontiguousarray(values, dtype="<f2")).float().numpy()
+
+
 class StoredField:
     """Read side of one field (per entity, or per image record): float32 rows by index."""
 
@@ -193,7 +201,7 @@ class StoredField:
         """float32 rows ``idx`` (decoded)."""
         v = np.asarray(self.values[idx])
         if self.scales is None:
-            return v.astype(np.float32)
+            return half_to_float(v)
         out = v.astype(np.float32)
         out *= np.asarray(self.scales[idx]).astype(np.float32)[..., None]
         return out
@@ -322,6 +330,7 @@ __all__ = [
     "codec_of",
     "encode_rows",
     "field_files",
+    "half_to_float",
     "id_hash",
     "raw_memmap",
     "row_bytes",
