@@ -104,6 +104,8 @@ class EntityTable:
 class DrinKernel:
     """Scores of a :class:`DrinReranker` over per-mention candidate lists (inference only)."""
 
+    runtime = "torch"
+
     def __init__(self, reranker: DrinReranker) -> None:
         self.reranker = reranker
         drin = reranker.drin
@@ -203,7 +205,6 @@ class DrinKernel:
             self._fold()
         m = m.map(lambda t: t.to(self.dtype))
         e = e.map(lambda t: t.to(self.dtype))
-        drin, first = self.reranker.drin, self.first
         shape = e.text.shape[:2]
         if image_groups is not None and tuple(image_groups.shape) != tuple(shape):
             raise ValueError(f"image_groups {tuple(image_groups.shape)} != (B, K) {tuple(shape)}")
@@ -212,14 +213,41 @@ class DrinKernel:
             return empty, e.text.new_zeros(*shape, 4)
         if image_groups is not None:
             image_groups = image_groups.to(e.image.device)
+        h_et, h_ei, aligned = self.entity_products(e, image_groups, rows, table)
+        return self.scores(m, e, h_et, h_ei, aligned, candidate_mask)
+
+    def entity_products(
+        self,
+        e: DrinEntityParts,
+        image_groups: Tensor | None = None,
+        rows: Tensor | None = None,
+        table: EntityTable | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The first layer's entity products per candidate, (B, K, d) W_h e_t and W_h e_i and
+        (B, K, Dt) align(e_i): gathered from ``table`` when it covers the candidates, else
+        folded here (each distinct image once). ``e`` in the kernel's dtype."""
         folded = self._from_table(table, rows, image_groups)
         if folded is not None:
-            h_et, h_ei, aligned = folded
-        else:
-            y_rows, inverse = _distinct(e.image, image_groups)
-            aligned = _spread(self.reranker.align(y_rows), inverse, shape)
-            h_et = F.linear(e.text, self.h_text, self.h_text_bias)  # (B, K, d) = W_h e_t
-            h_ei = _spread(F.linear(y_rows, self.h_image, self.h_image_bias), inverse, shape)
+            return folded
+        shape = e.text.shape[:2]
+        y_rows, inverse = _distinct(e.image, image_groups)
+        aligned = _spread(self.reranker.align(y_rows), inverse, shape)
+        h_et = F.linear(e.text, self.h_text, self.h_text_bias)  # (B, K, d) = W_h e_t
+        h_ei = _spread(F.linear(y_rows, self.h_image, self.h_image_bias), inverse, shape)
+        return h_et, h_ei, aligned
+
+    def scores(
+        self,
+        m: DrinMentionParts,
+        e: DrinEntityParts,
+        h_et: Tensor,
+        h_ei: Tensor,
+        aligned: Tensor,
+        candidate_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`__call__` from the first layer's entity products on: the scores (B, K) and
+        the initial edges (B, K, 4). Everything in the kernel's dtype, K > 0."""
+        drin, first = self.reranker.drin, self.first
         edges = self.reranker.initial_edges(m, e, aligned_image=aligned)
 
         mt = drin.mention_text_proj(m.span_text)  # (B, d)

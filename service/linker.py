@@ -35,6 +35,7 @@ from models.fusion import Calibration, FusionModel
 from models.fusion import check_compatible as check_fusion
 from models.mimic import MimicFeatures
 from models.model import LinkingModel
+from models.onnx_drin_kernel import load_drin_kernel
 from models.onnx_encoders import default_cache_dir, resolve_runtime, use_runtime
 from models.onnx_kernel import load_kernel
 from models.threads import configure_threads, pin_numpy_blas
@@ -130,8 +131,24 @@ class Linker:
             self.device,
             codecs=self.searcher.record_codecs,
         )
+        self.drin_kernel = (
+            load_drin_kernel(
+                self.drin,
+                settings.kernel_runtime,
+                default_cache_dir(settings.model_path, settings.onnx_cache),
+                self.threads,
+            )
+            if self.drin is not None
+            else None
+        )
         self.rerankers: dict[str, Reranker] = load_rerankers(
-            self.model, self.searcher, self.drin, self.fusion, self.kernel, settings.drin_table_mb
+            self.model,
+            self.searcher,
+            self.drin,
+            self.fusion,
+            self.kernel,
+            settings.drin_table_mb,
+            self.drin_kernel,
         )
         # calibrated confidences, per reranker, when a fusion model brought them
         self.calibrations: dict[str, Calibration] = {}

@@ -383,6 +383,9 @@ class LinkService:
                 intra_op_threads=linker.threads,
                 model_workers=self.state.batcher.workers,
                 kernel_runtime=linker.kernel.runtime,
+                drin_kernel_runtime=(
+                    linker.drin_kernel.runtime if linker.drin_kernel is not None else None
+                ),
                 towers_beside=linker.towers is not None,
                 fusion_trees=linker.fusion.tree_runtime if linker.fusion is not None else None,
                 drin_table_rows=linker.drin_table_rows,

@@ -33,6 +33,7 @@ from models.fusion import (
 )
 from models.lexical import NameTable
 from models.model import LinkingModel
+from models.onnx_drin_kernel import OnnxDrinKernel
 from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
 
@@ -174,15 +175,20 @@ class MimicReranker:
 class DrinGraphReranker:
     """``drin``: DRIN's dynamic graph over each mention's candidates (stored entity parts).
     Scores through :class:`models.drin_kernel.DrinKernel` (the graph's scores with the first
-    layer's entity products folded, each distinct image once); with the base KB's products
-    folded at load into an :class:`EntityTable` when they fit ``table_mb``, a request only
-    gathers them. An explanation's final edges run the graph as released."""
+    layer's entity products folded, each distinct image once), or ``kernel`` (its scores as
+    one onnxruntime graph: ``models.onnx_drin_kernel``); with the base KB's products folded
+    at load into an :class:`EntityTable` when they fit ``table_mb``, a request only gathers
+    them. An explanation's final edges run the graph as released."""
 
     name: ClassVar[str] = "drin"
     uses_lexical: ClassVar[bool] = False
 
     def __init__(
-        self, drin: DrinModel, searcher: IndexSearcher, table_mb: float = DRIN_TABLE_MB
+        self,
+        drin: DrinModel,
+        searcher: IndexSearcher,
+        table_mb: float = DRIN_TABLE_MB,
+        kernel: DrinKernel | OnnxDrinKernel | None = None,
     ) -> None:
         if not searcher.has_drin:
             raise ValueError(
@@ -191,7 +197,9 @@ class DrinGraphReranker:
             )
         self.drin, self.searcher = drin, searcher
         self.device = next(drin.parameters()).device
-        self.kernel = DrinKernel(drin)
+        self.kernel = kernel if kernel is not None else DrinKernel(drin)
+        if self.kernel.reranker is not drin:
+            raise ValueError("the DRIN kernel was built for another DRIN model")
         self.table = self._entity_table(table_mb)
 
     def _entity_table(self, table_mb: float) -> EntityTable | None:
@@ -410,12 +418,16 @@ def load_rerankers(
     fusion: FusionModel | None = None,
     kernel: MimicKernel | None = None,
     drin_table_mb: float = DRIN_TABLE_MB,
+    drin_kernel: DrinKernel | OnnxDrinKernel | None = None,
 ) -> dict[str, Reranker]:
     """The rerankers this server offers, by name, in the order ``/readyz`` lists them
     (``kernel``: how MIMIC's scores are computed, None: the torch kernel; ``drin_table_mb``:
-    the memory DRIN's folded entity table may take, :class:`DrinGraphReranker`)."""
+    the memory DRIN's folded entity table may take, :class:`DrinGraphReranker`;
+    ``drin_kernel``: how DRIN's scores are computed, None: the torch kernel)."""
     mimic = MimicReranker(model, searcher, kernel)
-    graph = DrinGraphReranker(drin, searcher, drin_table_mb) if drin is not None else None
+    graph = (
+        DrinGraphReranker(drin, searcher, drin_table_mb, drin_kernel) if drin is not None else None
+    )
     out: list[Reranker] = []
     if fusion is not None:
         out.append(FusionReranker(fusion, searcher, mimic, graph))

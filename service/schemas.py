@@ -192,6 +192,9 @@ class Readiness(BaseModel):
     )
     model_workers: int | None = Field(None, description="model threads running batches at once")
     kernel_runtime: str | None = Field(None, description="how the MIMIC kernel runs: torch | onnx")
+    drin_kernel_runtime: str | None = Field(
+        None, description="how the DRIN kernel runs (with a DRIN model): torch | onnx"
+    )
     towers_beside: bool | None = Field(
         None,
         description="whether a batch's image tower may run beside its text tower on a free "

@@ -57,9 +57,9 @@ class ServiceSettings(BaseSettings):
     )
     kernel_runtime: str | None = Field(
         None,
-        description="how the MIMIC rerank kernel runs: torch (eager ops) or onnx (one "
-        "onnxruntime graph, exported on first start into onnx_cache; equal within float "
-        "rounding, measured faster); None: onnx on the CPU, torch on a GPU",
+        description="how the MIMIC and DRIN rerank kernels run: torch (eager ops) or onnx "
+        "(one onnxruntime graph each, exported on first start into onnx_cache; equal within "
+        "float rounding, measured faster); None: onnx on the CPU, torch on a GPU",
     )
     fusion_trees: str | None = Field(
         None,

@@ -188,15 +188,17 @@ def test_misshapen_image_groups_are_refused() -> None:
         DrinKernel(model)(m, e, None, torch.zeros(3, 2, dtype=torch.long))
 
 
-def test_the_servers_drin_reranker_scores_as_the_graph(artifacts) -> None:
+def test_the_servers_drin_reranker_scores_as_the_graph(artifacts, tmp_path) -> None:
     """DrinGraphReranker over a real store (image records shared by the imageless entities,
-    a padded list) against DrinReranker on the same stored parts."""
+    a padded list) against DrinReranker on the same stored parts; with the torch kernel and
+    with the onnxruntime one."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from index.search import Candidates, IndexSearcher
     from models.model import LinkingModel
+    from models.onnx_drin_kernel import OnnxDrinKernel, load_drin_kernel
     from service.rerankers import DrinGraphReranker
 
     model = LinkingModel.from_pretrained(artifacts[0])
@@ -221,12 +223,17 @@ def test_the_servers_drin_reranker_scores_as_the_graph(artifacts) -> None:
             ref = drin(m, searcher.drin_parts(rows), mask, final_edges=False).scores.numpy()
         valid = rows >= 0
         # with the folded entity table (the tiny KB fits), and without one (budget 0)
+        onnx = load_drin_kernel(drin, "onnx", tmp_path, 1)
+        assert isinstance(onnx, OnnxDrinKernel)
         for table_mb, has_table in ((64.0, True), (0.0, False)):
-            reranker = DrinGraphReranker(drin, searcher, table_mb)
-            assert (reranker.table is not None) == has_table
-            out = reranker.rerank(batch, cand)  # type: ignore[arg-type]
-            assert np.isinf(out.scores[~valid]).all()
-            np.testing.assert_allclose(out.scores[valid], ref[valid], atol=1e-5, rtol=0)
+            for kernel in (None, onnx):
+                reranker = DrinGraphReranker(drin, searcher, table_mb, kernel)
+                assert (reranker.table is not None) == has_table
+                out = reranker.rerank(batch, cand)  # type: ignore[arg-type]
+                assert np.isinf(out.scores[~valid]).all()
+                np.testing.assert_allclose(out.scores[valid], ref[valid], atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="another DRIN model"):
+            DrinGraphReranker(_model(1, dtype=torch.float32), searcher, 0.0, onnx)
     finally:
         searcher.close()
 
