@@ -7,7 +7,8 @@ Times ``Linker.link`` (FAISS retrieval + store reads + reranking, the request pa
 encoding) on already-encoded demo test mentions, for B = 1 and B = 32 mentions per batch and
 K = 10 / 100 candidates each. All rerankers are measured side by side in one run, rounds
 interleaved, medians reported. Also times the DRIN graph alone (no retrieval or store reads):
-the whole graph, its scores alone, and the serving kernel, call by call.
+the whole graph, its scores alone, and the serving kernel (torch, and its scores as one
+onnxruntime graph), call by call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 
 from models.data.schema import load_dataset
 from models.drin_kernel import DrinKernel
+from models.onnx_drin_kernel import load_drin_kernel
+from models.onnx_encoders import default_cache_dir
 from service.linker import Linker
 from service.primitives import LinkParams, MentionBatch
 from service.settings import ServiceSettings
@@ -83,11 +86,14 @@ def main() -> int:
     # the DRIN graph alone, on the same candidates (no FAISS, no store reads): the whole
     # graph (with the final edges an explanation reads), the graph's scores alone, and the
     # serving kernel (models/drin_kernel.py: the server's rerank), alternating call by call
-    variants = ("graph", "scores_only", "kernel", "table")
+    variants = ("graph", "scores_only", "kernel", "table", "onnx_table")
     alone: dict[str, dict[str, float]] = {v: {} for v in variants}
     assert linker.drin is not None
     drin_model = linker.drin
     kernel = DrinKernel(drin_model)
+    # the same kernel's scores as one onnxruntime graph (models/onnx_drin_kernel.py: the
+    # server's CPU default), fed the same entity table
+    onnx_kernel = load_drin_kernel(drin_model, "onnx", default_cache_dir(a.model, None), a.threads)
     table = getattr(linker.rerankers["drin"], "table", None)
     assert table is not None, "the demo KB's entity table fits any sensible MEL_DRIN_TABLE_MB"
     for b in (1, 32):
@@ -106,6 +112,9 @@ def main() -> int:
                 "scores_only": lambda p=parts, e=ents: drin_model(p, e, None, final_edges=False),
                 "kernel": lambda p=parts, e=ents, g=groups: kernel(p, e, None, g),
                 "table": lambda p=parts, e=ents, g=groups, r=rows_t: kernel(
+                    p, e, None, g, r, table
+                ),
+                "onnx_table": lambda p=parts, e=ents, g=groups, r=rows_t: onnx_kernel(
                     p, e, None, g, r, table
                 ),
             }
@@ -147,6 +156,7 @@ def main() -> int:
         "drin_scores_only_ms": alone["scores_only"],
         "drin_kernel_ms": alone["kernel"],
         "drin_kernel_table_ms": alone["table"],
+        "drin_onnx_kernel_table_ms": alone["onnx_table"],
     }
     md = _machine.write_results(Path(a.out), res, render)
     print(md)
@@ -212,6 +222,18 @@ def render(res: dict[str, Any]) -> str:
             lines.append(
                 f"| {cell} | {so:.2f} | {k:.2f} | {t:.2f} | {so / t:.2f}x | {full / t:.2f}x |"
             )
+        lines.append("")
+    onnx = res.get("drin_onnx_kernel_table_ms")
+    if onnx and tab:
+        lines += [
+            "The kernel's scores as one onnxruntime graph (`models/onnx_drin_kernel.py`, the "
+            "server's CPU default), fed the same entity table, in the same alternation:",
+            "",
+            "| cell | torch kernel + entity table ms | onnx kernel + entity table ms | speed-up |",
+            "| --- | --- | --- | --- |",
+        ]
+        for cell, t in onnx.items():
+            lines.append(f"| {cell} | {tab[cell]:.2f} | {t:.2f} | {tab[cell] / t:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 
