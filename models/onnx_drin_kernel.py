@@ -45,7 +45,7 @@ from models.onnx_kernel import _session
 logger = logging.getLogger(__name__)
 
 # Bump when the graph changes meaning (inputs, outputs, formulation).
-DRIN_EXPORT_VERSION = 1
+DRIN_EXPORT_VERSION = 2
 DRIN_KERNEL_FILE = "drin_kernel.onnx"
 # The export check: the graph's scores and edges against the torch kernel in float64 (scores
 # are cosines, edges weights in [0, 1]): float32 rounding is ~1e-7..1e-6 there.
