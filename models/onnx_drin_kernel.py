@@ -23,8 +23,6 @@ kernel runs.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import time
@@ -38,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.drin_features import DrinEntityParts, DrinMentionParts, DrinReranker
-from models.drin_kernel import DrinKernel, EntityTable
+from models.drin_kernel import DrinKernel
 from models.onnx_encoders import OPSET, OnnxRuntimeError
-from models.onnx_kernel import _session
+from models.onnx_kernel import _session, digest
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +74,6 @@ def export_key(reranker: DrinReranker) -> str:
     """Identity of an export: what the graph is a function of."""
     import onnxruntime as ort
 
-    h = hashlib.sha256()
     ident = {
         "v": DRIN_EXPORT_VERSION,
         "opset": OPSET,
@@ -84,11 +81,7 @@ def export_key(reranker: DrinReranker) -> str:
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
     }
-    h.update(json.dumps(ident, sort_keys=True).encode())
-    for name, t in sorted(reranker.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return digest(ident, reranker)
 
 
 def _example(
@@ -205,55 +198,39 @@ def _feeds_tensors(
     return [*(getattr(m, n) for n in _MENTION), *(getattr(e, n) for n in _ENTITY), *folded, mask]
 
 
-class OnnxDrinKernel:
-    """:class:`DrinKernel`'s call with :meth:`DrinKernel.scores` run by onnxruntime: the entity
+class OnnxDrinKernel(DrinKernel):
+    """:class:`DrinKernel` with :meth:`DrinKernel.scores` run by onnxruntime: the entity
     products are gathered from the table (or folded in torch) as before, the rest is the
     exported graph. Thread-safe (model workers share the session)."""
 
     runtime = "onnx"
 
-    def __init__(self, kernel: DrinKernel, path: str | os.PathLike[str], threads: int) -> None:
-        self.kernel = kernel
+    def __init__(self, reranker: DrinReranker, path: str | os.PathLike[str], threads: int) -> None:
+        super().__init__(reranker)
         self.path = Path(path)
         self.session = _session(self.path, threads)
         self.inputs = _input_names(self.session)
+        self._export_stamp = self._stamp  # the weights the graph holds
 
-    @property
-    def reranker(self) -> DrinReranker:
-        return self.kernel.reranker
-
-    def entity_table(self, texts: Any, images: Any) -> EntityTable:
-        return self.kernel.entity_table(texts, images)
-
-    @torch.inference_mode()
-    def __call__(
+    def scores(
         self,
         m: DrinMentionParts,
         e: DrinEntityParts,
+        h_et: Tensor,
+        h_ei: Tensor,
+        aligned: Tensor,
         candidate_mask: Tensor | None = None,
-        image_groups: Tensor | None = None,
-        rows: Tensor | None = None,
-        table: EntityTable | None = None,
     ) -> tuple[Tensor, Tensor]:
-        k = self.kernel
-        if k._source_stamp() != k._stamp:  # weights changed since the export: not this graph
+        if self._stamp != self._export_stamp:  # refolded for changed weights: not the graph's
             logger.warning("the DRIN weights changed after the export: the torch kernel scores")
-            return k(m, e, candidate_mask, image_groups, rows, table)
-        m = m.map(lambda t: t.to(k.dtype))
-        e = e.map(lambda t: t.to(k.dtype))
-        shape = e.text.shape[:2]
-        if image_groups is not None and tuple(image_groups.shape) != tuple(shape):
-            raise ValueError(f"image_groups {tuple(image_groups.shape)} != (B, K) {tuple(shape)}")
-        if shape[1] == 0:
-            return e.text.new_zeros(shape), e.text.new_zeros(*shape, 4)
-        folded = k.entity_products(e, image_groups, rows, table)
+            return super().scores(m, e, h_et, h_ei, aligned, candidate_mask)
         mask = (
             candidate_mask
             if candidate_mask is not None
-            else torch.ones(shape, dtype=torch.bool, device=e.text.device)
+            else torch.ones(e.text.shape[:2], dtype=torch.bool, device=e.text.device)
         )
-        scores, edges = self.session.run(None, _feeds(m, e, folded, mask, self.inputs))
-        return torch.from_numpy(scores), torch.from_numpy(edges)
+        out = self.session.run(None, _feeds(m, e, (h_et, h_ei, aligned), mask, self.inputs))
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1])
 
 
 def load_drin_kernel(
@@ -261,7 +238,7 @@ def load_drin_kernel(
     runtime: str | None,
     cache_dir: str | os.PathLike[str],
     threads: int,
-) -> DrinKernel | OnnxDrinKernel:
+) -> DrinKernel:
     """The DRIN kernel ``runtime`` asks for (as :func:`models.onnx_kernel.load_kernel`: None
     is onnx for a float32 CPU model, torch otherwise; an export that fails its check falls
     back to torch under None and raises when onnx was asked for by name)."""
@@ -279,7 +256,7 @@ def load_drin_kernel(
             raise
         logger.warning("DRIN kernel: %s; serving the torch kernel instead", exc)
         return kernel
-    return OnnxDrinKernel(kernel, path, threads)
+    return OnnxDrinKernel(reranker, path, threads)
 
 
 __all__ = [

@@ -188,9 +188,15 @@ def export_key(matcher: MimicMatcher, codecs: Codecs | None = None) -> str:
     }
     if codecs is not None:  # absent for the float32 graph: its keys stay what they were
         ident["codecs"] = {n: codecs[n] for n in _RECORD}
+    return digest(ident, matcher)
+
+
+def digest(ident: dict[str, Any], module: nn.Module) -> str:
+    """16 hex digits of ``ident`` (JSON) and every tensor of ``module``'s state, as float32:
+    an export's cache key."""
     h = hashlib.sha256()
     h.update(json.dumps(ident, sort_keys=True).encode())
-    for name, t in sorted(matcher.state_dict().items()):
+    for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -33,7 +33,6 @@ from models.fusion import (
 )
 from models.lexical import NameTable
 from models.model import LinkingModel
-from models.onnx_drin_kernel import OnnxDrinKernel
 from models.onnx_kernel import MimicKernel, TorchKernel
 from service.primitives import Explain, MentionBatch
 
@@ -188,7 +187,7 @@ class DrinGraphReranker:
         drin: DrinModel,
         searcher: IndexSearcher,
         table_mb: float = DRIN_TABLE_MB,
-        kernel: DrinKernel | OnnxDrinKernel | None = None,
+        kernel: DrinKernel | None = None,
     ) -> None:
         if not searcher.has_drin:
             raise ValueError(
@@ -418,7 +417,7 @@ def load_rerankers(
     fusion: FusionModel | None = None,
     kernel: MimicKernel | None = None,
     drin_table_mb: float = DRIN_TABLE_MB,
-    drin_kernel: DrinKernel | OnnxDrinKernel | None = None,
+    drin_kernel: DrinKernel | None = None,
 ) -> dict[str, Reranker]:
     """The rerankers this server offers, by name, in the order ``/readyz`` lists them
     (``kernel``: how MIMIC's scores are computed, None: the torch kernel; ``drin_table_mb``:
